@@ -1,0 +1,77 @@
+"""Backend registry and dispatch.
+
+Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``triton`` (CUDA) -> ``flex`` (CUDA) ->
+``torch`` (the reference; always runs). A backend named explicitly (argument, :func:`use_backend` context or
+``DIT_SPARSE_BACKEND``) that cannot run raises ``NotImplementedError`` with its reasons; there is no silent
+fallback. Skipped backends are logged at DEBUG on the ``dit_sparse.backends`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+from .._env import env_backend
+from .._logging import get_logger
+from .base import AttentionInputs, Backend
+from .dense import SDPABackend, XFormersBackend
+from .flex import FlexBackend
+from .torch_ref import TorchBackend
+from .triton import TritonBackend
+
+__all__ = ["BACKENDS", "AttentionInputs", "Backend", "available_backends", "choose_backend", "use_backend"]
+
+logger = get_logger("dit_sparse.backends")
+
+#: registry in automatic-dispatch priority order
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TritonBackend(), FlexBackend(),
+                                                    XFormersBackend(), TorchBackend())}
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dit_sparse_backend", default=None)
+
+
+def _lookup(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"Unknown backend {name!r}; expected one of {sorted(BACKENDS)} or None for "
+                         "automatic choice.") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend inside a ``with`` block (``None`` restores automatic choice)."""
+    if name is not None:
+        _lookup(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def available_backends(inputs: AttentionInputs) -> dict[str, list[str]]:
+    """``{backend name: reasons it cannot run}`` for these inputs (empty list = can run)."""
+    return {name: b.not_supported_reasons(inputs) for name, b in BACKENDS.items()}
+
+
+def choose_backend(inputs: AttentionInputs, name: str | None = None) -> Backend:
+    """The backend that will run ``inputs``: the named one (argument > context > env var) or the first that fits."""
+    name = name or _forced.get() or env_backend()
+    if name is not None:
+        backend = _lookup(name)
+        reasons = backend.not_supported_reasons(inputs)
+        if reasons:
+            raise NotImplementedError(f"backend={name!r} cannot run {inputs.describe()}:\n  - " + "\n  - ".join(
+                reasons) + "\nPass backend=None for automatic choice, or fix the inputs as listed.")
+        return backend
+    tried = {}
+    for backend in BACKENDS.values():
+        reasons = backend.not_supported_reasons(inputs) + (backend.auto_reasons(inputs) if backend.auto else
+                                                           ["only used when named"])
+        if not reasons:
+            return backend
+        tried[backend.name] = reasons
+        logger.debug("backend %s skipped: %s", backend.name, "; ".join(reasons))
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in tried.items())
+    raise NotImplementedError(f"No backend can run {inputs.describe()}:\n{lines}")  # pragma: no cover

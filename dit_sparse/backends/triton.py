@@ -1,0 +1,78 @@
+"""The ``triton`` backend: the block-sparse FlashAttention kernel, registered as a ``torch.library`` custom op.
+
+The custom op (with a fake twin) keeps ``torch.compile`` graphs whole around the kernel. On CPU the kernel runs
+in Triton's interpreter when ``TRITON_INTERPRET=1``; automatic dispatch never picks that (it is for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._env import has_triton, triton_interpret
+from .base import AttentionInputs, Backend
+
+MAX_HEAD_DIM = 256
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("dit_sparse::block_sparse_attn", mutates_args=())
+def _block_sparse_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                          kv_indices: torch.Tensor, kv_block_valid: torch.Tensor | None,
+                          out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, block_q: int,
+                          block_k: int, scale: float, scale_per_block: bool,
+                          bias_per_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.block_sparse_attn import block_sparse_attn_fwd
+
+    return block_sparse_attn_fwd(q, k, v, kv_num_blocks, kv_indices, block_q=block_q, block_k=block_k,
+                                 kv_block_valid=kv_block_valid, scale=scale, out_scale=out_scale,
+                                 out_bias=out_bias, scale_per_block=scale_per_block,
+                                 bias_per_block=bias_per_block)
+
+
+@_block_sparse_attn_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, kv_block_valid, out_scale, out_bias, block_q, block_k, scale,
+      scale_per_block, bias_per_block):
+    b, s, h, _ = q.shape
+    return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        q, plan = inputs.query, inputs.plan
+        reasons = []
+        if not has_triton():
+            reasons.append("triton is not installed: pip install 'dit_sparse[triton]'")
+        if q.device.type == "cpu" and not triton_interpret():
+            reasons.append("tensors are on CPU and TRITON_INTERPRET is not 1 (Triton kernels need a GPU; "
+                           "use backend='torch' on CPU)")
+        elif q.device.type not in ("cpu", "cuda"):
+            reasons.append(f"device {q.device} is not supported (CUDA, or CPU in the Triton interpreter)")
+        if q.dtype not in TRITON_DTYPES:
+            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
+        if q.shape[-1] > MAX_HEAD_DIM or inputs.value.shape[-1] != q.shape[-1]:
+            reasons.append(f"head_dim {q.shape[-1]} (value {inputs.value.shape[-1]}) is not supported: "
+                           f"query and value head_dim must be equal and <= {MAX_HEAD_DIM}")
+        if plan.block_q % 16 or plan.block_k % 16:
+            reasons.append(f"block sizes must be multiples of 16 for tl.dot, got ({plan.block_q}, {plan.block_k})")
+        if q.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad:
+            reasons.append("the kernel is forward-only: wrap inference in torch.no_grad()")
+        return reasons
+
+    def auto_reasons(self, inputs: AttentionInputs) -> list[str]:
+        if not inputs.query.is_cuda:
+            return ["the Triton interpreter on CPU is for tests (about 1000x slower than backend='torch')"]
+        return []
+
+    def forward(self, inputs: AttentionInputs):
+        plan, q = inputs.plan, inputs.query
+        num, idx = plan.expand(q.shape[0], q.shape[2])
+        scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(
+            q.shape[0], q.shape[2], plan.out_scale.shape[-1])
+        bias_t = None if plan.out_bias is None else plan.out_bias.expand(
+            q.shape[0], plan.out_bias.shape[1], q.shape[2], plan.out_bias.shape[-1])
+        out, lse = _block_sparse_attn_op(q, inputs.key, inputs.value, num, idx, plan.kv_block_valid, scale_t,
+                                         bias_t, plan.block_q, plan.block_k, float(inputs.scale),
+                                         plan.scale_per_block, plan.bias_per_block)
+        return out, (lse if inputs.return_lse else None)

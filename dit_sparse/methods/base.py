@@ -1,0 +1,75 @@
+"""Shared machinery of the four methods: block pooling, forced blocks, masks -> plans.
+
+Every method works on **permuted** tensors (``TokenLayout.permute``: video tiles first, then text blocks,
+``P = layout.padded_len`` slots, zeros in padding slots) and produces a bool block mask ``[B, H, N, N]`` over
+the layout's ``N = layout.num_blocks`` blocks (or ``[1, 1, N, N]`` when it does not depend on the data).
+Masks compose by union; :func:`plan_from_mask` turns the final one into a :class:`~dit_sparse.SparsePlan`.
+
+Shapes: B batch, P padded sequence, H heads, D head dim, N blocks (video ``Nv`` first, then text).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import TokenLayout
+from ..plan import SparsePlan
+
+__all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "video_block_count", "check_permuted"]
+
+
+def check_permuted(x: torch.Tensor, layout: TokenLayout, name: str = "query") -> None:
+    if x.dim() != 4 or x.shape[1] != layout.padded_len:
+        raise ValueError(f"{name} must be permuted [B, P={layout.padded_len}, H, D] for {layout!r}, got "
+                         f"{tuple(x.shape)}; call layout.permute({name}) first.")
+
+
+def pool_blocks(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """True-count block means of a permuted ``[B, P, H, D]`` tensor -> float32 ``[B, H, N, D]``.
+
+    Padding slots are zero after ``permute``, so the block sum over all slots divided by ``block_valid``
+    is the mean over real tokens only (the reference implementations average the zeros in: a bias).
+    """
+    check_permuted(x, layout, "x")
+    b, _, h, d = x.shape
+    n, bs = layout.num_blocks, layout.block_size
+    sums = x.view(b, n, bs, h, d).sum(2, dtype=torch.float32)  # [B, N, H, D]
+    valid = layout.block_valid(x.device).clamp(min=1).to(torch.float32)
+    return (sums / valid.view(1, n, 1, 1)).permute(0, 2, 1, 3)
+
+
+def video_block_count(layout: TokenLayout) -> int:
+    return layout.num_video_blocks
+
+
+def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = False,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Blocks every method keeps, bool ``[N, N]``.
+
+    * text columns are on for every row and text rows are dense (pooled text destroys the text sink);
+    * ``diagonal``: every video query block reads its own block;
+    * ``sink``: every video query block reads the tiles of latent frame 0 (only when ``frames > 1``).
+    """
+    n, nv = layout.num_blocks, layout.num_video_blocks
+    m = torch.zeros(n, n, dtype=torch.bool, device=device)
+    m[:, nv:] = True
+    m[nv:, :] = True
+    if diagonal:
+        idx = torch.arange(nv, device=device)
+        m[idx, idx] = True
+    if sink and layout.frames > 1:
+        first = layout.tile_coords(device)[:, 0] == 0
+        m[:nv, :nv] |= first.view(1, nv)
+    return m
+
+
+def plan_from_mask(mask: torch.Tensor, layout: TokenLayout) -> SparsePlan:
+    """A plan over the permuted sequence from a bool block mask ``[B, H, N, N]`` (or ``[N, N]``)."""
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    n = layout.num_blocks
+    if mask.shape[-2:] != (n, n):
+        raise ValueError(f"Block mask {tuple(mask.shape)} does not match {layout!r}: expected [..., {n}, {n}].")
+    return SparsePlan.from_dense(mask, block_q=layout.block_size, block_k=layout.block_size,
+                                 seq_q=layout.padded_len, seq_k=layout.padded_len,
+                                 kv_block_valid=layout.block_valid(mask.device))

@@ -1,0 +1,311 @@
+"""``SparsePlan``: which key blocks every query block reads, plus an optional output correction.
+
+A plan is the one currency between the four methods and the attention op, in the spirit of
+``torch.nn.attention.flex_attention.BlockMask``:
+
+* the sequence of queries is cut into query blocks of ``block_q`` tokens and the keys into key blocks of
+  ``block_k`` tokens (the last block of each may be partial: ``seq_q`` / ``seq_k`` give the true lengths);
+* for every (batch, head, query block) the plan lists the key blocks to read as a compact CSR row:
+  ``kv_num_blocks[b, h, m]`` entries of ``kv_indices[b, h, m, :]``, sorted ascending (entries past the count
+  are padding and never read);
+* ``kv_block_valid[n]`` (optional) says how many leading tokens of key block ``n`` are real; the rest are
+  padding slots of a :class:`~dit_sparse.layout.TokenLayout` and are masked as keys;
+* an optional epilogue ``out = out_scale * attention_restricted_to_plan + out_bias``, where ``out_scale`` is
+  per query row ``[B, H, seq_q]`` or per query block ``[B, H, Mq]`` and ``out_bias`` is per query row
+  ``[B, seq_q, H, D]`` or per query block ``[B, H, Mq, D]``. This one form serves pooled rectification
+  (R, c) and Re-ttention (rho, residual).
+
+Batch and head dimensions of the CSR tables and of the epilogue may be 1 (broadcast), as in flex attention.
+
+Shapes: B batch, H heads, Mq = ceil(seq_q / block_q) query blocks, Mk = ceil(seq_k / block_k) key blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SparsePlan"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class SparsePlan:
+    """Block-sparse attention plan (CSR over key blocks, flex ``BlockMask`` field names, int32).
+
+    Args:
+        kv_num_blocks (`torch.Tensor`, int32 ``[B, H, Mq]``): key blocks read by each query block.
+        kv_indices (`torch.Tensor`, int32 ``[B, H, Mq, Mk]``): their indices, sorted ascending; entries past
+            ``kv_num_blocks`` are ignored.
+        block_q (`int`), block_k (`int`): block sizes in tokens.
+        seq_q (`int`), seq_k (`int`): true sequence lengths (the last block may be partial).
+        kv_block_valid (`torch.Tensor`, int32 ``[Mk]``, *optional*): real tokens at the start of each key block;
+            keys at offsets ``>= kv_block_valid[n]`` are masked. ``None`` means every key below ``seq_k`` is real.
+        out_scale (`torch.Tensor`, float32 ``[B, H, seq_q]`` or ``[B, H, Mq]``, *optional*): epilogue row scale.
+        out_bias (`torch.Tensor`, ``[B, seq_q, H, D]`` or ``[B, Mq, H, D]``, *optional*): epilogue additive term.
+
+    Build plans with :meth:`from_dense` or :meth:`dense` rather than by hand.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_q: int
+    block_k: int
+    seq_q: int
+    seq_k: int
+    kv_block_valid: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k", "seq_q", "seq_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"SparsePlan.{name} must be a positive int, got {v!r}.")
+        num, idx = self.kv_num_blocks, self.kv_indices
+        if not (torch.is_tensor(num) and torch.is_tensor(idx)):
+            raise ValueError("SparsePlan.kv_num_blocks and kv_indices must be tensors; build plans with "
+                             "SparsePlan.from_dense(mask, block_q=..., block_k=...).")
+        if num.dtype != torch.int32 or idx.dtype != torch.int32:
+            raise ValueError(f"SparsePlan CSR tables must be int32, got kv_num_blocks.dtype={num.dtype}, "
+                             f"kv_indices.dtype={idx.dtype}; convert with .to(torch.int32).")
+        mq, mk = self.num_q_blocks, self.num_k_blocks
+        if num.dim() != 3 or num.shape[-1] != mq:
+            raise ValueError(f"kv_num_blocks must be [B, H, Mq={mq}] (seq_q={self.seq_q}, block_q={self.block_q}), "
+                             f"got shape {tuple(num.shape)}.")
+        if idx.dim() != 4 or idx.shape[:3] != num.shape or idx.shape[-1] > mk or idx.shape[-1] < 1:
+            raise ValueError(f"kv_indices must be [B, H, Mq, n<= Mk={mk}] matching kv_num_blocks "
+                             f"{tuple(num.shape)}, got {tuple(idx.shape)}.")
+        if idx.device != num.device:
+            raise ValueError(f"kv_num_blocks is on {num.device} but kv_indices on {idx.device}; move both with .to().")
+        if self.kv_block_valid is not None:
+            kbv = self.kv_block_valid
+            if kbv.dtype != torch.int32 or kbv.shape != (mk,) or kbv.device != num.device:
+                raise ValueError(f"kv_block_valid must be int32 [Mk={mk}] on {num.device}, got "
+                                 f"{kbv.dtype} {tuple(kbv.shape)} on {kbv.device}.")
+        if self.out_scale is not None:
+            s = self.out_scale
+            if s.dim() != 3 or s.shape[-1] not in (self.seq_q, mq) or s.device != num.device:
+                raise ValueError(f"out_scale must be [B, H, seq_q={self.seq_q}] (per row) or [B, H, Mq={mq}] "
+                                 f"(per query block) on {num.device}, got {tuple(s.shape)} on {s.device}.")
+        if self.out_bias is not None:
+            b = self.out_bias
+            ok = b.dim() == 4 and b.device == num.device and b.shape[1] in (self.seq_q, mq)
+            if not ok:
+                raise ValueError(f"out_bias must be [B, seq_q={self.seq_q}, H, D] (per row) or [B, Mq={mq}, H, D] "
+                                 f"(per query block) on {num.device}, got {tuple(b.shape)} on {b.device}.")
+
+    def validate(self) -> SparsePlan:
+        """Expensive content checks (counts in range, indices in range, sorted, unique). Returns ``self``."""
+        num, idx, mk = self.kv_num_blocks, self.kv_indices, self.num_k_blocks
+        if bool((num < 0).any()) or bool((num > idx.shape[-1]).any()):
+            raise ValueError(f"kv_num_blocks must lie in [0, {idx.shape[-1]}], got range "
+                             f"[{int(num.min())}, {int(num.max())}].")
+        live = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+        vals = idx[live]
+        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= mk):
+            raise ValueError(f"kv_indices must lie in [0, Mk={mk}), got [{int(vals.min())}, {int(vals.max())}].")
+        if idx.shape[-1] > 1:
+            both = live[..., 1:]
+            if bool((idx[..., 1:] <= idx[..., :-1])[both].any()):
+                raise ValueError("kv_indices rows must be strictly ascending (sorted, no duplicates); "
+                                 "build the plan with SparsePlan.from_dense.")
+        return self
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, *, block_q: int, block_k: int, seq_q: int | None = None,
+                   seq_k: int | None = None, kv_block_valid: torch.Tensor | None = None) -> SparsePlan:
+        """Build a plan from a bool block mask ``[B, H, Mq, Mk]`` (True = read this key block).
+
+        ``seq_q`` / ``seq_k`` default to ``Mq * block_q`` / ``Mk * block_k``.
+        """
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+            got = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"SparsePlan.from_dense expects a torch.bool block mask [B, H, Mq, Mk], got {got}; "
+                             "convert with mask.bool() or (mask != 0).")
+        if mask.dim() != 4:
+            raise ValueError(f"SparsePlan.from_dense expects a 4-D block mask [B, H, Mq, Mk], got shape "
+                             f"{tuple(mask.shape)}; add batch/head dims with mask[None, None].")
+        mq, mk = mask.shape[-2:]
+        seq_q = mq * block_q if seq_q is None else seq_q
+        seq_k = mk * block_k if seq_k is None else seq_k
+        if _cdiv(seq_q, block_q) != mq or _cdiv(seq_k, block_k) != mk:
+            raise ValueError(f"Block mask {tuple(mask.shape)} does not fit seq_q={seq_q}, seq_k={seq_k} with "
+                             f"block_q={block_q}, block_k={block_k}: expected Mq={_cdiv(seq_q, block_q)}, "
+                             f"Mk={_cdiv(seq_k, block_k)}.")
+        num = mask.sum(-1, dtype=torch.int32)
+        # stable sort puts the True columns first, in ascending column order
+        order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+        width = max(int(num.max()) if num.numel() else 0, 1)
+        idx = order[..., :width].contiguous()
+        return cls(num, idx, block_q, block_k, seq_q, seq_k, kv_block_valid)
+
+    @classmethod
+    def dense(cls, *, seq_q: int, seq_k: int, block_q: int = 128, block_k: int = 128,
+              device: torch.device | str = "cpu", kv_block_valid: torch.Tensor | None = None) -> SparsePlan:
+        """The all-on plan (one batch/head entry, broadcast)."""
+        mq, mk = _cdiv(seq_q, block_q), _cdiv(seq_k, block_k)
+        num = torch.full((1, 1, mq), mk, dtype=torch.int32, device=device)
+        idx = torch.arange(mk, dtype=torch.int32, device=device).expand(1, 1, mq, mk).contiguous()
+        return cls(num, idx, block_q, block_k, seq_q, seq_k, kv_block_valid)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_q_blocks(self) -> int:
+        return _cdiv(self.seq_q, self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return _cdiv(self.seq_k, self.block_k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_num_blocks.device
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, Mq, Mk)`` of the block mask (B or H may be 1 = broadcast)."""
+        b, h, mq = self.kv_num_blocks.shape
+        return (b, h, mq, self.num_k_blocks)
+
+    @property
+    def scale_per_block(self) -> bool:
+        """True when ``out_scale`` holds one value per query block (``[B, H, Mq]``)."""
+        return self.out_scale is not None and self.out_scale.shape[-1] != self.seq_q
+
+    @property
+    def bias_per_block(self) -> bool:
+        """True when ``out_bias`` holds one vector per query block (``[B, Mq, H, D]``)."""
+        return self.out_bias is not None and self.out_bias.shape[1] != self.seq_q
+
+    @property
+    def has_epilogue(self) -> bool:
+        return self.out_scale is not None or self.out_bias is not None
+
+    def to_dense(self) -> torch.Tensor:
+        """The bool block mask ``[B, H, Mq, Mk]`` (debugging and tests)."""
+        b, h, mq, mk = self.shape
+        idx = self.kv_indices.long()
+        live = torch.arange(idx.shape[-1], device=idx.device) < self.kv_num_blocks.unsqueeze(-1)
+        out = torch.zeros(b, h, mq, mk + 1, dtype=torch.bool, device=idx.device)
+        # dead entries are routed to the spare column mk, then dropped
+        out.scatter_(-1, torch.where(live, idx, torch.full_like(idx, mk)), True)
+        return out[..., :mk]
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs read, weighted by real token counts.
+
+        Counts only real keys (``kv_block_valid``, ``seq_k``) and real queries, so padding never inflates it.
+        """
+        mask = self.to_dense().float()
+        qw = torch.full((self.num_q_blocks,), float(self.block_q), device=mask.device)
+        qw[-1] = self.seq_q - (self.num_q_blocks - 1) * self.block_q
+        kw = torch.full((self.num_k_blocks,), float(self.block_k), device=mask.device)
+        kw[-1] = self.seq_k - (self.num_k_blocks - 1) * self.block_k
+        if self.kv_block_valid is not None:
+            kw = torch.minimum(kw, self.kv_block_valid.float())
+        read = torch.einsum("bhmn,m,n->bh", mask, qw, kw)
+        return float(read.mean() / (qw.sum() * kw.sum()))
+
+    def sparsity(self) -> float:
+        """``1 - density``: the fraction of the attention work skipped."""
+        return 1.0 - self.density
+
+    @property
+    def is_dense(self) -> bool:
+        """True when every query block reads every key block."""
+        return bool((self.kv_num_blocks == self.num_k_blocks).all())
+
+    @property
+    def keys_all_valid(self) -> bool:
+        """True when no key block carries padding slots (only the ragged tail past ``seq_k``)."""
+        if self.kv_block_valid is None:
+            return True
+        full = torch.full_like(self.kv_block_valid, self.block_k)
+        full[-1] = self.seq_k - (self.num_k_blocks - 1) * self.block_k
+        return bool((self.kv_block_valid >= full).all())
+
+    # ------------------------------------------------------------------ derivations
+    def with_epilogue(self, out_scale: torch.Tensor | None = None,
+                      out_bias: torch.Tensor | None = None) -> SparsePlan:
+        """A copy of this plan with epilogue terms ``out = out_scale * attention + out_bias``."""
+        return dataclasses.replace(self, out_scale=out_scale, out_bias=out_bias)
+
+    def without_epilogue(self) -> SparsePlan:
+        return dataclasses.replace(self, out_scale=None, out_bias=None)
+
+    def to(self, device: torch.device | str) -> SparsePlan:
+        def mv(t):
+            return None if t is None else t.to(device)
+        return dataclasses.replace(self, kv_num_blocks=mv(self.kv_num_blocks), kv_indices=mv(self.kv_indices),
+                                   kv_block_valid=mv(self.kv_block_valid), out_scale=mv(self.out_scale),
+                                   out_bias=mv(self.out_bias))
+
+    def expand(self, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR tables broadcast to ``[batch, heads, ...]`` (views, no copy)."""
+        b, h = self.kv_num_blocks.shape[:2]
+        if b not in (1, batch) or h not in (1, heads):
+            raise ValueError(f"Plan was built for batch={b}, heads={h}; it cannot serve batch={batch}, "
+                             f"heads={heads}. Build the plan for these sizes (or with 1 to broadcast).")
+        mq = self.kv_num_blocks.shape[-1]
+        return (self.kv_num_blocks.expand(batch, heads, mq),
+                self.kv_indices.expand(batch, heads, mq, self.kv_indices.shape[-1]))
+
+    def __getitem__(self, item) -> SparsePlan:
+        """Index the batch (and head) dims like flex's ``BlockMask``: ``plan[b]``, ``plan[b, h]``."""
+        if not isinstance(item, tuple):
+            item = (item,)
+        if len(item) > 2:
+            raise ValueError(f"SparsePlan indexes (batch, head) only, got {len(item)} indices.")
+        norm = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in item)
+        num, idx = self.kv_num_blocks[norm], self.kv_indices[norm]
+        return dataclasses.replace(self, kv_num_blocks=num, kv_indices=idx, out_scale=None, out_bias=None)
+
+    def to_flex(self):
+        """The equivalent ``torch.nn.attention.flex_attention.BlockMask`` (key padding masked by a mask_mod).
+
+        Raises ``NotImplementedError`` where this torch has no flex attention.
+        """
+        try:
+            from torch.nn.attention.flex_attention import BlockMask
+        except ImportError as e:  # pragma: no cover - torch < 2.5
+            raise NotImplementedError("SparsePlan.to_flex needs torch >= 2.5 (flex_attention); "
+                                      f"this torch is {torch.__version__}.") from e
+        seq_k, bq, bk = self.seq_k, self.block_q, self.block_k
+        # eager flex (CPU) applies only mask_mod, so the block structure must live in mask_mod too
+        blocks = self.to_dense()
+        kmask = torch.ones(self.num_k_blocks * bk, dtype=torch.bool, device=self.device)
+        kmask[seq_k:] = False
+        if self.kv_block_valid is not None:
+            kmask &= (torch.arange(kmask.numel(), device=self.device) % bk) < self.kv_block_valid.repeat_interleave(bk)
+        bcast_b, bcast_h = blocks.shape[0] == 1, blocks.shape[1] == 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            bi = b * 0 if bcast_b else b
+            hi = h * 0 if bcast_h else h
+            return blocks[bi, hi, q_idx // bq, kv_idx // bk] & kmask[kv_idx]
+
+        # flex reads the number of key blocks from the width of kv_indices: pad it to Mk
+        idx = torch.nn.functional.pad(self.kv_indices, (0, self.num_k_blocks - self.kv_indices.shape[-1]))
+        return BlockMask.from_kv_blocks(self.kv_num_blocks, idx, BLOCK_SIZE=(self.block_q, bk),
+                                        mask_mod=mask_mod, seq_lengths=(self.seq_q, seq_k))
+
+    def __repr__(self) -> str:
+        b, h, mq, mk = self.shape
+        epi = []
+        if self.out_scale is not None:
+            epi.append(f"out_scale{tuple(self.out_scale.shape)}")
+        if self.out_bias is not None:
+            epi.append(f"out_bias{tuple(self.out_bias.shape)}")
+        pad = "" if self.kv_block_valid is None else ", padded key blocks"
+        return (f"SparsePlan(shape=(B={b}, H={h}, Mq={mq}, Mk={mk}), blocks=({self.block_q}, {self.block_k}), "
+                f"seq=({self.seq_q}, {self.seq_k}), density={self.density:.2%}{pad}"
+                f"{', epilogue=' + '+'.join(epi) if epi else ''}, device={self.device})")

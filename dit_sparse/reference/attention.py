@@ -1,0 +1,105 @@
+"""Pure-PyTorch block-sparse attention: the test oracle and the CPU fallback (``backend="torch"``).
+
+Exact masked-softmax math, chunked over query blocks so that no ``S x S`` score matrix is ever held for long
+sequences. Computes in float32 (float64 for float64 inputs) whatever the input dtype.
+
+Semantics every backend must reproduce (see ``dit_sparse.plan.SparsePlan``)::
+
+    out[b, s, h] = out_scale[b, h, s] * softmax_{keys in plan row}(q . k * scale) @ v  +  out_bias[b, s, h]
+    lse[b, h, s] = log sum_{keys in plan row} exp(q . k * scale)          (natural log)
+
+A query row that reads no key returns exactly ``out_bias`` (0 without one) and ``lse = -inf``; never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..plan import SparsePlan
+
+__all__ = ["block_sparse_attention_reference", "key_token_mask", "expand_epilogue", "apply_epilogue"]
+
+#: bytes of fp32 scores one chunk may hold; bounds the reference's memory at any sequence length
+CHUNK_BYTES = 256 * 2**20
+
+
+def key_token_mask(plan: SparsePlan) -> torch.Tensor:
+    """Bool ``[seq_k]``: which key positions are real tokens (not block padding)."""
+    pos = torch.arange(plan.seq_k, device=plan.device)
+    if plan.kv_block_valid is None:
+        return torch.ones(plan.seq_k, dtype=torch.bool, device=plan.device)
+    return (pos % plan.block_k) < plan.kv_block_valid.long()[pos // plan.block_k]
+
+
+def expand_epilogue(plan: SparsePlan, batch: int, heads: int, dtype: torch.dtype):
+    """Epilogue terms as per-row tensors: scale ``[B, H, seq_q]`` and bias ``[B, seq_q, H, D]`` (or None)."""
+    scale = bias = None
+    if plan.out_scale is not None:
+        scale = plan.out_scale.to(dtype)
+        if plan.scale_per_block:
+            scale = scale.repeat_interleave(plan.block_q, dim=-1)[..., : plan.seq_q]
+        scale = scale.expand(batch, heads, plan.seq_q)
+    if plan.out_bias is not None:
+        bias = plan.out_bias.to(dtype)
+        if plan.bias_per_block:
+            bias = bias.repeat_interleave(plan.block_q, dim=1)[:, : plan.seq_q]
+        bias = bias.expand(batch, plan.seq_q, heads, bias.shape[-1])
+    return scale, bias
+
+
+def apply_epilogue(out: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
+    """``out_scale * out + out_bias`` on a ``[B, seq_q, H, D]`` tensor (computation dtype of ``out``)."""
+    b, _, h, _ = out.shape
+    scale, bias = expand_epilogue(plan, b, h, out.dtype)
+    if scale is not None:
+        out = out * scale.transpose(1, 2).unsqueeze(-1)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def block_sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                     plan: SparsePlan, *, scale: float | None = None,
+                                     return_lse: bool = False):
+    """Reference block-sparse attention on ``[B, S, H, D]`` tensors. See the module docstring.
+
+    Returns ``out [B, seq_q, H, D]`` in the input dtype, and ``lse [B, H, seq_q]`` (float32; float64 for
+    float64 inputs) when ``return_lse``.
+    """
+    bsz, seq_q, heads, dim = query.shape
+    seq_k = key.shape[1]
+    cdtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+
+    q = query.transpose(1, 2).to(cdtype)  # [B, H, Sq, D]
+    k = key.transpose(1, 2).to(cdtype)
+    v = value.transpose(1, 2).to(cdtype)
+    blocks = plan.to_dense().expand(bsz, heads, plan.num_q_blocks, plan.num_k_blocks)
+    kmask = key_token_mask(plan)
+    col_block = torch.arange(seq_k, device=query.device) // plan.block_k
+
+    out = torch.empty(bsz, heads, seq_q, v.shape[-1], dtype=cdtype, device=query.device)
+    lse = torch.empty(bsz, heads, seq_q, dtype=cdtype, device=query.device)
+    bytes_per_row = max(bsz * heads * seq_k * 4 * 3, 1)
+    rows = max(plan.block_q, (CHUNK_BYTES // bytes_per_row) // plan.block_q * plan.block_q)
+    for start in range(0, seq_q, rows):
+        stop = min(start + rows, seq_q)
+        s = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * scale  # [B, H, r, Sk]
+        row_block = torch.arange(start, stop, device=query.device) // plan.block_q
+        allowed = blocks[:, :, row_block][..., col_block] & kmask  # [B, H, r, Sk]
+        s = s.masked_fill(~allowed, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        o = torch.matmul(p, v) / torch.where(den > 0, den, torch.ones_like(den))
+        out[:, :, start:stop] = o
+        lse[:, :, start:stop] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))[..., 0]
+
+    out = apply_epilogue(out.transpose(1, 2), plan)
+    out = out.to(query.dtype)
+    if return_lse:
+        return out, lse if cdtype == torch.float64 else lse.float()
+    return out

@@ -1,0 +1,20 @@
+# Sourced by the set-up scripts: make .venv (torch pinned first, CPU wheel) and install dit_sparse into it.
+# Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+STAMP=".venv/.dit_sparse-installed"
+WANT="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo ">> installing into .venv (torch CPU wheel first, then dit_sparse[dev,triton,app])" >&2
+    python -m pip install -q --disable-pip-version-check "torch==${DIT_SPARSE_TORCH:-2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true
+    python -m pip install -q --disable-pip-version-check -e ".[dev,triton,app]" 2>&1 | grep -v "is ignored" >&2 || true
+    python -c "import torch, diffusers, dit_sparse" >&2
+    echo "$WANT" > "$STAMP"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False

@@ -1,0 +1,102 @@
+"""SparsePlan: CSR round trips, density, validation, flex conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dit_sparse import SparsePlan
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), mq=st.integers(1, 9), mk=st.integers(1, 9),
+       p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_from_dense_round_trip(b, h, mq, mk, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, h, mq, mk, generator=g) < p
+    plan = SparsePlan.from_dense(mask, block_q=16, block_k=32)
+    assert torch.equal(plan.to_dense(), mask)
+    assert torch.equal(plan.kv_num_blocks, mask.sum(-1).int())
+    plan.validate()
+    # CSR rows: ascending indices of the True columns
+    for bi in range(b):
+        for hi in range(h):
+            for m in range(mq):
+                n = int(plan.kv_num_blocks[bi, hi, m])
+                assert plan.kv_indices[bi, hi, m, :n].tolist() == torch.nonzero(mask[bi, hi, m]).view(-1).tolist()
+
+
+def test_density_counts_real_tokens():
+    mask = torch.tensor([[[[True, False], [True, True]]]])
+    plan = SparsePlan.from_dense(mask, block_q=4, block_k=4, seq_q=6, seq_k=6)
+    # rows 0-3 read keys 0-3 (4 keys); rows 4-5 read all 6 keys
+    assert plan.density == pytest.approx((4 * 4 + 2 * 6) / 36)
+    assert plan.sparsity() == pytest.approx(1 - plan.density)
+    padded = SparsePlan.from_dense(mask, block_q=4, block_k=4, kv_block_valid=torch.tensor([3, 2], dtype=torch.int32))
+    assert padded.density == pytest.approx((4 * 3 + 4 * 5) / (8 * 5))
+    assert not padded.keys_all_valid and plan.keys_all_valid
+
+
+def test_dense_plan():
+    plan = SparsePlan.dense(seq_q=100, seq_k=70, block_q=32, block_k=16)
+    assert plan.is_dense and plan.density == 1.0
+    assert plan.shape == (1, 1, 4, 5)
+
+
+def test_repr_is_readable():
+    plan = SparsePlan.dense(seq_q=100, seq_k=100, block_q=64, block_k=64)
+    text = repr(plan.with_epilogue(out_scale=torch.ones(1, 1, 100)))
+    assert "Mq=2" in text and "density=100.00%" in text and "out_scale" in text
+
+
+def test_getitem_and_expand():
+    mask = torch.rand(2, 3, 4, 4) < 0.5
+    plan = SparsePlan.from_dense(mask, block_q=16, block_k=16)
+    assert torch.equal(plan[1].to_dense(), mask[1:2])
+    assert torch.equal(plan[1, 2].to_dense(), mask[1:2, 2:3])
+    num, idx = SparsePlan.from_dense(mask[:1, :1], block_q=16, block_k=16).expand(2, 3)
+    assert num.shape == (2, 3, 4) and idx.stride(0) == 0
+    with pytest.raises(ValueError, match="cannot serve"):
+        plan.expand(4, 3)
+
+
+def test_epilogue_granularity():
+    plan = SparsePlan.dense(seq_q=100, seq_k=100, block_q=64, block_k=64)
+    assert plan.with_epilogue(out_scale=torch.ones(1, 1, 2)).scale_per_block
+    assert not plan.with_epilogue(out_scale=torch.ones(1, 1, 100)).scale_per_block
+    assert plan.with_epilogue(out_bias=torch.ones(1, 2, 1, 8)).bias_per_block
+    assert not plan.with_epilogue(out_bias=torch.ones(1, 100, 1, 8)).bias_per_block
+    with pytest.raises(ValueError, match="out_scale"):
+        plan.with_epilogue(out_scale=torch.ones(1, 1, 7))
+    with pytest.raises(ValueError, match="out_bias"):
+        plan.with_epilogue(out_bias=torch.ones(1, 7, 1, 8))
+
+
+def test_from_dense_errors_name_the_fix():
+    with pytest.raises(ValueError, match="torch.bool"):
+        SparsePlan.from_dense(torch.ones(1, 1, 2, 2), block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=r"mask\[None, None\]"):
+        SparsePlan.from_dense(torch.ones(2, 2, dtype=torch.bool), block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        SparsePlan.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), block_q=16, block_k=16, seq_q=100)
+    with pytest.raises(ValueError, match="int32"):
+        SparsePlan(torch.ones(1, 1, 2, dtype=torch.int64), torch.zeros(1, 1, 2, 2, dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="positive int"):
+        SparsePlan.dense(seq_q=0, seq_k=10)
+
+
+def test_validate_catches_bad_content():
+    num = torch.tensor([[[2]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="ascending"):
+        SparsePlan(num, torch.tensor([[[[1, 0]]]], dtype=torch.int32), 16, 16, 16, 32).validate()
+    with pytest.raises(ValueError, match="kv_indices must lie"):
+        SparsePlan(num, torch.tensor([[[[0, 5]]]], dtype=torch.int32), 16, 16, 16, 32).validate()
+
+
+def test_to_flex_matches_plan():
+    mask = torch.rand(1, 2, 3, 4) < 0.5
+    plan = SparsePlan.from_dense(mask, block_q=32, block_k=32, seq_q=90, seq_k=110)
+    flex = plan.to_flex()
+    assert torch.equal(flex.to_dense().bool()[..., :4], mask)
