@@ -23,6 +23,7 @@ Shapes: B batch, H heads, Mq = ceil(seq_q / block_q) query blocks, Mk = ceil(seq
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +200,7 @@ class SparsePlan:
         out.scatter_(-1, torch.where(live, idx, torch.full_like(idx, mk)), True)
         return out[..., :mk]
 
-    @property
+    @functools.cached_property
     def density(self) -> float:
         """Fraction of (query block, key block) pairs read, weighted by real token counts.
 
@@ -219,12 +220,12 @@ class SparsePlan:
         """``1 - density``: the fraction of the attention work skipped."""
         return 1.0 - self.density
 
-    @property
+    @functools.cached_property
     def is_dense(self) -> bool:
         """True when every query block reads every key block."""
         return bool((self.kv_num_blocks == self.num_k_blocks).all())
 
-    @property
+    @functools.cached_property
     def keys_all_valid(self) -> bool:
         """True when no key block carries padding slots (only the ragged tail past ``seq_k``)."""
         if self.kv_block_valid is None:
@@ -269,34 +270,51 @@ class SparsePlan:
         num, idx = self.kv_num_blocks[norm], self.kv_indices[norm]
         return dataclasses.replace(self, kv_num_blocks=num, kv_indices=idx, out_scale=None, out_bias=None)
 
-    def to_flex(self):
-        """The equivalent ``torch.nn.attention.flex_attention.BlockMask`` (key padding masked by a mask_mod).
+    def to_flex(self, *, eager_safe: bool = True):
+        """The equivalent ``torch.nn.attention.flex_attention.BlockMask``.
 
-        Raises ``NotImplementedError`` where this torch has no flex attention.
+        ``eager_safe=True`` (default) puts the block structure into ``mask_mod`` as well, because uncompiled
+        flex (CPU) evaluates only ``mask_mod``. ``eager_safe=False`` gives the fastest mask for compiled flex:
+        blocks without padding are listed as *full* blocks (no ``mask_mod`` call) and only blocks with padding
+        slots as partial blocks masked by key validity. Raises ``NotImplementedError`` without flex attention.
         """
         try:
             from torch.nn.attention.flex_attention import BlockMask
         except ImportError as e:  # pragma: no cover - torch < 2.5
             raise NotImplementedError("SparsePlan.to_flex needs torch >= 2.5 (flex_attention); "
                                       f"this torch is {torch.__version__}.") from e
-        seq_k, bq, bk = self.seq_k, self.block_q, self.block_k
-        # eager flex (CPU) applies only mask_mod, so the block structure must live in mask_mod too
-        blocks = self.to_dense()
-        kmask = torch.ones(self.num_k_blocks * bk, dtype=torch.bool, device=self.device)
+        seq_k, bq, bk, mk = self.seq_k, self.block_q, self.block_k, self.num_k_blocks
+        kmask = torch.ones(mk * bk, dtype=torch.bool, device=self.device)
         kmask[seq_k:] = False
         if self.kv_block_valid is not None:
-            kmask &= (torch.arange(kmask.numel(), device=self.device) % bk) < self.kv_block_valid.repeat_interleave(bk)
-        bcast_b, bcast_h = blocks.shape[0] == 1, blocks.shape[1] == 1
+            kmask &= (torch.arange(mk * bk, device=self.device) % bk) < self.kv_block_valid.repeat_interleave(bk)
+        blocks = self.to_dense()
+        if eager_safe:
+            bcast_b, bcast_h = blocks.shape[0] == 1, blocks.shape[1] == 1
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                bi = b * 0 if bcast_b else b
+                hi = h * 0 if bcast_h else h
+                return blocks[bi, hi, q_idx // bq, kv_idx // bk] & kmask[kv_idx]
+
+            # flex reads the number of key blocks from the width of kv_indices: pad it to Mk
+            idx = torch.nn.functional.pad(self.kv_indices, (0, mk - self.kv_indices.shape[-1]))
+            return BlockMask.from_kv_blocks(self.kv_num_blocks, idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                            seq_lengths=(self.seq_q, seq_k))
 
         def mask_mod(b, h, q_idx, kv_idx):
-            bi = b * 0 if bcast_b else b
-            hi = h * 0 if bcast_h else h
-            return blocks[bi, hi, q_idx // bq, kv_idx // bk] & kmask[kv_idx]
+            return kmask[kv_idx]
 
-        # flex reads the number of key blocks from the width of kv_indices: pad it to Mk
-        idx = torch.nn.functional.pad(self.kv_indices, (0, self.num_k_blocks - self.kv_indices.shape[-1]))
-        return BlockMask.from_kv_blocks(self.kv_num_blocks, idx, BLOCK_SIZE=(self.block_q, bk),
-                                        mask_mod=mask_mod, seq_lengths=(self.seq_q, seq_k))
+        whole = kmask.view(mk, bk).all(-1)  # key blocks with no padding slot
+        full, partial = blocks & whole, blocks & ~whole
+        p = SparsePlan.from_dense(partial, block_q=bq, block_k=bk, seq_q=self.seq_q, seq_k=seq_k)
+        f = SparsePlan.from_dense(full, block_q=bq, block_k=bk, seq_q=self.seq_q, seq_k=seq_k)
+
+        def pad(t):
+            return torch.nn.functional.pad(t, (0, mk - t.shape[-1]))
+
+        return BlockMask.from_kv_blocks(p.kv_num_blocks, pad(p.kv_indices), f.kv_num_blocks, pad(f.kv_indices),
+                                        BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(self.seq_q, seq_k))
 
     def __repr__(self) -> str:
         b, h, mq, mk = self.shape

@@ -3,8 +3,10 @@
 Random q/k give near-uniform attention and prove nothing about sparse-attention quality, so fidelity tests use
 ``structured_qkv``: tokens of a latent grid whose queries and keys encode (a) spatio-temporal locality through
 random Fourier features of the (f, y, x) position, (b) a few semantic clusters shared across the grid (long-range
-attention) and (c) attention sinks in latent frame 0. ``noise`` adds i.i.d. per-token variation, which makes
-block means poor estimates of their tokens (the regime GAPR protects against).
+attention) and (c) attention sinks in latent frame 0. Values are spatially smooth content (low-frequency
+features of the position, correlation length ``value_length_scale``) plus a little noise, as image latents are.
+``noise`` adds i.i.d. per-token variation to q and k, which makes block means poor estimates of their tokens
+(the regime GAPR protects against).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def structured_qkv(layout: TokenLayout, *, batch: int = 1, heads: int = 2, dim: int = 32,
                    length_scale: float = 0.12, sharpness: float = 6.0, clusters: int = 4,
                    cluster_strength: float = 1.5, sinks: float = 2.0, noise: float = 0.0, seed: int = 0,
-                   dtype: torch.dtype = torch.float64):
+                   value_length_scale: float = 0.5, dtype: torch.dtype = torch.float64):
     """Structured ``(q, k, v)`` in model order ``[B, S, H, D]`` for ``layout`` (text tokens included)."""
     g = torch.Generator().manual_seed(seed)
     T, Hg, Wg = layout.grid
@@ -68,7 +70,13 @@ def structured_qkv(layout: TokenLayout, *, batch: int = 1, heads: int = 2, dim: 
         if noise:
             q = q + noise * torch.randn(nv, dim, generator=g, dtype=torch.float64)
             k = k + noise * torch.randn(nv, dim, generator=g, dtype=torch.float64)
-        v = phi * math.sqrt(half) + 0.3 * torch.randn(nv, dim, generator=g, dtype=torch.float64)
+        # values: spatially smooth content (low-frequency features of the position) plus a little noise
+        omega_v = torch.randn(3, half, generator=g, dtype=torch.float64) / value_length_scale
+        proj_v = pos @ omega_v + 2 * math.pi * torch.rand(half, generator=g, dtype=torch.float64)
+        v = torch.cat([proj_v.cos(), proj_v.sin()], -1)
+        if v.shape[-1] < dim:
+            v = torch.cat([v, torch.zeros(nv, dim - v.shape[-1], dtype=torch.float64)], -1)
+        v = v + 0.1 * torch.randn(nv, dim, generator=g, dtype=torch.float64)
         out_q.append(q)
         out_k.append(k)
         out_v.append(v)

@@ -47,11 +47,11 @@ class FlexBackend(Backend):
         try:  # torch >= 2.9 asks for the LSE through AuxRequest; return_lse is deprecated
             from torch.nn.attention.flex_attention import AuxRequest
 
-            out, aux = fn(q, k, v, block_mask=inputs.plan.to_flex(), scale=inputs.scale,
+            out, aux = fn(q, k, v, block_mask=inputs.plan.to_flex(eager_safe=not q.is_cuda), scale=inputs.scale,
                           return_aux=AuxRequest(lse=True))
             lse = aux.lse
         except ImportError:
-            out, lse = fn(q, k, v, block_mask=inputs.plan.to_flex(), scale=inputs.scale, return_lse=True)
+            out, lse = fn(q, k, v, block_mask=inputs.plan.to_flex(eager_safe=not q.is_cuda), scale=inputs.scale, return_lse=True)
         out = out.transpose(1, 2)
         if inputs.plan.has_epilogue:
             out = apply_epilogue(out.float(), inputs.plan).to(inputs.query.dtype)

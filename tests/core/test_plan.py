@@ -100,3 +100,14 @@ def test_to_flex_matches_plan():
     plan = SparsePlan.from_dense(mask, block_q=32, block_k=32, seq_q=90, seq_k=110)
     flex = plan.to_flex()
     assert torch.equal(flex.to_dense().bool()[..., :4], mask)
+
+
+def test_to_flex_compiled_form_lists_full_and_partial_blocks():
+    mask = torch.rand(1, 2, 3, 4) < 0.6
+    valid = torch.tensor([32, 10, 32, 32], dtype=torch.int32)
+    plan = SparsePlan.from_dense(mask, block_q=32, block_k=32, seq_q=90, seq_k=128, kv_block_valid=valid)
+    flex = plan.to_flex(eager_safe=False)
+    assert torch.equal(flex.to_dense().bool()[..., :4], mask)
+    # only key block 1 carries padding: it is the only partial block, every other listed block is full
+    assert torch.equal(flex.kv_num_blocks, mask[..., 1].int())
+    assert torch.equal(flex.full_kv_num_blocks, (mask & (valid == 32)).sum(-1).int())

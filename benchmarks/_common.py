@@ -1,0 +1,96 @@
+"""Shared benchmark plumbing: model shapes, timing, environment record, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    frames: int
+    height: int
+    width: int
+    heads: int
+    text: int = 0
+    head_dim: int = 128
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.height * self.width + self.text
+
+
+#: ALGORITHMS.md §1 (grids in patch tokens)
+SHAPES = {
+    "wan2.1-480p": Shape("wan2.1-480p", 21, 30, 52, 12),
+    "wan2.1-720p": Shape("wan2.1-720p", 21, 45, 80, 40),
+    "hunyuan-720p": Shape("hunyuan-720p", 33, 45, 80, 24, text=256),
+}
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+    return env
+
+
+def bench(fn, *, warmup: int = 3, rep: int = 10) -> float:
+    """Median milliseconds of ``fn()`` (CUDA: triton's do_bench with events; CPU: perf_counter)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep * 10), return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    gpu = (payload.get("environment", {}).get("gpu") or "cpu").replace(" ", "_")
+    path = RESULTS / f"{name}-{gpu}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)

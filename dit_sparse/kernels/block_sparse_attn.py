@@ -1,0 +1,321 @@
+"""Block-sparse FlashAttention forward (FlashAttention-2, Dao 2023, arXiv 2307.08691) over a CSR block plan.
+
+One program owns one ``BLOCK_M`` tile of query rows of one (batch, head). It loads the query tile once, then walks
+the key blocks its plan row lists (``kv_indices[b, h, m, :kv_num_blocks[b, h, m]]``, the layout of flex
+attention's ``BlockMask``), in ``BLOCK_N`` sub-tiles, with an online softmax in fp32 (``exp2``; logits scaled
+by ``scale * log2(e)``). The epilogue applies the plan's correction ``out = out_scale * (acc / l) + out_bias``
+and writes the natural-log row LSE.
+
+Layout legend: q ``[B, Sq, H, D]``, k / v ``[B, Sk, H, D]`` (any strides, unit stride on D), kv_num_blocks
+``[B, H, Mq]``, kv_indices ``[B, H, Mq, W]``, kv_block_valid ``[Mk]``, out_scale ``[B, H, Sq | Mq]``,
+out_bias ``[B, Sq | Mq, H, D]``, out ``[B, Sq, H, D]``, lse ``[B, H, Sq]``; Mq = ceil(Sq / block_q),
+Mk = ceil(Sk / block_k).
+
+Masking: key ``n`` is real iff ``n < Sk`` and ``n % block_k < kv_block_valid[n // block_k]``. Masked logits are
+-inf; the running max starts at the finite ``-1e30`` so fully masked sub-tiles add nothing and never make NaN.
+A row that reads no real key gets ``out = out_bias`` (0 without one) and ``lse = -inf``.
+
+Runs compiled on CUDA (autotuned) and in the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
+is imported; one fixed config, bf16 tiles upcast to fp32 because the interpreter's bf16 ``tl.dot`` is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_sparse_attn_fwd"]
+
+# finite initial running max (keeps fully masked sub-tiles NaN-free); read by the kernel as a constexpr
+_NEG_INIT = tl.constexpr(-1.0e30)
+# softmax runs in base 2: the launcher folds log2(e) into the logit scale, the kernel turns lse back with ln(2)
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _is_interpreted(fn) -> bool:
+    """True when ``fn`` was decorated under ``TRITON_INTERPRET=1`` (the decorator decides at import time)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of triton's private modules changed
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return isinstance(fn, InterpretedFunction)
+
+
+def _bcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides of ``t`` with 0 on every size-1 dim, so un-expanded broadcast operands (B or H of 1) read right."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two ``<= cap`` dividing ``n`` (``n`` is a multiple of 16, so the answer is >= 16)."""
+    t = 1
+    while t * 2 <= cap and n % (t * 2) == 0:
+        t *= 2
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autotune space (CUDA only; the interpreter cannot benchmark and runs one fixed config)
+# ----------------------------------------------------------------------------------------------------------------
+_TILE_SIZES = (16, 32, 64, 128)
+_AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm in _TILE_SIZES for bn in _TILE_SIZES for w in (4, 8) for s in (2, 3)
+]
+# shared memory budget the prune keeps configs under (H100: 227 KiB per block; leave room for layout conversions)
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep tiles that divide the plan blocks: BLOCK_M in {64, 128} dividing block_q (else the largest power of
+    two dividing it), the same for BLOCK_N and block_k; drop configs whose q tile + pipelined k/v tiles overflow
+    shared memory (keeping the smallest if none fits)."""
+    args = {**named_args, **kwargs}
+    block_q, block_k = args["PLAN_BLOCK_Q"], args["PLAN_BLOCK_K"]
+    block_d = args["BLOCK_D"]
+    elsize = args["Q"].element_size()
+
+    def sizes(block):
+        big = [t for t in (64, 128) if block % t == 0]
+        return big or [_largest_pow2_divisor(block, 128)]
+
+    ms, ns = sizes(block_q), sizes(block_k)
+    small = min(ms) < 64 or min(ns) < 64
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] in ms and c.kwargs["BLOCK_N"] in ns
+            and not (small and c.num_warps == 8)]
+
+    def smem(c):
+        return (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * block_d * elsize
+
+    fits = [c for c in keep if smem(c) <= _SMEM_BUDGET]
+    return fits or [min(keep, key=smem)]
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    Q, K, V, Out, Lse,
+    KvNum, KvIdx, KvValid, OutScale, OutBias,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_iw,
+    stride_sb, stride_sh, stride_ss,
+    stride_bb, stride_bs, stride_bh, stride_bd,
+    H, SEQ_Q, SEQ_K, qk_scale,
+    PLAN_BLOCK_Q: tl.constexpr, PLAN_BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KV_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_PER_BLOCK: tl.constexpr, BIAS_PER_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    tl.static_assert(PLAN_BLOCK_Q % BLOCK_M == 0)
+    tl.static_assert(PLAN_BLOCK_K % BLOCK_N == 0)
+    tl.static_assert(HEAD_DIM <= BLOCK_D)
+    SUB_TILES: tl.constexpr = PLAN_BLOCK_K // BLOCK_N
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    # -- program -> (query tile, batch, head, plan row); every batch/head/sequence offset in int64
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    row = start_m // PLAN_BLOCK_Q
+
+    offs_m = tl.arange(0, BLOCK_M)          # rows local to the tile
+    offs_n = tl.arange(0, BLOCK_N)          # keys local to the sub-tile
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (start_m + offs_m) < SEQ_Q
+    d_ok = offs_d < HEAD_DIM
+
+    # -- load the q tile once
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qs
+              + (offs_m[:, None] * stride_qs + offs_d[None, :]))
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # -- this tile's plan row, and per-(batch, head) bases of k and v
+    csr = off_b * stride_nb + off_h * stride_nh + row.to(tl.int64) * stride_nm
+    n_blocks = tl.load(KvNum + csr)
+    idx_ptr = KvIdx + off_b * stride_ib + off_h * stride_ih + row.to(tl.int64) * stride_im
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_tile = offs_n[:, None] * stride_ks + offs_d[None, :]   # int32 offsets inside one sub-tile
+    v_tile = offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- loop over listed key blocks x sub-tiles, flattened into one loop so it pipelines
+    for it in range(0, n_blocks * SUB_TILES):
+        blk = it // SUB_TILES
+        sub = it % SUB_TILES
+        kv_block = tl.load(idx_ptr + blk * stride_iw)
+        block_start = kv_block * PLAN_BLOCK_K
+        # real keys of this block are [block_start, block_start + n_real)
+        n_real = tl.minimum(SEQ_K - block_start, PLAN_BLOCK_K)
+        if HAS_KV_VALID:
+            n_real = tl.minimum(n_real, tl.load(KvValid + kv_block))
+        key_ok = offs_n < (n_real - sub * BLOCK_N)
+        start_n = (block_start + sub * BLOCK_N).to(tl.int64)
+
+        # -- load k, v (masked keys read as 0)
+        if EVEN_D:
+            kv_mask = key_ok[:, None]
+        else:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + start_n * stride_ks + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + start_n * stride_vs + v_tile, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        # -- compute qk (base-2 logits), mask unreal keys to -inf
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+
+        # -- online softmax update
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        # -- accumulate p @ v
+        if IEEE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    # -- epilogue: out = out_scale * (acc / l) + out_bias; rows that read no real key keep acc = 0
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_SCALE:
+        s_base = OutScale + off_b * stride_sb + off_h * stride_sh
+        if SCALE_PER_BLOCK:
+            o = o * tl.load(s_base + row.to(tl.int64) * stride_ss).to(tl.float32)
+        else:
+            s_ptrs = s_base + start_m.to(tl.int64) * stride_ss + offs_m * stride_ss
+            o = o * tl.load(s_ptrs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        b_base = OutBias + off_b * stride_bb + off_h * stride_bh
+        if BIAS_PER_BLOCK:
+            bias = tl.load(b_base + row.to(tl.int64) * stride_bs + offs_d * stride_bd, mask=d_ok, other=0.0)
+            o = o + bias.to(tl.float32)[None, :]
+        else:
+            b_ptrs = (b_base + start_m.to(tl.int64) * stride_bs
+                      + (offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd))
+            bias = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            o = o + bias.to(tl.float32)
+
+    # -- store out and the natural-log lse
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_os
+              + (offs_m[:, None] * stride_os + offs_d[None, :]))
+    if EVEN_D:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    lse_ptrs = Lse + (off_b * H + off_h) * SEQ_Q + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@functools.cache
+def _autotuned_kernel():
+    """The autotuned kernel (built on first CUDA use; the interpreter never sees it)."""
+    return triton.autotune(
+        configs=_AUTOTUNE_CONFIGS,
+        key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM"],  # the autotuner adds every tensor argument's dtype
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_block_sparse_attn_fwd)
+
+
+def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                          kv_indices: torch.Tensor, *, block_q: int, block_k: int,
+                          kv_block_valid: torch.Tensor | None = None, scale: float,
+                          out_scale: torch.Tensor | None = None, out_bias: torch.Tensor | None = None,
+                          scale_per_block: bool = False,
+                          bias_per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the block-sparse attention forward. No validation: the caller checks shapes, dtypes and devices.
+
+    Args:
+        q (`torch.Tensor`, ``[B, Sq, H, D]``), k, v (`torch.Tensor`, ``[B, Sk, H, D]``): fp16, bf16 or fp32,
+            any strides with ``stride(-1) == 1``.
+        kv_num_blocks (int32 ``[B, H, Mq]``), kv_indices (int32 ``[B, H, Mq, W]``): the CSR plan; may be
+            expanded (stride-0) views.
+        block_q, block_k (`int`): plan block sizes, multiples of 16.
+        kv_block_valid (int32 ``[Mk]``, *optional*): real tokens at the start of each key block.
+        scale (`float`): softmax scale.
+        out_scale (float32 ``[B, H, Sq]``, or ``[B, H, Mq]`` with ``scale_per_block``, *optional*),
+        out_bias (``[B, Sq, H, D]``, or ``[B, Mq, H, D]`` with ``bias_per_block``, *optional*): epilogue
+            ``out = out_scale * attention + out_bias``; may be expanded views.
+
+    Returns:
+        ``out`` ``[B, Sq, H, D]`` contiguous in ``q.dtype`` and ``lse`` float32 ``[B, H, Sq]`` (natural log).
+    """
+    bsz, seq_q, heads, dim = q.shape
+    seq_k = k.shape[1]
+    out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, heads, seq_q), dtype=torch.float32, device=q.device)
+    if bsz == 0 or seq_q == 0 or heads == 0:
+        return out, lse
+
+    # unused optional operands get a harmless stand-in pointer (never read: the constexpr flags are off)
+    kbv = kv_block_valid if kv_block_valid is not None else kv_num_blocks
+    sc = out_scale if out_scale is not None else lse
+    sc_strides = _bcast_strides(out_scale) if out_scale is not None else (0, 0, 0)
+    bi = out_bias if out_bias is not None else out
+    bi_strides = _bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)
+
+    interpreted = _is_interpreted(_block_sparse_attn_fwd)
+    args = (
+        q, k, v, out, lse,
+        kv_num_blocks, kv_indices, kbv, sc, bi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *_bcast_strides(kv_num_blocks),
+        *_bcast_strides(kv_indices),
+        *sc_strides,
+        *bi_strides,
+        heads, seq_q, seq_k, float(scale) * _LOG2E,
+    )
+    meta = dict(
+        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k),
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)),
+        HAS_KV_VALID=kv_block_valid is not None, HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None,
+        SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
+        UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
+        IEEE_DOT=q.dtype == torch.float32,                  # no TF32 for fp32 inputs
+    )
+
+    if interpreted:
+        # one fixed config, the largest tiles (the interpreter's cost is per program x sub-tile)
+        block_m = _largest_pow2_divisor(block_q, 256)
+        block_n = _largest_pow2_divisor(block_k, 256)
+        grid = (triton.cdiv(seq_q, block_m), bsz * heads)
+        _block_sparse_attn_fwd[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    else:
+        def grid(meta_):
+            return (triton.cdiv(seq_q, meta_["BLOCK_M"]), bsz * heads)
+        _autotuned_kernel()[grid](*args, **meta)
+    return out, lse
