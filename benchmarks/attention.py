@@ -93,14 +93,14 @@ def run_shape(shape: Shape, densities, dtype, device, smoke: bool) -> list[dict]
     rows = []
     for density in densities:
         plan = random_plan(layout, shape.heads, density, device)
-        ours = bench(lambda: block_sparse_attention(qp, kp, vp, plan, backend=ours_backend),
+        ours = bench(lambda plan=plan: block_sparse_attention(qp, kp, vp, plan, backend=ours_backend),
                      rep=2 if smoke else 10)
         flex_ms = err = None
         try:
             bm = plan.to_flex(eager_safe=device.type != "cuda")
             qt, kt, vt = (t.transpose(1, 2) for t in (qp, kp, vp))
             ref = flex(qt, kt, vt, block_mask=bm).transpose(1, 2)
-            flex_ms = bench(lambda: flex(qt, kt, vt, block_mask=bm), rep=2 if smoke else 10)
+            flex_ms = bench(lambda qt=qt, kt=kt, vt=vt, bm=bm: flex(qt, kt, vt, block_mask=bm), rep=2 if smoke else 10)
             mine = block_sparse_attention(qp, kp, vp, plan, backend=ours_backend)
             valid_rows = layout.indices(device).perm >= 0
             diff = (mine - ref).float()[:, valid_rows]

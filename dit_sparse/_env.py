@@ -9,7 +9,7 @@ import os
 __all__ = ["has_triton", "triton_interpret", "has_flex_attention", "has_xformers", "env_backend", "checks_enabled"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_triton() -> bool:
     """True when ``import triton`` works (GPU kernels, or the interpreter on CPU)."""
     try:
@@ -24,7 +24,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_flex_attention() -> bool:
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
@@ -33,7 +33,7 @@ def has_flex_attention() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_xformers() -> bool:
     """Detected without importing xformers (it has no CPU ops and is slow to import)."""
     return importlib.util.find_spec("xformers") is not None

@@ -203,7 +203,6 @@ def _build_indices(grid, tile, text_tokens, text_position, device) -> _LayoutInd
     (T, Hg, Wg), (tt, th, tw) = grid, tile
     bs = tt * th * tw
     nt, nh, nw = _cdiv(T, tt), _cdiv(Hg, th), _cdiv(Wg, tw)
-    nb = nt * nh * nw
     # coordinates of every (tile, in-tile offset) pair, tiles and offsets both in raster order
     a, b, c = torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), indexing="ij")
     dt, dy, dx = torch.meshgrid(torch.arange(tt), torch.arange(th), torch.arange(tw), indexing="ij")

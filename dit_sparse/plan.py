@@ -202,9 +202,11 @@ class SparsePlan:
 
     @functools.cached_property
     def density(self) -> float:
-        """Fraction of (query block, key block) pairs read, weighted by real token counts.
+        """Fraction of (query, key) token pairs read, counting real tokens only.
 
-        Counts only real keys (``kv_block_valid``, ``seq_k``) and real queries, so padding never inflates it.
+        Keys: ``kv_block_valid`` and ``seq_k``. Queries: ``seq_q``, and for self-attention plans over a permuted
+        layout (``seq_q == seq_k``, ``block_q == block_k``) the same ``kv_block_valid`` counts, so padding slots
+        never change it.
         """
         mask = self.to_dense().float()
         qw = torch.full((self.num_q_blocks,), float(self.block_q), device=mask.device)
@@ -213,6 +215,8 @@ class SparsePlan:
         kw[-1] = self.seq_k - (self.num_k_blocks - 1) * self.block_k
         if self.kv_block_valid is not None:
             kw = torch.minimum(kw, self.kv_block_valid.float())
+            if self.seq_q == self.seq_k and self.block_q == self.block_k:
+                qw = kw
         read = torch.einsum("bhmn,m,n->bh", mask, qw, kw)
         return float(read.mean() / (qw.sum() * kw.sum()))
 

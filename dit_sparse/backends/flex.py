@@ -51,7 +51,8 @@ class FlexBackend(Backend):
                           return_aux=AuxRequest(lse=True))
             lse = aux.lse
         except ImportError:
-            out, lse = fn(q, k, v, block_mask=inputs.plan.to_flex(eager_safe=not q.is_cuda), scale=inputs.scale, return_lse=True)
+            out, lse = fn(q, k, v, block_mask=inputs.plan.to_flex(eager_safe=not q.is_cuda), scale=inputs.scale,
+                          return_lse=True)
         out = out.transpose(1, 2)
         if inputs.plan.has_epilogue:
             out = apply_epilogue(out.float(), inputs.plan).to(inputs.query.dtype)

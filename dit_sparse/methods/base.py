@@ -48,7 +48,8 @@ def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = Fals
 
     * text columns are on for every row and text rows are dense (pooled text destroys the text sink);
     * ``diagonal``: every video query block reads its own block;
-    * ``sink``: every video query block reads the tiles of latent frame 0 (only when ``frames > 1``).
+    * ``sink``: every video query block reads the tiles of latent frame 0 (only with more than one temporal tile;
+      with one, the sink would be every block).
     """
     n, nv = layout.num_blocks, layout.num_video_blocks
     m = torch.zeros(n, n, dtype=torch.bool, device=device)
@@ -57,7 +58,7 @@ def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = Fals
     if diagonal:
         idx = torch.arange(nv, device=device)
         m[idx, idx] = True
-    if sink and layout.frames > 1:
+    if sink and layout.tiles_per_axis[0] > 1:
         first = layout.tile_coords(device)[:, 0] == 0
         m[:nv, :nv] |= first.view(1, nv)
     return m

@@ -1,0 +1,112 @@
+"""Plan-building overhead of each method against dense attention time at model shapes (issue "The four methods").
+
+Times (median ms), per shape: the tile permutation of q/k/v, each method's plan (draft: pooling + draft map +
+selection + CSR; rectification: pooling + IPAR + GAPR + selection + R/c; neighbourhood: cached plan lookup
+and a cold build; reuse: the pooled-query drift check), and the best dense SDPA time for the same call.
+Target on H100: plan building <= 3% of dense attention at HunyuanVideo 720p.
+
+    python benchmarks/plan_overhead.py            # needs a CUDA GPU
+    python benchmarks/plan_overhead.py --smoke    # CPU dry run on a tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import SHAPES, Shape, bench, environment, print_table, write_json  # noqa: E402
+from dit_sparse import TokenLayout  # noqa: E402
+from dit_sparse.methods import (  # noqa: E402
+    DraftAttentionConfig,
+    NeighborhoodConfig,
+    PooledRectificationConfig,
+    draft_plan,
+    neighborhood_plan,
+    rectified_plan,
+)
+from dit_sparse.methods.base import pool_blocks  # noqa: E402
+from dit_sparse.methods.neighborhood import _cached_mask, _cached_plan  # noqa: E402
+from dit_sparse.methods.temporal_reuse import pooled_query_drift  # noqa: E402
+
+
+def best_dense_ms(q, k, v) -> float:
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if not q.is_cuda:
+        return bench(lambda: F.scaled_dot_product_attention(qt, kt, vt), rep=3)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = []
+    for kind in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([kind]):
+                F.scaled_dot_product_attention(qt, kt, vt)
+                times.append(bench(lambda: F.scaled_dot_product_attention(qt, kt, vt)))
+        except RuntimeError:
+            pass
+    return min(times)
+
+
+def run_shape(shape: Shape, device, dtype, rep: int) -> dict:
+    layout = TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text)
+    q, k, v = (torch.randn(1, layout.seq_len, shape.heads, shape.head_dim, device=device, dtype=dtype)
+               for _ in range(3))
+    dense = best_dense_ms(q, k, v)
+    qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+    q_ref = pool_blocks(qp, layout)
+    nb = NeighborhoodConfig(window=(3, 3, 5))
+
+    def cold_neighbourhood():
+        _cached_mask.cache_clear()
+        _cached_plan.cache_clear()
+        return neighborhood_plan(layout, nb, device)
+
+    timings = {
+        "permute_qkv": bench(lambda: [layout.permute(t) for t in (q, k, v)], rep=rep),
+        "draft_plan": bench(lambda: draft_plan(qp, kp, layout, DraftAttentionConfig(sparsity=0.9)), rep=rep),
+        "rectified_plan": bench(lambda: rectified_plan(qp, kp, vp, layout, PooledRectificationConfig(sparsity=0.9)),
+                                rep=rep),
+        "neighbourhood_plan_cached": bench(lambda: neighborhood_plan(layout, nb, device), rep=rep),
+        "neighbourhood_plan_cold": bench(cold_neighbourhood, rep=max(2, rep // 3)),
+        "reuse_drift_check": bench(lambda: pooled_query_drift(pool_blocks(qp, layout), q_ref), rep=rep),
+    }
+    row = {"shape": shape.name, "tokens": layout.seq_len, "blocks": layout.num_blocks, "heads": shape.heads,
+           "dense_ms": dense}
+    for name, ms in timings.items():
+        row[f"{name}_ms"] = ms
+        row[f"{name}_pct"] = 100.0 * ms / dense
+    print(f"{shape.name}: dense {dense:.2f} ms; " + ", ".join(f"{n} {ms:.3f} ms ({100 * ms / dense:.2f}%)"
+                                                          for n, ms in timings.items()))
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="hunyuan-720p,wan2.1-480p,wan2.1-720p")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny shape (no numbers worth reporting)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        shapes, device, dtype, rep = [Shape("smoke", 4, 16, 32, 2, text=20, head_dim=64)], "cpu", torch.float32, 2
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/plan_overhead.py needs a CUDA GPU; pass --smoke for a CPU dry run of the script.",
+                  file=sys.stderr)
+            return 2
+        shapes = [SHAPES[s] for s in args.shapes.split(",")]
+        device, dtype, rep = "cuda", torch.bfloat16, 20
+    with torch.no_grad():
+        rows = [run_shape(s, device, dtype, rep) for s in shapes]
+    print()
+    print_table(rows, ["shape", "dense_ms", "draft_plan_pct", "rectified_plan_pct", "neighbourhood_plan_cached_pct",
+                       "reuse_drift_check_pct", "permute_qkv_pct"])
+    if not args.smoke:
+        print(f"\nwrote {write_json('plan_overhead', {'environment': environment(), 'rows': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""What every model adapter shares: the run-time object per transformer, the processor base, the registry.
+
+An adapter only declares what differs between models (ALGORITHMS.md §2.4, ENVIRONMENT.md §4):
+which stock processors to replace, where the text sits, how to read the latent grid from the forward's inputs.
+Its processor copies the stock processor's projections, norms and RoPE and swaps only the attention call for
+:meth:`SparseProcessorBase.attend`, which runs the stock attention (``dense``) whenever the call stays dense.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .._logging import warn_once
+from ..context import StepContext
+from ..layout import TokenLayout
+from ..methods.composite import SparseAttention, SparseAttentionConfig
+
+__all__ = ["AdapterSpec", "SparseRuntime", "SparseProcessorBase", "get_adapter", "supported_transformers",
+           "ADAPTER_MODULES"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Per-model metadata.
+
+    Args:
+        name: short model family name (``"wan"``).
+        transformer_classes: diffusers transformer class names served.
+        processor_classes: stock processor class names to replace (others stay untouched, e.g. HunyuanVideo's
+            token refiner keeps ``AttnProcessor2_0``).
+        make_processor: ``(runtime, layer, name, stock) -> processor`` for each video self-attention module.
+        grid_fn: ``(transformer, args, kwargs) -> (frames, height, width)`` in patch tokens, or None.
+        text_position: where text sits in the self-attention call (``"before"``, ``"after"``) or None (text
+            only in cross-attention).
+        is_sparse_candidate: ``(processor name) -> bool``: modules that may run sparse (video self-attention).
+            Only these get a dit_sparse processor; cross-attention keeps its stock processor.
+    """
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    processor_classes: tuple[str, ...]
+    make_processor: Callable
+    grid_fn: Callable
+    text_position: str | None
+    is_sparse_candidate: Callable[[str], bool] = lambda name: True
+
+
+#: transformer class name -> module defining its ``SPEC`` (imported lazily: no diffusers models at import time)
+ADAPTER_MODULES = {
+    "WanTransformer3DModel": "dit_sparse.adapters.wan",
+    "HunyuanVideoTransformer3DModel": "dit_sparse.adapters.hunyuan_video",
+    "CogVideoXTransformer3DModel": "dit_sparse.adapters.cogvideox",
+    "LTXVideoTransformer3DModel": "dit_sparse.adapters.ltx",
+    "FluxTransformer2DModel": "dit_sparse.adapters.flux",
+    "SD3Transformer2DModel": "dit_sparse.adapters.sd3",
+}
+
+
+def supported_transformers() -> list[str]:
+    return sorted(ADAPTER_MODULES)
+
+
+def get_adapter(transformer: torch.nn.Module) -> AdapterSpec:
+    """The adapter for this transformer's class; ``ValueError`` listing the supported classes otherwise."""
+    name = type(transformer).__name__
+    if name not in ADAPTER_MODULES:
+        raise ValueError(f"dit_sparse has no adapter for {name}. Supported transformers: "
+                         f"{', '.join(supported_transformers())}.")
+    return importlib.import_module(ADAPTER_MODULES[name]).SPEC
+
+
+class SparseRuntime:
+    """Everything the processors of ONE transformer share: config, engine, step context, adapter."""
+
+    def __init__(self, config: SparseAttentionConfig, adapter: AdapterSpec):
+        self.config = config
+        self.adapter = adapter
+        self.engine = SparseAttention(config)
+        self.context = StepContext()
+        self.calls = {"sparse": 0, "dense": 0}
+        #: summary of the last finished generation (see :meth:`summary`), kept across :meth:`reset`
+        self.last_run: dict | None = None
+
+    def summary(self) -> dict:
+        """What ran since the last reset: attention calls (sparse / dense), steps seen, mean density per layer."""
+        return {"calls": dict(self.calls), "steps": self.context.step + 1, "density": self.density,
+                "layer_density": self.engine.stats}
+
+    def reset(self) -> None:
+        """Start a new generation: record :attr:`last_run`, clear reuse state and statistics.
+
+        Called by the context hook when a generation ends (diffusers resets stateful hooks at the end of every
+        pipeline call) or a new one starts; the hook clears the step context itself.
+        """
+        if self.calls["sparse"] or self.calls["dense"]:
+            self.last_run = self.summary()
+        self.engine.reset()
+        self.calls = {"sparse": 0, "dense": 0}
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - one runtime per transformer, few grids
+    def layout(self, grid: tuple[int, int, int], text_tokens: int, text_position: str) -> TokenLayout:
+        return self.config.layout(*grid, text_tokens=text_tokens, text_position=text_position)
+
+    @property
+    def density(self) -> float | None:
+        """Mean fraction of block pairs read over the layers' last calls (1.0 = dense), or None before a call."""
+        stats = self.engine.stats
+        return sum(stats.values()) / len(stats) if stats else None
+
+
+class SparseProcessorBase:
+    """Base of every dit_sparse attention processor.
+
+    Subclasses compute q, k, v exactly as the stock processor does and call :meth:`attend` where the stock
+    processor calls its attention function.
+    """
+
+    _attention_backend = None  # set by diffusers' set_attention_backend; used on dense calls
+    _parallel_config = None
+
+    def __init__(self, runtime: SparseRuntime, layer: int, name: str, stock=None):
+        self.runtime = runtime
+        self.layer = layer
+        self.name = name
+        # keep the stock processor's backend choices (set_attention_backend) for dense calls
+        self._attention_backend = getattr(stock, "_attention_backend", None)
+        self._parallel_config = getattr(stock, "_parallel_config", None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, name={self.name!r})"
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, text_tokens: int,
+               dense: Callable[[], torch.Tensor], scale: float | None = None) -> torch.Tensor:
+        """Sparse attention on ``[B, S, H, D]`` q/k/v in model order, or ``dense()`` (the stock call).
+
+        Dense when: this module is not video self-attention, the grid is unknown, the token count does not match
+        the grid, or the dense policy says so (warm-up step, dense layer, too few tokens, force_dense).
+        """
+        rt = self.runtime
+        ctx = rt.context
+        grid = ctx.grid
+        if grid is None or rt.config.dense.force_dense:
+            rt.calls["dense"] += 1
+            return dense()
+        n_video = grid[0] * grid[1] * grid[2]
+        if query.shape[1] != n_video + text_tokens or key.shape[1] != query.shape[1]:
+            warn_once(f"dit_sparse: {self.name} got {query.shape[1]} query / {key.shape[1]} key tokens, but the "
+                      f"grid {grid} plus {text_tokens} text tokens makes {n_video + text_tokens}; running this "
+                      "call dense. Report this with the model and resolution.", key=f"mismatch-{self.name}")
+            rt.calls["dense"] += 1
+            return dense()
+        num_steps = ctx.num_steps
+        if num_steps is None and rt.config.dense.dense_fraction > 0:
+            warn_once("dit_sparse: dense_fraction needs the number of denoising steps, which this call does not "
+                      "say (no pipeline scheduler, no cache context); only dense_steps applies. Pass "
+                      "scheduler= to dit_sparse.apply or use dense_steps.", key="no-num-steps")
+            num_steps = 0
+        if rt.config.dense.is_dense(step=max(ctx.step, 0), num_steps=num_steps, layer=self.layer,
+                                    video_tokens=n_video):
+            rt.calls["dense"] += 1
+            return dense()
+        layout = rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
+        rt.calls["sparse"] += 1
+        return rt.engine(query, key, value, layout=layout, step=max(ctx.step, 0), num_steps=num_steps,
+                         layer=self.layer, branch=ctx.branch, scale=scale)
+
+
+def patch_grid(module: torch.nn.Module, hidden_states: torch.Tensor, channels_first: bool = True):
+    """``(frames, height, width)`` in patch tokens of a ``[B, C, F, H, W]`` (or ``[B, F, C, H, W]``) latent."""
+    cfg = module.config
+    p = cfg.patch_size
+    if isinstance(p, (tuple, list)):
+        pt, ph, pw = p
+    else:
+        pt, ph, pw = getattr(cfg, "patch_size_t", None) or 1, p, p
+    if channels_first:
+        f, h, w = hidden_states.shape[2:]
+    else:
+        f, h, w = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
+    return (-(-f // pt), h // ph, w // pw)

@@ -1,0 +1,137 @@
+"""Per-transformer run-time context: latent grid, denoising step and classifier-free-guidance branch.
+
+Processors see only token sequences. A diffusers ``ModelHook`` on the transformer (registered in its
+``HookRegistry``, like diffusers' own cache hooks) fills a :class:`StepContext` before every forward:
+
+* **grid** ``(frames, height, width)`` in patch tokens, read from the forward's inputs by the adapter;
+* **step**: counts *changes* of the timestep value (its max, for per-token timesteps), so cond and uncond calls
+  of one step share it and no CFG pattern is assumed; reset at the start of every generation
+  (:meth:`StepContext.reset`, done by :func:`dit_sparse.apply` hooks when the pipeline's step index restarts);
+* **branch**: the name of the pipeline's ``transformer.cache_context(...)`` (``"cond"``, ``"uncond"``,
+  ``"cond_uncond"``), or None outside a pipeline;
+* **num_steps**: from the cache context when the pipeline passes it, else from the pipeline's scheduler.
+
+The hook is stateful in diffusers' sense (it holds a ``StateManager``), so pipelines' ``cache_context`` reaches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
+
+__all__ = ["StepContext", "ContextHook", "CONTEXT_HOOK", "install_context_hook", "remove_context_hook"]
+
+#: name of our hook in the transformer's diffusers HookRegistry
+CONTEXT_HOOK = "dit_sparse_context"
+
+GridFn = Callable[[torch.nn.Module, tuple, dict], "tuple[int, int, int] | None"]
+
+
+@dataclass
+class StepContext:
+    """What every processor of one transformer knows about the current forward call."""
+
+    grid: tuple[int, int, int] | None = None
+    step: int = -1
+    num_steps: int | None = None
+    branch: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    _last_t: float | None = None
+
+    def reset(self) -> None:
+        self.grid, self.step, self.num_steps, self.branch, self._last_t = None, -1, None, None, None
+        self.extras.clear()
+
+    def advance(self, timestep) -> None:
+        """Count a new step when the timestep value changes (cond and uncond share it)."""
+        t = _max_value(timestep)
+        if t is None:
+            if self.step < 0:
+                self.step = 0
+            return
+        if t != self._last_t:
+            self.step, self._last_t = self.step + 1, t
+
+
+def _max_value(timestep) -> float | None:
+    """The timestep as one float (max over per-token timesteps), or None."""
+    if torch.is_tensor(timestep):
+        return float(timestep.detach().float().max()) if timestep.numel() else None
+    return None if timestep is None else float(timestep)
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class ContextHook(ModelHook):
+    """Fills a :class:`StepContext` before every forward of the transformer it is registered on.
+
+    Args:
+        context: the context shared with this transformer's processors.
+        grid_fn: ``(module, args, kwargs) -> (frames, height, width)`` in patch tokens, or None when unknown.
+        scheduler: optional scheduler whose ``timesteps`` give the number of steps.
+        on_new_generation: called when a new generation starts (state resets).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, context: StepContext, grid_fn: GridFn, scheduler=None,
+                 on_new_generation: Callable[[], None] | None = None):
+        super().__init__()
+        self.context = context
+        self.grid_fn = grid_fn
+        self.scheduler = scheduler
+        self.on_new_generation = on_new_generation
+        # diffusers hands the pipeline's cache_context to every StateManager attribute of stateful hooks
+        self.state_manager = StateManager(_NoState)
+
+    def _new_generation(self) -> None:
+        if self.on_new_generation is not None:  # before the context is cleared: it may record what ran
+            self.on_new_generation()
+        self.context.reset()
+
+    def pre_forward(self, module, *args, **kwargs):
+        ctx = self.context
+        cache_ctx = self.state_manager._context
+        step_index = getattr(cache_ctx, "step_index", None)
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        # a new generation: the pipeline restarts its step index, or the timestep goes back up
+        t = _max_value(timestep)
+        restarted = step_index is not None and ctx.step >= 0 and step_index < ctx.step
+        rose = t is not None and ctx._last_t is not None and t > ctx._last_t
+        if restarted or rose:
+            self._new_generation()
+        ctx.advance(timestep)
+        if step_index is not None:
+            ctx.step = int(step_index)
+        ctx.branch = getattr(cache_ctx, "name", None)
+        n = getattr(cache_ctx, "num_inference_steps", None)
+        if n is None and self.scheduler is not None and getattr(self.scheduler, "timesteps", None) is not None:
+            n = len(self.scheduler.timesteps)
+        ctx.num_steps = n
+        ctx.grid = self.grid_fn(module, args, kwargs)
+        return args, kwargs
+
+    def reset_state(self, module):
+        self._new_generation()
+        return module
+
+
+def install_context_hook(transformer: torch.nn.Module, hook: ContextHook) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(CONTEXT_HOOK) is not None:
+        raise ValueError("dit_sparse's context hook is already installed on this transformer; call "
+                         "dit_sparse.remove(...) first.")
+    registry.register_hook(hook, CONTEXT_HOOK)
+
+
+def remove_context_hook(transformer: torch.nn.Module) -> None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(CONTEXT_HOOK) is not None:
+        registry.remove_hook(CONTEXT_HOOK, recurse=False)

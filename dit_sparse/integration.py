@@ -1,0 +1,144 @@
+"""``apply`` / ``remove`` / ``is_applied``: install dit_sparse processors and the context hook on diffusers models.
+
+    pipe = WanPipeline.from_pretrained(...)
+    dit_sparse.apply(pipe, "wan2.1-t2v-1.3b:draft-80")        # or a SparseAttentionConfig
+    video = pipe(prompt, ...).frames[0]
+    dit_sparse.remove(pipe)                                    # original processors back, exactly
+
+Processors are installed with a full ``set_attn_processor`` dict: targeted stock processors are replaced, all
+others (e.g. HunyuanVideo's token refiner) are kept as they are. Pipelines with two transformers (Wan2.2:
+``transformer`` and ``transformer_2``) get processors and hooks on both.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .adapters.base import SparseRuntime, get_adapter
+from .context import ContextHook, install_context_hook, remove_context_hook
+from .methods.composite import SparseAttentionConfig
+
+__all__ = ["apply", "remove", "is_applied", "get_runtime", "sparse_processors", "transformers_of"]
+
+_ATTR = "_dit_sparse_runtime"
+_ORIGINAL = "_dit_sparse_original_processors"
+TRANSFORMER_ATTRS = ("transformer", "transformer_2")
+
+
+def transformers_of(obj) -> list[tuple[str, torch.nn.Module]]:
+    """``[(name, transformer)]`` of a pipeline (``transformer``, ``transformer_2``) or ``[("", obj)]`` for a model."""
+    if isinstance(obj, torch.nn.Module):
+        return [("", obj)]
+    found = [(a, getattr(obj, a)) for a in TRANSFORMER_ATTRS if getattr(obj, a, None) is not None]
+    if not found:
+        raise ValueError(f"dit_sparse.apply expects a diffusers pipeline with a .transformer or a transformer "
+                         f"model, got {type(obj).__name__}.")
+    return found
+
+
+def _resolve_config(config_or_preset, transformer) -> SparseAttentionConfig:
+    if isinstance(config_or_preset, SparseAttentionConfig):
+        return config_or_preset
+    if isinstance(config_or_preset, str):
+        from .pipelines.presets import get_preset
+
+        preset = get_preset(config_or_preset)
+        if preset.transformer_class != type(transformer).__name__:
+            raise ValueError(f"Preset {preset.name!r} is for {preset.transformer_class} ({preset.family}), but this "
+                             f"transformer is a {type(transformer).__name__}; pick a preset of its family from "
+                             "dit_sparse.list_presets().")
+        return preset.config
+    raise ValueError(f"dit_sparse.apply expects a SparseAttentionConfig or a preset name (see "
+                     f"dit_sparse.list_presets()), got {type(config_or_preset).__name__}.")
+
+
+def _block_key(name: str):
+    # sort "transformer_blocks.10.attn" after "transformer_blocks.9.attn"; double-stream before single-stream
+    parts = re.split(r"(\d+)", name)
+    return [int(p) if p.isdigit() else p for p in parts]
+
+
+def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, scheduler=None) -> dict:
+    """dit_sparse processors for ``transformer``, for ``transformer.set_attn_processor(...)``.
+
+    Installs the context hook (grid, step, CFG branch) the processors read, and returns a FULL processor dict:
+    video self-attention processors replaced, every other processor kept as it is. ``dit_sparse.remove``
+    undoes both.
+
+        procs = dit_sparse.sparse_processors(pipe.transformer, "wan2.1-t2v-1.3b:draft-80")
+        pipe.transformer.set_attn_processor(procs)
+    """
+    if is_applied(transformer):
+        raise ValueError(f"dit_sparse is already applied to this {type(transformer).__name__} with "
+                         f"{getattr(transformer, _ATTR).config!r}; call dit_sparse.remove(...) first.")
+    adapter = get_adapter(transformer)
+    config = _resolve_config(config_or_preset, transformer)
+    runtime = SparseRuntime(config, adapter)
+    original = dict(transformer.attn_processors)
+    candidates = sorted((n for n, p in original.items()
+                         if type(p).__name__ in adapter.processor_classes and adapter.is_sparse_candidate(n)),
+                        key=_block_key)
+    if not candidates:
+        found = sorted({type(p).__name__ for p in original.values()})
+        raise ValueError(f"No {', '.join(adapter.processor_classes)} processors found in "
+                         f"{type(transformer).__name__} (found {found}); was another attention patch applied first? "
+                         "Restore the stock processors before applying dit_sparse.")
+    order = {n: i for i, n in enumerate(candidates)}
+    new = {n: adapter.make_processor(runtime, order[n], n, p) if n in order else p for n, p in original.items()}
+    hook = ContextHook(runtime.context, adapter.grid_fn, scheduler=scheduler, on_new_generation=runtime.reset)
+    install_context_hook(transformer, hook)
+    setattr(transformer, _ATTR, runtime)
+    setattr(transformer, _ORIGINAL, original)
+    return new
+
+
+def apply(pipe_or_transformer, config_or_preset, *, scheduler=None) -> list[SparseRuntime]:
+    """Install sparse attention on a pipeline (all its transformers) or on one transformer.
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline or transformer model of a supported family
+            (see :func:`dit_sparse.adapters.base.supported_transformers`).
+        config_or_preset (`SparseAttentionConfig` or `str`): the configuration, or a preset name.
+        scheduler (*optional*): scheduler whose ``timesteps`` give the step count (taken from the pipeline when
+            one is given).
+
+    Returns:
+        The :class:`~dit_sparse.adapters.base.SparseRuntime` of each transformer (statistics, reset).
+
+    Raises:
+        ValueError: already applied (names the active config), unsupported model class (lists the supported
+            ones), or a bad config.
+    """
+    targets = transformers_of(pipe_or_transformer)
+    scheduler = scheduler if scheduler is not None else getattr(pipe_or_transformer, "scheduler", None)
+    for _, tr in targets:  # check everything before changing anything
+        if is_applied(tr):
+            raise ValueError(f"dit_sparse is already applied to this {type(tr).__name__} with "
+                             f"{getattr(tr, _ATTR).config!r}; call dit_sparse.remove(...) first.")
+        get_adapter(tr)
+    runtimes = []
+    for _, tr in targets:
+        tr.set_attn_processor(sparse_processors(tr, config_or_preset, scheduler=scheduler))
+        runtimes.append(getattr(tr, _ATTR))
+    return runtimes
+
+
+def remove(pipe_or_transformer) -> None:
+    """Restore the original processors (the very same objects) and remove the hook. No-op if not applied."""
+    for _, tr in transformers_of(pipe_or_transformer):
+        if not is_applied(tr):
+            continue
+        tr.set_attn_processor(getattr(tr, _ORIGINAL))
+        remove_context_hook(tr)
+        delattr(tr, _ATTR)
+        delattr(tr, _ORIGINAL)
+
+
+def is_applied(pipe_or_transformer) -> bool:
+    return any(hasattr(tr, _ATTR) for _, tr in transformers_of(pipe_or_transformer))
+
+
+def get_runtime(transformer: torch.nn.Module) -> SparseRuntime | None:
+    return getattr(transformer, _ATTR, None)

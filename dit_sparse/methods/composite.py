@@ -1,0 +1,296 @@
+"""One config that composes the four methods into ONE plan per attention call, plus the shared dense policy.
+
+Every method produces the same currency (a block mask, then a :class:`~dit_sparse.SparsePlan`), so they combine:
+
+* **selection** = union of the enabled selectors: draft guidance, neighbourhood window; pooled rectification
+  selects only when neither of those is enabled (otherwise it only corrects their selection);
+* **epilogue** = pooled rectification ``(R, c)`` for the final mask, *or* Re-ttention ``(rho + λΔt, residual)``
+  (both correct the softmax denominator: the config refuses to enable both, ALGORITHMS.md §4.7);
+* **reuse** = the plan (and Re-ttention statistics) kept for ``refresh_period`` steps per (layer, branch);
+* **dense policy** = warm-up steps, chosen layers and heads, small calls, or everything dense.
+
+Example::
+
+    config = SparseAttentionConfig(
+        draft=DraftAttentionConfig(sparsity=0.9),
+        neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+        rectification=PooledRectificationConfig(),
+        reuse=TemporalReuseConfig(refresh_period=5, retention=False),
+        dense=DensePolicy(dense_fraction=0.2, dense_layers=(0,)),
+    )
+    engine = SparseAttention(config)
+    out = engine(q, k, v, layout=layout, step=step, num_steps=50, layer=3, branch="cond")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+from ..ops import block_sparse_attention
+from ..plan import SparsePlan
+from .base import plan_from_mask
+from .draft_attention import DraftAttentionConfig, draft_mask
+from .neighborhood import NeighborhoodConfig, neighborhood_mask
+from .pooled_rectification import (
+    PooledRectificationConfig,
+    block_statistics,
+    ipar_probabilities,
+    rectification_terms,
+    select_critical_blocks,
+)
+from .temporal_reuse import ReuseCache, TemporalReuseConfig, reuse_attention
+
+__all__ = ["DensePolicy", "SparseAttentionConfig", "SparseAttention", "dense_attention"]
+
+
+def _int_set(value, name: str) -> frozenset[int]:
+    try:
+        out = frozenset(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"DensePolicy.{name} must be a collection of ints, got {value!r}.") from None
+    if any(v < 0 for v in out):
+        raise ValueError(f"DensePolicy.{name} must hold indices >= 0, got {sorted(out)}.")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DensePolicy:
+    """What stays dense, shared by every method (ALGORITHMS.md §2.5). Steps are step *indices*, never timesteps.
+
+    Args:
+        dense_steps (`int`, defaults to 0): the first ``dense_steps`` denoising steps run dense.
+        dense_fraction (`float`, defaults to 0.0): the first ``ceil(fraction * num_steps)`` steps run dense
+            (needs ``num_steps`` at call time; the larger of the two rules wins).
+        dense_layers (`frozenset[int]`): layer indices (per transformer) that always run dense.
+        dense_heads (`frozenset[int]`): heads whose plan rows are all on (they still run in the sparse op).
+        min_tokens (`int`, defaults to 0): calls with fewer video tokens run dense.
+        force_dense (`bool`, defaults to False): everything dense: must equal stock attention.
+    """
+
+    dense_steps: int = 0
+    dense_fraction: float = 0.0
+    dense_layers: frozenset[int] = field(default_factory=frozenset)
+    dense_heads: frozenset[int] = field(default_factory=frozenset)
+    min_tokens: int = 0
+    force_dense: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"DensePolicy.dense_steps must be an int >= 0, got {self.dense_steps!r}.")
+        f = self.dense_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"DensePolicy.dense_fraction must be a float in [0, 1], got {f!r}.")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"DensePolicy.min_tokens must be an int >= 0, got {self.min_tokens!r}.")
+        if not isinstance(self.force_dense, bool):
+            raise ValueError(f"DensePolicy.force_dense must be a bool, got {self.force_dense!r}.")
+        object.__setattr__(self, "dense_layers", _int_set(self.dense_layers, "dense_layers"))
+        object.__setattr__(self, "dense_heads", _int_set(self.dense_heads, "dense_heads"))
+
+    def warmup_steps(self, num_steps: int | None) -> int:
+        """Number of leading dense steps for a run of ``num_steps``."""
+        frac = 0 if num_steps is None else math.ceil(round(self.dense_fraction * num_steps, 9))
+        return max(self.dense_steps, frac)
+
+    def is_dense(self, *, step: int | None, num_steps: int | None, layer: int | None, video_tokens: int) -> bool:
+        """True when this call runs dense."""
+        if self.force_dense or video_tokens < self.min_tokens:
+            return True
+        if layer is not None and layer in self.dense_layers:
+            return True
+        if self.dense_fraction > 0 and num_steps is None and step is not None:
+            raise ValueError("DensePolicy.dense_fraction needs num_steps; pass num_steps= (the pipeline's "
+                             "num_inference_steps) or use dense_steps instead.")
+        return step is not None and step < self.warmup_steps(num_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseAttentionConfig:
+    """The four methods composed into one plan per call. At least one selector unless everything is dense.
+
+    Args:
+        draft (`DraftAttentionConfig`, *optional*): draft-guided block selection.
+        neighborhood (`NeighborhoodConfig`, *optional*): local 3-D window (union with draft).
+        rectification (`PooledRectificationConfig`, *optional*): pooled rectification; selects blocks itself only
+            when ``draft`` and ``neighborhood`` are both None, else corrects their selection.
+        reuse (`TemporalReuseConfig`, *optional*): plan reuse across steps and Re-ttention.
+        dense (`DensePolicy`): the dense safety valves.
+
+    Other Parameters:
+        tile (`tuple[int, int, int]`, *optional*): tile of the :class:`~dit_sparse.TokenLayout` (default: picked).
+        block_size (`int`, defaults to 128): block size when the tile is picked.
+        backend (`str`, *optional*): attention backend (see :func:`dit_sparse.block_sparse_attention`).
+    """
+
+    draft: DraftAttentionConfig | None = None
+    neighborhood: NeighborhoodConfig | None = None
+    rectification: PooledRectificationConfig | None = None
+    reuse: TemporalReuseConfig | None = None
+    dense: DensePolicy = field(default_factory=DensePolicy)
+    tile: tuple[int, int, int] | None = None
+    block_size: int = 128
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in (("draft", DraftAttentionConfig), ("neighborhood", NeighborhoodConfig),
+                          ("rectification", PooledRectificationConfig), ("reuse", TemporalReuseConfig),
+                          ("dense", DensePolicy)):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, cls):
+                raise ValueError(f"SparseAttentionConfig.{name} must be a {cls.__name__}, got {type(v).__name__}.")
+        if self.dense is None:
+            object.__setattr__(self, "dense", DensePolicy())
+        if not self.dense.force_dense and not self.selectors:
+            raise ValueError("SparseAttentionConfig needs a selector: draft=, neighborhood= or rectification= "
+                             "(or dense=DensePolicy(force_dense=True) for stock attention).")
+        if self.rectification is not None and self.rectification.rectify and self.reuse is not None \
+                and self.reuse.retention:
+            raise NotImplementedError(
+                "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
+                "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
+                "reuse plans with rectification, or drop rectification to use Re-ttention.")
+        if self.neighborhood is not None and self.neighborhood.exact:
+            raise NotImplementedError(
+                "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
+                "runs (dit_sparse.methods.neighborhood.neighborhood_attention); the composite runs block plans. "
+                "Use exact=False here (block-rounded window, a superset of the token window).")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"SparseAttentionConfig.block_size must be a power of two >= 16, got "
+                             f"{self.block_size!r}.")
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        return tuple(n for n in ("draft", "neighborhood", "rectification") if getattr(self, n) is not None)
+
+    def layout(self, frames: int, height: int, width: int, text_tokens: int = 0,
+               text_position: str = "after") -> TokenLayout:
+        return TokenLayout(frames=frames, height=height, width=width, text_tokens=text_tokens,
+                           text_position=text_position, tile=self.tile, block_size=self.block_size)
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """Stock attention on ``[B, S, H, D]`` (what diffusers runs): SDPA with the model's scale."""
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         scale=scale)
+    return out.transpose(1, 2)
+
+
+class _RectStats:
+    """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
+
+    def __init__(self, q_perm, k_perm, v_perm, layout, scale):
+        self.args = (q_perm, k_perm, v_perm, layout)
+        self.scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
+        self._value = None
+
+    def __call__(self):
+        if self._value is None:
+            stats = block_statistics(*self.args)
+            self._value = (stats, ipar_probabilities(stats, self.scale))
+        return self._value
+
+
+class SparseAttention:
+    """Runs one attention call under a :class:`SparseAttentionConfig`, with per-(layer, branch) reuse state.
+
+    ``__call__`` takes ``[B, S, H, D]`` tensors in **model order** (video + text as the model lays them out) and
+    returns the output in model order. ``stats`` records, per layer, the achieved density of the last plan.
+    """
+
+    def __init__(self, config: SparseAttentionConfig):
+        if not isinstance(config, SparseAttentionConfig):
+            raise ValueError(f"SparseAttention needs a SparseAttentionConfig, got {type(config).__name__}.")
+        self.config = config
+        self.reuse_cache = ReuseCache(config.reuse) if config.reuse is not None else None
+        self._densities: dict[Hashable, torch.Tensor | float] = {}
+
+    def reset(self) -> None:
+        """Forget all per-layer state (call at the start of every generation)."""
+        if self.reuse_cache is not None:
+            self.reuse_cache.reset()
+        self._densities.clear()
+
+    # ------------------------------------------------------------------ planning
+    def build_mask(self, q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout,
+                   scale: float | None = None, rect_stats=None) -> torch.Tensor:
+        """The union of the enabled selectors, bool ``[B|1, H|1, N, N]`` (dense heads switched fully on).
+
+        ``rect_stats``: a callable returning this call's ``(BlockStatistics, P̃)`` (shared with the epilogue, so
+        pooling runs once per call).
+        """
+        cfg = self.config
+        mask = None
+        if cfg.draft is not None:
+            mask = draft_mask(q_perm, k_perm, layout, cfg.draft, scale)
+        if cfg.neighborhood is not None:
+            nb = neighborhood_mask(layout, cfg.neighborhood, q_perm.device)
+            mask = nb if mask is None else mask | nb
+        if mask is None:  # rectification is the only selector
+            if rect_stats is None:
+                rect_stats = _RectStats(q_perm, k_perm, None, layout, scale)
+            mask = select_critical_blocks(rect_stats()[1], layout, cfg.rectification)
+        heads = q_perm.shape[2]
+        dense_heads = [h for h in cfg.dense.dense_heads if h < heads]
+        if dense_heads:
+            mask = mask.expand(mask.shape[0], heads, *mask.shape[2:]).clone()
+            mask[:, dense_heads] = True
+        return mask
+
+    def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
+        rect = self.config.rectification
+        if rect is None or not rect.rectify:
+            return None
+
+        def epilogue(plan: SparsePlan) -> SparsePlan:
+            st, p_tilde = stats()
+            r, c = rectification_terms(q_perm, k_perm, v_perm, layout, plan.to_dense(), rect, stats.scale,
+                                       stats=st, p_tilde=p_tilde)
+            return plan.with_epilogue(out_scale=r, out_bias=c.transpose(1, 2))
+
+        return epilogue
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: TokenLayout,
+                 step: int | None = None, num_steps: int | None = None, layer: Hashable = None,
+                 branch: Hashable = None, scale: float | None = None) -> torch.Tensor:
+        cfg = self.config
+        layer_index = layer if isinstance(layer, int) else None
+        if cfg.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
+                              video_tokens=layout.num_video_tokens):
+            self._densities[layer] = 1.0
+            return dense_attention(query, key, value, scale)
+        qp, kp, vp = (layout.permute(t) for t in (query, key, value))
+        stats = _RectStats(qp, kp, vp, layout, scale) if cfg.rectification is not None else None
+        epilogue = self._rectify(qp, kp, vp, layout, stats)
+
+        def build() -> torch.Tensor:
+            return self.build_mask(qp, kp, layout, scale, stats)
+
+        if self.reuse_cache is not None:
+            state = self.reuse_cache.get(layer, branch)
+            out = reuse_attention(qp, kp, vp, layout, step=0 if step is None else step, state=state,
+                                  config=cfg.reuse, build_mask=build, scale=scale, backend=cfg.backend,
+                                  epilogue=epilogue)
+            if state.mask is not None:
+                self._densities[layer] = state.mask
+        else:
+            mask = build()
+            plan = plan_from_mask(mask, layout)
+            if epilogue is not None:
+                plan = epilogue(plan)
+            out = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend)
+            self._densities[layer] = mask
+        return layout.unpermute(out)
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def stats(self) -> dict[Hashable, float]:
+        """``{layer: fraction of block pairs read in its last call}`` (1.0 for dense calls)."""
+        return {k: (v if isinstance(v, float) else float(v.float().mean())) for k, v in self._densities.items()}

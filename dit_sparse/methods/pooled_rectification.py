@@ -1,0 +1,463 @@
+"""Pooled rectification: Rectified SpaAttn (arXiv 2511.19835; BienLuky/Rectified-SpaAttn), ALGORITHMS.md §4.
+
+Plain block-sparse attention renormalises over the kept key blocks (it *amplifies* them by ``1 / kept mass``) and
+*loses* the dropped blocks. Rectified SpaAttn estimates every block's share of the full attention from pooled
+(block-mean) queries and keys and corrects both biases in the output epilogue of the one sparse kernel (§2.3)::
+
+    O_u = R_i * SparseAttn_u(C_i) + c_i          for every query token u of video block i
+
+* **IPAR** (isolated-pooling attention reallocation, §4.3): ``P̃ [B, H, Nv, Nv + 1]``, the block-level attention of
+  pooled queries over pooled video keys (weighted by their true token counts) **plus every valid text token
+  un-pooled**, with the text mass collapsed into one column. ``R_i`` is the mass ``P̃`` gives to the blocks the sparse
+  kernel reads (plus the dropped blocks whose pooled estimate is not trusted).
+* **GAPR** (gain-aware pooling rectification, §4.5): a dropped block ``j`` is compensated with ``P̃_ij * v̄_j`` only
+  where the pooled logit's magnitude exceeds a first-order bound on its pooling error (``Z_ij = G_ij > E_ij``).
+* **Selection** (§4.4): per query block, top-p (``top_p``) over ``P̃`` with a top-k floor
+  (``int((1 - sparsity) * Nv)``), plus 3-D tile neighbours, text columns, dense text rows and (Wan) the
+  first-frame rule.
+
+Everything works on **permuted** tensors (``TokenLayout.permute``: video tiles first, then text blocks, zeros in
+padding slots) and is vectorised over batch, heads and blocks. Pooled statistics are true-count means (the
+reference averages zero padding in). ``R`` and ``c`` are per query block and ride on the plan's epilogue
+(``out_scale = R [B, H, N]``, ``out_bias = c.transpose(1, 2) [B, N, H, D]``).
+
+Shapes: B batch, P = ``layout.padded_len``, H heads, D head dim, N = ``layout.num_blocks`` blocks (``Nv`` video
+first, then text), Nt = ``layout.text_tokens``.
+
+Example::
+
+    layout = TokenLayout(frames=21, height=30, width=52)
+    q, k, v = (layout.permute(t) for t in (query, key, value))        # [B, P, H, D]
+    plan = rectified_plan(q, k, v, layout, PooledRectificationConfig(sparsity=0.8))
+    out = layout.unpermute(dit_sparse.block_sparse_attention(q, k, v, plan))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import TokenLayout
+from ..plan import SparsePlan
+from .base import check_permuted, forced_mask, plan_from_mask, pool_blocks
+
+__all__ = [
+    "BlockStatistics",
+    "PooledRectificationConfig",
+    "block_statistics",
+    "gapr_reliable",
+    "ipar_probabilities",
+    "neighbour_mask",
+    "rectification_terms",
+    "rectified_mask",
+    "rectified_plan",
+    "select_critical_blocks",
+]
+
+#: absolute slack added before flooring ``(1 - sparsity) * Nv`` so that binary round-off (0.8 -> 0.19999...)
+#: never drops a block from the top-k floor: int(0.2 * 900) would otherwise be 179
+_FLOOR_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True, kw_only=True)
+class PooledRectificationConfig:
+    """Configuration of pooled rectification (Rectified SpaAttn). Defaults follow the reference code.
+
+    Args:
+        sparsity (`float`, defaults to 0.8): target fraction of video x video block pairs skipped
+            (reference ``sa_drop_rate``). Sets the top-k floor ``int((1 - sparsity) * Nv)`` of kept key entries
+            per query block (see :meth:`top_k`). In ``[0, 1]``; 0 keeps every block.
+        top_p (`float`, defaults to 0.3): top-p mass (reference ``p_remain_rates``): per query block keep the fewest
+            highest-``P̃`` entries whose cumulative mass exceeds ``top_p`` (then at least the top-k floor). In
+            ``[0, 1]``.
+        neighbours (`bool`, defaults to True): always keep the 3-D tile neighbours of each query tile (tile
+            coordinates differing by <= 1 on every axis; 27 including itself in the interior).
+        gapr (`bool`, defaults to True): compensate a dropped block only where its pooled estimate is reliable
+            (``G_ij > E_ij``). ``False`` is the paper's "naive" rectification: every dropped block is compensated.
+        first_frame_dense (`bool`, defaults to False): Wan rule ``mask[:ff, :ff] = True``: the tiles of latent
+            frame 0 read each other fully (only when ``frames > 1``; it is not a global sink).
+        rectify (`bool`, defaults to True): attach the epilogue ``(R, c)`` to the plan. ``False`` keeps only the
+            selection (plain block-sparse attention on the same blocks).
+
+    Example::
+
+        config = PooledRectificationConfig(sparsity=0.85)
+        plain = dataclasses.replace(config, rectify=False)
+    """
+
+    sparsity: float = 0.8
+    top_p: float = 0.3
+    neighbours: bool = True
+    gapr: bool = True
+    first_frame_dense: bool = False
+    rectify: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise ValueError(f"PooledRectificationConfig.{name} must be a number in [0, 1], got {v!r}.")
+            object.__setattr__(self, name, float(v))
+        for name in ("neighbours", "gapr", "first_frame_dense", "rectify"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"PooledRectificationConfig.{name} must be a bool, got {v!r} "
+                                 f"({type(v).__name__}).")
+
+    def top_k(self, num_video_blocks: int) -> int:
+        """The top-k floor ``int((1 - sparsity) * num_video_blocks)`` (guarded against binary round-off)."""
+        return min(int(math.floor((1.0 - self.sparsity) * num_video_blocks + _FLOOR_EPS)), num_video_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------- pooling
+@dataclass(frozen=True)
+class BlockStatistics:
+    """Pooled statistics of the video blocks (float32), inputs to IPAR and GAPR.
+
+    Args:
+        q_mean, k_mean, v_mean (`torch.Tensor`, ``[B, H, Nv, D]``): true-count block means.
+        k_text (`torch.Tensor`, ``[B, H, Nt, D]``): the valid text keys, un-pooled ("isolated").
+        counts (`torch.Tensor`, ``[Nv]``): real tokens per video block.
+        q_dev, k_dev (`torch.Tensor`, ``[B, H, Nv, D]`` or None): GAPR deviations ``mean_u |x_u - x̄|`` over real
+            tokens only (None when not computed).
+    """
+
+    q_mean: torch.Tensor
+    k_mean: torch.Tensor
+    v_mean: torch.Tensor | None
+    k_text: torch.Tensor
+    counts: torch.Tensor
+    q_dev: torch.Tensor | None = None
+    k_dev: torch.Tensor | None = None
+
+
+def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """``mean_{real u in block} |x_u - mean_block|`` for the video blocks -> float32 ``[B, H, Nv, D]``."""
+    b, _, h, d = x.shape
+    nv, bs = layout.num_video_blocks, layout.block_size
+    xv = x[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
+    valid = layout.block_valid(x.device)[:nv].to(torch.float32)
+    real = (torch.arange(bs, device=x.device).view(1, bs) < valid.view(nv, 1)).to(torch.float32)  # [Nv, Bs]
+    dev = (xv - mean.permute(0, 2, 1, 3).unsqueeze(2)).abs_()  # [B, Nv, Bs, H, D]
+    dev = torch.einsum("bnshd,ns->bhnd", dev, real)
+    return dev / valid.view(1, 1, nv, 1)
+
+
+def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor | None,
+                     layout: TokenLayout, *, deviations: bool = True) -> BlockStatistics:
+    """Pooled block statistics of permuted q, k, v (§4.2, §4.5).
+
+    Args:
+        q_perm, k_perm, v_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted by ``layout`` (zeros in padding slots).
+            ``v_perm`` may be None when only the selection is needed.
+        layout (`TokenLayout`): the layout the tensors were permuted with.
+        deviations (`bool`, defaults to True): also compute the GAPR deviations ``q_dev``, ``k_dev``.
+
+    Returns:
+        `BlockStatistics` (float32). Means divide by the true token count of each block (``block_valid``); the
+        deviations average ``|x_u - x̄|`` over real tokens only, so padding slots never enter.
+    """
+    check_permuted(q_perm, layout, "q_perm")
+    check_permuted(k_perm, layout, "k_perm")
+    if v_perm is not None:
+        check_permuted(v_perm, layout, "v_perm")
+    if q_perm.shape[:3] != k_perm.shape[:3] or q_perm.shape[-1] != k_perm.shape[-1]:
+        raise ValueError(f"q_perm {tuple(q_perm.shape)} and k_perm {tuple(k_perm.shape)} must share [B, P, H, D].")
+    nv, bs, nt = layout.num_video_blocks, layout.block_size, layout.text_tokens
+    q_mean = pool_blocks(q_perm, layout)[:, :, :nv]
+    k_mean = pool_blocks(k_perm, layout)[:, :, :nv]
+    v_mean = None if v_perm is None else pool_blocks(v_perm, layout)[:, :, :nv]
+    k_text = k_perm[:, nv * bs: nv * bs + nt].to(torch.float32).transpose(1, 2)  # [B, H, Nt, D]
+    counts = layout.block_valid(q_perm.device)[:nv].to(torch.float32)
+    q_dev = k_dev = None
+    if deviations:
+        q_dev = _mean_abs_deviation(q_perm, q_mean, layout)
+        k_dev = _mean_abs_deviation(k_perm, k_mean, layout)
+    return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev)
+
+
+# ---------------------------------------------------------------------------------------------------- IPAR
+def ipar_probabilities(stats: BlockStatistics, scale: float) -> torch.Tensor:
+    r"""IPAR implicit full attention ``P̃`` (§4.3) -> float32 ``[B, H, Nv, Nv + 1]``.
+
+    For video query block ``i``, the keys are the pooled video blocks ``k̄_j`` plus every valid text token ``k_τ``
+    un-pooled; ``P = softmax(q̄_i · key * scale)`` over these ``Nv + Nt`` entries. With ``n_j`` the true token
+    count of block ``j``::
+
+        P̃_ij    = n_j P_ij / (Σ_j n_j P_ij + Σ_τ P_iτ)          (video block j; column j)
+        P̃_i,txt = Σ_τ P_iτ / (Σ_j n_j P_ij + Σ_τ P_iτ)          (all text in one column; column Nv)
+
+    computed stably as one softmax over ``[σ_ij * scale + log n_j, q̄_i · k_τ * scale]``. Without text the last
+    column is 0 and the rest is the count-weighted block softmax. Rows sum to 1.
+
+    Args:
+        stats (`BlockStatistics`): from :func:`block_statistics`.
+        scale (`float`): the model's softmax scale (``1 / sqrt(D)`` by default in the callers); pooled logits are
+            ``σ_ij * scale`` with ``σ_ij = q̄_i · k̄_j``.
+    """
+    q, k = stats.q_mean, stats.k_mean
+    nv = k.shape[-2]
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale + stats.counts.log().view(1, 1, 1, nv)
+    if stats.k_text.shape[-2]:
+        logits = torch.cat([logits, torch.matmul(q, stats.k_text.transpose(-1, -2)) * scale], dim=-1)
+    prob = torch.softmax(logits, dim=-1)
+    text = prob[..., nv:].sum(-1, keepdim=True)
+    return torch.cat([prob[..., :nv], text], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- GAPR
+def gapr_reliable(stats: BlockStatistics) -> torch.Tensor:
+    r"""GAPR reliability ``Z [B, H, Nv, Nv]`` (bool, §4.5): is the pooled estimate of (i, j) trustworthy?
+
+    ``G_ij = |q̄_i · k̄_j|`` (gain) against ``E_ij = |a_i · k̄_j| + |q̄_i · b_j|`` (first-order pooling error), with
+    ``a_i = mean_u |q_u - q̄_i|`` and ``b_j = mean_v |k_v - k̄_j|`` over real tokens. ``Z_ij = G_ij > E_ij``.
+    The softmax scale cancels from the comparison.
+    """
+    if stats.q_dev is None or stats.k_dev is None:
+        raise ValueError("gapr_reliable needs the GAPR deviations; build the statistics with "
+                         "block_statistics(..., deviations=True).")
+    kt = stats.k_mean.transpose(-1, -2)
+    gain = torch.matmul(stats.q_mean, kt).abs()
+    err = torch.matmul(stats.q_dev, kt).abs() + torch.matmul(stats.q_mean, stats.k_dev.transpose(-1, -2)).abs()
+    return gain > err
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+@functools.lru_cache(maxsize=32)
+def _neighbour_mask_cached(layout: TokenLayout, device: str) -> torch.Tensor:
+    tc = layout.tile_coords(device)
+    return ((tc.unsqueeze(1) - tc.unsqueeze(0)).abs() <= 1).all(-1)
+
+
+def neighbour_mask(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[Nv, Nv]``: video tiles whose tile coordinates differ by <= 1 on every axis (self included).
+
+    Cached per (layout, device).
+    """
+    return _neighbour_mask_cached(layout, str(torch.device(device)))
+
+
+def _first_frame_mask(layout: TokenLayout, device) -> torch.Tensor:
+    first = layout.tile_coords(device)[:, 0] == 0
+    return first.view(-1, 1) & first.view(1, -1)
+
+
+def _sortable_keys(p_tilde: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is (P̃ descending, column index ascending): exact, deterministic ties.
+
+    Non-negative float32 values keep their order when their bits are read as int32; the low 32 bits hold the
+    reversed column index so that among exactly equal values the lower column ranks first.
+    """
+    ncol = p_tilde.shape[-1]
+    bits = p_tilde.clamp_min(0.0).contiguous().view(torch.int32).to(torch.int64)
+    rev = (ncol - 1) - torch.arange(ncol, device=p_tilde.device, dtype=torch.int64)
+    return (bits << 32) | rev
+
+
+def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
+                           config: PooledRectificationConfig) -> torch.Tensor:
+    """Critical-block selection (§4.4) from ``P̃`` -> bool block mask ``[B, H, N, N]``.
+
+    Per (batch, head, video query block), rank the ``Nv + 1`` entries of ``P̃`` (video blocks and the collapsed
+    text column, as in the reference) by descending value; exact ties rank the lower column index first (video
+    blocks in tile order, then the text column). Top-p: ``n_need = #{cumsum <= top_p} + 1`` leading entries of that
+    ranking (cumulative sums in float64), as in the reference. Top-k floor: at least ``top_k = config.top_k(Nv)``
+    **video** blocks, the highest-ranked ones. The kept video blocks are therefore the first
+    ``max(#video entries among the n_need leading entries, top_k)`` video entries of the ranking. The text column
+    is always on, so unlike the reference it never takes a video block's place under the floor (otherwise
+    ``sparsity=0`` would not be dense). Then OR in the tile neighbours (``config.neighbours``), the first-frame
+    rule (``config.first_frame_dense``), all text columns and dense text rows. The diagonal is not forced beyond
+    that.
+
+    Uses ``topk`` on ``top_k + 1`` entries and widens it (doubling) only while some row's cumulative mass is still
+    ``<= top_p`` at its last entry, instead of a full sort of every row.
+
+    Args:
+        p_tilde (`torch.Tensor`, float32 ``[B, H, Nv, Nv + 1]``): from :func:`ipar_probabilities`.
+        layout (`TokenLayout`), config (`PooledRectificationConfig`).
+    """
+    nv, n = layout.num_video_blocks, layout.num_blocks
+    if p_tilde.dim() != 4 or p_tilde.shape[-2:] != (nv, nv + 1):
+        raise ValueError(f"p_tilde must be [B, H, Nv={nv}, Nv + 1={nv + 1}] for {layout!r}, got "
+                         f"{tuple(p_tilde.shape)}; compute it with ipar_probabilities.")
+    b, h = p_tilde.shape[:2]
+    dev = p_tilde.device
+    ncol = nv + 1
+    top_k = config.top_k(nv)
+    p_tilde = p_tilde.to(torch.float32)  # rank and accumulate exactly the fp32 values the keys encode
+    keys = _sortable_keys(p_tilde)
+    width = min(top_k + 1, ncol)  # holds at least top_k video entries (at most one text column among them)
+    while True:
+        idx = keys.topk(width, dim=-1, sorted=True).indices
+        cum = p_tilde.gather(-1, idx).to(torch.float64).cumsum(-1)
+        # rows whose mass is still <= top_p at the last entry may need more entries than `width`
+        if width == ncol or not bool((cum[..., -1] <= config.top_p).any()):
+            break
+        width = min(2 * width, ncol)
+    n_need = (cum <= config.top_p).sum(-1, keepdim=True) + 1  # [B, H, Nv, 1] leading entries for top-p
+    is_video = idx < nv
+    video_rank = is_video.cumsum(-1)  # 1-based rank among the video entries
+    rank = torch.arange(width, device=dev)
+    live = is_video & ((rank < n_need) | (video_rank <= top_k))
+    picked = torch.zeros(b, h, nv, ncol + 1, dtype=torch.bool, device=dev)
+    picked.scatter_(-1, torch.where(live, idx, torch.full_like(idx, ncol)), True)
+
+    mask = forced_mask(layout, diagonal=False, device=dev).expand(b, h, n, n).clone()
+    mask[:, :, :nv, :nv] |= picked[..., :nv]
+    extra = None
+    if config.neighbours:
+        extra = neighbour_mask(layout, dev)
+    if config.first_frame_dense and layout.frames > 1:
+        ff = _first_frame_mask(layout, dev)
+        extra = ff if extra is None else extra | ff
+    if extra is not None:
+        mask[:, :, :nv, :nv] |= extra
+    return mask
+
+
+def _check_scale(q_perm: torch.Tensor, scale: float | None) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(q_perm.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float (the model's softmax scale), got {scale!r}.")
+    return float(scale)
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, PooledRectificationConfig):
+        raise ValueError(f"config must be a PooledRectificationConfig, got {type(config).__name__}.")
+
+
+def rectified_mask(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout,
+                   config: PooledRectificationConfig, scale: float | None = None) -> torch.Tensor:
+    """The Rectified SpaAttn block mask: pooling, IPAR, then :func:`select_critical_blocks`.
+
+    Args:
+        q_perm, k_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted by ``layout``.
+        layout (`TokenLayout`), config (`PooledRectificationConfig`).
+        scale (`float`, *optional*): the model's softmax scale, defaults to ``1 / sqrt(D)``.
+
+    Returns:
+        bool ``[B, H, N, N]``.
+    """
+    _check_config(config)
+    scale = _check_scale(q_perm, scale)
+    stats = block_statistics(q_perm, k_perm, None, layout, deviations=False)
+    return select_critical_blocks(ipar_probabilities(stats, scale), layout, config)
+
+
+# ---------------------------------------------------------------------------------------------------- rectification
+def _normalise_mask(mask: torch.Tensor, layout: TokenLayout, device) -> torch.Tensor:
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+        got = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"mask must be a torch.bool block mask [B, H, N, N], got {got}; convert with mask.bool().")
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    n = layout.num_blocks
+    if mask.dim() != 4 or mask.shape[-2:] != (n, n):
+        raise ValueError(f"mask must be [B, H, N={n}, N={n}] (or [N, N]) for {layout!r}, got {tuple(mask.shape)}.")
+    return mask.to(device)
+
+
+def rectification_terms(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
+                        mask: torch.Tensor, config: PooledRectificationConfig, scale: float | None = None, *,
+                        stats: BlockStatistics | None = None, p_tilde: torch.Tensor | None = None,
+                        reliable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Rectification factor ``R`` and compensation ``c`` (§4.6) for ANY final block mask.
+
+    For video query block ``i``: ``C_i`` = the video key blocks ``mask`` reads in row ``i``, plus the text column
+    (always treated as critical: text keys are always read); ``U_i = C_i ∪ {j : Z_ij = 0}``::
+
+        R_i = Σ_{j ∈ U_i} P̃_ij  (computed as 1 - Σ_{j ∉ U_i} P̃_ij)        c_i = Σ_{j ∉ U_i} P̃_ij v̄_j
+
+    so exactly the skipped, reliable video blocks are compensated, and ``R = 1, c = 0`` exactly where nothing is
+    (every block read, or no block reliable). Text query blocks get ``R = 1``, ``c = 0``. The output is then
+    ``O_u = R_i * SparseAttn_u(C_i) + c_i``, a convex mix of sparse attention and the pooled remainder.
+
+    Args:
+        q_perm, k_perm, v_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted by ``layout``.
+        layout (`TokenLayout`): the layout.
+        mask (`torch.Tensor`, bool ``[B, H, N, N]``, ``[1, 1, N, N]`` or ``[N, N]``): the final block mask the sparse
+            kernel runs (any method's, or a union). Its text columns should be on (see :func:`forced_mask`).
+        config (`PooledRectificationConfig`): ``config.gapr=False`` compensates every dropped block (naive).
+        scale (`float`, *optional*): the model's softmax scale for the pooled logits, defaults to ``1 / sqrt(D)``.
+
+    Other Parameters:
+        stats (`BlockStatistics`, *optional*), p_tilde (`torch.Tensor`, *optional*): precomputed
+            :func:`block_statistics` (with deviations and ``v_mean``) and :func:`ipar_probabilities`.
+        reliable (`torch.Tensor`, bool ``[B|1, H|1, Nv, Nv]``, *optional*): override ``Z`` (ablations and tests;
+            used whatever ``config.gapr`` says). All False gives exactly ``R = 1, c = 0`` (plain sparse attention).
+
+    Returns:
+        ``R`` float32 ``[B, H, N]`` and ``c`` float32 ``[B, H, N, D]`` (per query block).
+    """
+    _check_config(config)
+    scale = _check_scale(q_perm, scale)
+    need_dev = config.gapr and reliable is None
+    if stats is None:
+        stats = block_statistics(q_perm, k_perm, v_perm, layout, deviations=need_dev)
+    if stats.v_mean is None:
+        raise ValueError("rectification_terms needs v_mean in stats; build them with block_statistics(q, k, v, ...).")
+    if p_tilde is None:
+        p_tilde = ipar_probabilities(stats, scale)
+    b, h, nv, d = stats.v_mean.shape
+    n = layout.num_blocks
+    mask = _normalise_mask(mask, layout, p_tilde.device)
+    critical = mask[..., :nv, :nv].expand(b, h, nv, nv)
+    if reliable is not None:
+        if not torch.is_tensor(reliable) or reliable.dtype != torch.bool or reliable.dim() != 4 \
+                or reliable.shape[-2:] != (nv, nv):
+            got = tuple(reliable.shape) if torch.is_tensor(reliable) else type(reliable).__name__
+            raise ValueError(f"reliable must be a bool [B, H, Nv={nv}, Nv={nv}] tensor, got {got}.")
+        compensate = ~critical & reliable.to(p_tilde.device)
+    elif config.gapr:
+        compensate = ~critical & gapr_reliable(stats)
+    else:
+        compensate = ~critical
+    weights = p_tilde[..., :nv] * compensate  # [B, H, Nv, Nv]: exactly the skipped, reliable blocks
+    r = torch.ones(b, h, n, dtype=torch.float32, device=p_tilde.device)
+    c = torch.zeros(b, h, n, d, dtype=torch.float32, device=p_tilde.device)
+    r[..., :nv] = 1.0 - weights.sum(-1)
+    c[..., :nv, :] = torch.matmul(weights, stats.v_mean)
+    return r, c
+
+
+def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
+                   config: PooledRectificationConfig | None = None, scale: float | None = None,
+                   mask: torch.Tensor | None = None) -> SparsePlan:
+    """A :class:`~dit_sparse.SparsePlan` for Rectified SpaAttn: selection plus the ``(R, c)`` epilogue.
+
+    Args:
+        q_perm, k_perm, v_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted by ``layout``.
+        layout (`TokenLayout`): the layout.
+        config (`PooledRectificationConfig`, *optional*): defaults to ``PooledRectificationConfig()``.
+        scale (`float`, *optional*): the model's softmax scale, defaults to ``1 / sqrt(D)``.
+        mask (`torch.Tensor`, bool ``[B, H, N, N]`` or ``[N, N]``, *optional*): use this block mask (for example a
+            draft or neighbourhood mask, or a union) instead of the Rectified selection; text rows and columns are
+            forced on. The rectification terms are computed for exactly this mask.
+
+    Returns:
+        `SparsePlan` over the permuted sequence (``seq = layout.padded_len``) with ``out_scale = R [B, H, N]`` and
+        ``out_bias = c.transpose(1, 2) [B, N, H, D]`` per query block (no epilogue when ``config.rectify`` is
+        False). ``plan.density`` reports the achieved density.
+    """
+    config = PooledRectificationConfig() if config is None else config
+    _check_config(config)
+    scale = _check_scale(q_perm, scale)
+    stats = block_statistics(q_perm, k_perm, v_perm if config.rectify else None, layout,
+                             deviations=config.rectify and config.gapr)
+    p_tilde = ipar_probabilities(stats, scale)
+    if mask is None:
+        mask = select_critical_blocks(p_tilde, layout, config)
+    else:
+        mask = _normalise_mask(mask, layout, q_perm.device) | forced_mask(layout, diagonal=False,
+                                                                           device=q_perm.device)
+    plan = plan_from_mask(mask, layout)
+    if not config.rectify:
+        return plan
+    r, c = rectification_terms(q_perm, k_perm, v_perm, layout, mask, config, scale, stats=stats, p_tilde=p_tilde)
+    return plan.with_epilogue(out_scale=r, out_bias=c.transpose(1, 2))

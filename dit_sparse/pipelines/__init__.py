@@ -1,0 +1,51 @@
+"""Pipeline factory: ``load_pipeline`` = diffusers ``from_pretrained`` + ``dit_sparse.apply`` with a preset.
+
+    pipe = dit_sparse.load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", preset="wan2.1-t2v-1.3b:draft-80",
+                                    torch_dtype=torch.bfloat16, device="cuda")
+
+Works on hub ids and on local folders (what the tests use: tiny pipelines saved with ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .presets import PRESETS, Preset, get_preset, list_presets
+
+__all__ = ["load_pipeline", "list_presets", "get_preset", "Preset", "PRESETS"]
+
+
+def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | None = None, *,
+                  torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                  **from_pretrained_kwargs):
+    """Load a diffusers pipeline and install a dit_sparse preset on it.
+
+    Args:
+        model_id_or_path (`str`, *optional*): hub id or local folder; defaults to the preset's ``model_id``.
+        preset (`str` or `Preset`, *optional*): preset name (``dit_sparse.list_presets()``); None loads the
+            stock pipeline.
+        torch_dtype (`torch.dtype`, *optional*): passed to ``from_pretrained``.
+        device (*optional*): the pipeline is moved there.
+        **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (e.g. ``local_files_only``).
+
+    Raises:
+        ValueError: unknown preset, no model given, or a preset for another model family than the one loaded.
+    """
+    from diffusers import DiffusionPipeline
+
+    from ..integration import apply
+
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    if model_id_or_path is None:
+        if preset is None:
+            raise ValueError("load_pipeline needs a model id or path, or a preset (which names its model).")
+        model_id_or_path = preset.model_id
+    if torch_dtype is not None:
+        from_pretrained_kwargs["torch_dtype"] = torch_dtype
+    pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
+    if device is not None:
+        pipe = pipe.to(device)
+    if preset is not None:
+        apply(pipe, preset.name)
+    return pipe

@@ -1,0 +1,131 @@
+"""Named presets: a model family, its hub id, and a :class:`~dit_sparse.SparseAttentionConfig`.
+
+Defaults follow ALGORITHMS.md (§3.6 DraftAttention, §4.7 Rectified SpaAttn, §5.1 Re-ttention, §6 neighbourhood):
+the sparsity in a preset name is the *requested* fraction of video x video blocks skipped. Steps are counted by
+index; ``dense_fraction`` needs the pipeline's step count (known inside a pipeline call).
+
+    dit_sparse.list_presets()                       # every preset, with its description
+    dit_sparse.apply(pipe, "hunyuanvideo:rectified-90")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..methods import (
+    DensePolicy,
+    DraftAttentionConfig,
+    NeighborhoodConfig,
+    PooledRectificationConfig,
+    SparseAttentionConfig,
+    TemporalReuseConfig,
+)
+
+__all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "FAMILY_TRANSFORMERS"]
+
+#: model family -> diffusers transformer class it runs on
+FAMILY_TRANSFORMERS = {
+    "wan": "WanTransformer3DModel",
+    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+    "cogvideox": "CogVideoXTransformer3DModel",
+    "ltx": "LTXVideoTransformer3DModel",
+    "flux": "FluxTransformer2DModel",
+    "sd3": "SD3Transformer2DModel",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    model_id: str
+    description: str
+    config: SparseAttentionConfig
+
+    @property
+    def transformer_class(self) -> str:
+        return FAMILY_TRANSFORMERS[self.family]
+
+
+def _draft(sparsity, **dense):
+    return SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=sparsity), dense=DensePolicy(**dense))
+
+
+def _rectified(sparsity, **dense):
+    return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity),
+                                 dense=DensePolicy(**dense))
+
+
+_ALL = [
+    # --- Wan2.1 (DraftAttention code: 0.75, first 25-30% steps and block 0 dense; Rectified: blocks 0-1, 5 steps)
+    Preset("wan2.1-t2v-1.3b:draft-75", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+           "DraftAttention 75% (paper default), first 25% steps and block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("wan2.1-t2v-1.3b:draft-80", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+           "DraftAttention 80%, first 25% steps and block 0 dense",
+           _draft(0.8, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("wan2.1-t2v-1.3b:rectified-80", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+           "Rectified SpaAttn 80% (IPAR + GAPR), blocks 0-1 and first 5 steps dense",
+           _rectified(0.8, dense_steps=5, dense_layers=(0, 1))),
+    Preset("wan2.1-t2v-1.3b:draft-90-rect", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+           "Composite: draft selection 90% + pooled rectification epilogue, 20% dense steps, block 0 dense",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.9), rectification=PooledRectificationConfig(),
+                                 dense=DensePolicy(dense_fraction=0.2, dense_layers=(0,)))),
+    Preset("wan2.1-t2v-14b:rectified-75", "wan", "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+           "Rectified SpaAttn 75%, blocks 0-1 and first 5 steps dense", _rectified(0.75, dense_steps=5,
+                                                                                 dense_layers=(0, 1))),
+    Preset("wan2.2-t2v-a14b:rectified-85", "wan", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+           "Rectified SpaAttn 85% on both experts, first 2 blocks of each expert and first 3 steps dense",
+           _rectified(0.85, dense_steps=3, dense_layers=(0, 1))),
+    # --- HunyuanVideo (Draft code: 0.9, double blocks 0-1; Rectified: nothing dense)
+    Preset("hunyuanvideo:draft-90", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo",
+           "DraftAttention 90%, first 25% steps and blocks 0-1 dense",
+           _draft(0.9, dense_fraction=0.25, dense_layers=(0, 1))),
+    Preset("hunyuanvideo:rectified-90", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo",
+           "Rectified SpaAttn 90% with no dense warm-up (the 3.33x setting of the paper)", _rectified(0.9)),
+    Preset("hunyuanvideo:rectified-90-warmup", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo",
+           "Rectified SpaAttn 90% with the first 20% steps dense", _rectified(0.9, dense_fraction=0.2)),
+    Preset("hunyuanvideo:neighborhood", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo",
+           "Sliding-tile window 3x3x5 tiles (about 10% density at 720p), first 20% steps dense",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(3, 3, 5)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    # --- CogVideoX (Rectified 1.5: 5 dense steps; Re-ttention 2B: 15 full steps then a cache step every 5)
+    Preset("cogvideox:rectified-85", "cogvideox", "THUDM/CogVideoX1.5-5B",
+           "Rectified SpaAttn 85%, first 5 steps dense", _rectified(0.85, dense_steps=5)),
+    Preset("cogvideox-2b:retention", "cogvideox", "THUDM/CogVideoX-2b",
+           "Re-ttention over a static 1x3x3-tile window: 15 dense steps, cache step every 5, lambda 0.04",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 reuse=TemporalReuseConfig(refresh_period=5, retention=True),
+                                 dense=DensePolicy(dense_steps=15))),
+    # --- LTX-Video
+    Preset("ltx:draft-75", "ltx", "Lightricks/LTX-Video", "DraftAttention 75%, first 25% steps and block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    # --- FLUX (Rectified 4096^2 upscaler: 0.9, last 20 single-stream blocks dense: layers 37-56 of 19 + 38)
+    Preset("flux:neighborhood", "flux", "black-forest-labs/FLUX.1-dev",
+           "2-D window of 3x3 tiles, first 20% steps dense",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    Preset("flux:rectified-90", "flux", "black-forest-labs/FLUX.1-dev",
+           "Rectified SpaAttn 90%, last 20 single-stream blocks dense (FLUX.1-dev layout)",
+           _rectified(0.9, dense_layers=tuple(range(37, 57)))),
+    # --- SD3
+    Preset("sd3:draft-50", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers",
+           "DraftAttention 50%, first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
+]
+
+PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
+
+
+def list_presets(family: str | None = None) -> list[Preset]:
+    """All presets (or one family's), in a stable order."""
+    if family is not None and family not in FAMILY_TRANSFORMERS:
+        raise ValueError(f"Unknown model family {family!r}; expected one of {sorted(FAMILY_TRANSFORMERS)}.")
+    return [p for p in _ALL if family is None or p.family == family]
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)} "
+                         "(see dit_sparse.list_presets()).") from None
