@@ -64,6 +64,13 @@ def _max_value(timestep) -> float | None:
     return None if timestep is None else float(timestep)
 
 
+def _first_timestep(scheduler) -> float | None:
+    ts = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+    if ts is None or len(ts) == 0:
+        return None
+    return float(ts[0])
+
+
 class _NoState(BaseState):
     def reset(self, *args, **kwargs) -> None:
         pass
@@ -105,7 +112,10 @@ class ContextHook(ModelHook):
         t = _max_value(timestep)
         restarted = step_index is not None and ctx.step >= 0 and step_index < ctx.step
         rose = t is not None and ctx._last_t is not None and t > ctx._last_t
-        if restarted or rose:
+        # a run that starts at the schedule's first timestep again (models without diffusers' cache reset)
+        first = _first_timestep(self.scheduler)
+        again = t is not None and first is not None and ctx.step > 0 and t == first and t != ctx._last_t
+        if restarted or rose or again:
             self._new_generation()
         ctx.advance(timestep)
         if step_index is not None:

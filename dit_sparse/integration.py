@@ -12,8 +12,6 @@ others (e.g. HunyuanVideo's token refiner) are kept as they are. Pipelines with 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .adapters.base import SparseRuntime, get_adapter
@@ -54,12 +52,6 @@ def _resolve_config(config_or_preset, transformer) -> SparseAttentionConfig:
                      f"dit_sparse.list_presets()), got {type(config_or_preset).__name__}.")
 
 
-def _block_key(name: str):
-    # sort "transformer_blocks.10.attn" after "transformer_blocks.9.attn"; double-stream before single-stream
-    parts = re.split(r"(\d+)", name)
-    return [int(p) if p.isdigit() else p for p in parts]
-
-
 def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, scheduler=None) -> dict:
     """dit_sparse processors for ``transformer``, for ``transformer.set_attn_processor(...)``.
 
@@ -77,9 +69,10 @@ def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, schedul
     config = _resolve_config(config_or_preset, transformer)
     runtime = SparseRuntime(config, adapter)
     original = dict(transformer.attn_processors)
-    candidates = sorted((n for n, p in original.items()
-                         if type(p).__name__ in adapter.processor_classes and adapter.is_sparse_candidate(n)),
-                        key=_block_key)
+    # layer index = position in module registration order, which is forward order in diffusers transformers
+    # (double-stream blocks before single-stream blocks, block 10 after block 9)
+    candidates = [n for n, p in original.items()
+                  if type(p).__name__ in adapter.processor_classes and adapter.is_sparse_candidate(n)]
     if not candidates:
         found = sorted({type(p).__name__ for p in original.values()})
         raise ValueError(f"No {', '.join(adapter.processor_classes)} processors found in "

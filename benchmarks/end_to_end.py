@@ -1,0 +1,197 @@
+"""End-to-end denoising-step speed: full-size transformer architectures (random weights), dense vs presets.
+
+Speed does not depend on weight values, so the real architectures are built from their configs with random
+weights. For each model it times one transformer forward (one denoising call) dense and under each preset
+(warm-up switched off, so the sparse step itself is timed; dense *layers* stay dense), measures the attention
+share of a dense step (self-attention op time x layers / step time), and reports:
+
+* ``step_speedup``: dense step / sparse step;
+* ``run_speedup``: a 50-step run with the preset's dense warm-up steps, ``50 T_d / (w T_d + (50 - w) T_s)``;
+* ``amdahl_limit``: ``1 / (w + (1 - w) ((1 - a) + a d))`` with attention share ``a``, achieved density ``d`` and
+  warm-up fraction ``w`` — and how close each result comes to it.
+
+Targets on H100 at 90% sparsity: HunyuanVideo 720p >= 3.5x with no dense warm-up, >= 2.3x with 20% warm-up;
+Wan2.1-1.3B 480p >= 2.0x with no warm-up.
+
+    python benchmarks/end_to_end.py                       # needs a CUDA GPU
+    python benchmarks/end_to_end.py --models hunyuan-720p --layers 8   # fewer layers if memory demands
+    python benchmarks/end_to_end.py --smoke               # CPU dry run on tiny configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dit_sparse  # noqa: E402
+from benchmarks._common import bench, environment, print_table, write_json  # noqa: E402
+from dit_sparse import DensePolicy  # noqa: E402
+
+RUN_STEPS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    cls: str
+    config: dict
+    latent: tuple  # (C, F, H, W) latent shape (before patching)
+    text: tuple  # (tokens, dim) of encoder_hidden_states
+    presets: tuple
+    heads: int
+    head_dim: int
+    attn_layers: int  # self-attention calls per forward
+    text_in_self_attn: int = 0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+MODELS = {
+    "wan2.1-1.3b-480p": Model(
+        "wan2.1-1.3b-480p", "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+             text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        (16, 21, 60, 104), (512, 4096),
+        ("wan2.1-t2v-1.3b:draft-80", "wan2.1-t2v-1.3b:rectified-80", "wan2.1-t2v-1.3b:draft-90-rect"),
+        heads=12, head_dim=128, attn_layers=30),
+    "hunyuan-720p": Model(
+        "hunyuan-720p", "HunyuanVideoTransformer3DModel",
+        dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+             num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+             qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+             rope_theta=256.0, rope_axes_dim=(16, 56, 56)),
+        (16, 33, 90, 160), (256, 4096),
+        ("hunyuanvideo:rectified-90", "hunyuanvideo:rectified-90-warmup", "hunyuanvideo:draft-90",
+         "hunyuanvideo:neighborhood"),
+        heads=24, head_dim=128, attn_layers=60, text_in_self_attn=256,
+        extra={"pooled": 768, "guidance": True}),
+}
+
+SMOKE = {
+    "wan-smoke": Model(
+        "wan-smoke", "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+        (4, 4, 32, 32), (8, 32), ("wan2.1-t2v-1.3b:draft-80",), heads=2, head_dim=16, attn_layers=2),
+}
+
+
+def build(model: Model, layers: int | None, device, dtype):
+    import diffusers
+
+    cfg = dict(model.config)
+    if layers is not None:
+        for key in ("num_layers", "num_single_layers"):
+            if key in cfg:
+                cfg[key] = min(cfg[key], layers)
+    with torch.device(device):
+        tr = getattr(diffusers, model.cls)(**cfg).to(dtype).eval()
+    return tr, cfg
+
+
+def inputs(model: Model, device, dtype, seed=0) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    c, f, h, w = model.latent
+    kw = dict(hidden_states=torch.randn(1, c, f, h, w, generator=g, device=device, dtype=dtype),
+              timestep=torch.tensor([900.0], device=device),
+              encoder_hidden_states=torch.randn(1, *model.text, generator=g, device=device, dtype=dtype),
+              return_dict=False)
+    if "pooled" in model.extra:
+        kw["pooled_projections"] = torch.randn(1, model.extra["pooled"], generator=g, device=device, dtype=dtype)
+        kw["encoder_attention_mask"] = torch.ones(1, model.text[0], device=device, dtype=torch.bool)
+    if model.extra.get("guidance"):
+        kw["guidance"] = torch.tensor([6000.0], device=device)
+    return kw
+
+
+def tokens(model: Model, cfg: dict) -> int:
+    _, f, h, w = model.latent
+    p = cfg["patch_size"]
+    pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+def attention_op_ms(model: Model, n_video: int, device, dtype) -> float:
+    s = n_video + model.text_in_self_attn
+    q, k, v = (torch.randn(1, model.heads, s, model.head_dim, device=device, dtype=dtype) for _ in range(3))
+    return bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=5)
+
+
+def no_warmup(config):
+    d = config.dense
+    return dataclasses.replace(config, dense=DensePolicy(dense_layers=d.dense_layers, dense_heads=d.dense_heads,
+                                                         min_tokens=d.min_tokens))
+
+
+def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
+    tr, cfg = build(model, layers, device, dtype)
+    kw = inputs(model, device, dtype)
+    n_attn = model.attn_layers if layers is None else sum(min(cfg.get(k, 0), layers)
+                                                          for k in ("num_layers", "num_single_layers"))
+    n_video = tokens(model, cfg)
+    dense_ms = bench(lambda: tr(**kw), rep=rep)
+    attn_ms = attention_op_ms(model, n_video, device, dtype) * n_attn
+    share = min(attn_ms / dense_ms, 1.0)
+    print(f"\n{model.name}: {n_video} video tokens, {n_attn} attention layers; dense step {dense_ms:.1f} ms, "
+          f"attention {attn_ms:.1f} ms = {share:.1%} of the step")
+    rows = []
+    for name in model.presets:
+        preset = dit_sparse.get_preset(name)
+        (rt,) = dit_sparse.apply(tr, no_warmup(preset.config))
+        sparse_ms = bench(lambda: tr(**kw), rep=rep)
+        density = rt.density
+        dit_sparse.remove(tr)
+        warm = preset.config.dense.warmup_steps(RUN_STEPS)
+        w = warm / RUN_STEPS
+        run_speedup = RUN_STEPS * dense_ms / (warm * dense_ms + (RUN_STEPS - warm) * sparse_ms)
+        d = density if density is not None else 1.0
+        limit = 1.0 / (w + (1 - w) * ((1 - share) + share * d))
+        rows.append({"model": model.name, "preset": name, "video_tokens": n_video, "layers": n_attn,
+                     "dense_step_ms": dense_ms, "sparse_step_ms": sparse_ms, "attention_share": share,
+                     "density": d, "warmup_steps": warm, "step_speedup": dense_ms / sparse_ms,
+                     "run_speedup": run_speedup, "amdahl_limit": limit, "of_limit": run_speedup / limit})
+        print(f"  {name}: sparse step {sparse_ms:.1f} ms, density {d:.3f}, step x{dense_ms / sparse_ms:.2f}, "
+              f"50-step run x{run_speedup:.2f} (Amdahl limit x{limit:.2f}, {run_speedup / limit:.0%} of it)")
+    share_limit = 1 / ((1 - share) + share * 0.1)
+    print(f"  Amdahl: with attention share {share:.2f}, 90% sparsity cannot exceed x{share_limit:.2f} without "
+          f"warm-up, or x{1 / (0.2 + 0.8 / share_limit):.2f} with 20% dense steps.")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--layers", type=int, default=None, help="cap layers per stack (memory); attention share and "
+                                                               "speedups are per-layer ratios, so they carry over")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny configs (no numbers worth reporting)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        models, device, dtype, rep = list(SMOKE.values()), "cpu", torch.float32, 2
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/end_to_end.py needs a CUDA GPU; pass --smoke for a CPU dry run of the script.",
+                  file=sys.stderr)
+            return 2
+        models, device, dtype, rep = [MODELS[m] for m in args.models.split(",")], "cuda", torch.bfloat16, 5
+    rows = []
+    with torch.no_grad():
+        for m in models:
+            rows += run_model(m, args.layers, device, dtype, rep)
+    print()
+    print_table(rows, ["model", "preset", "attention_share", "density", "step_speedup", "warmup_steps",
+                       "run_speedup", "amdahl_limit", "of_limit"])
+    if not args.smoke:
+        payload = {"environment": environment(), "layers": args.layers, "rows": rows}
+        print(f"\nwrote {write_json('end_to_end', payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

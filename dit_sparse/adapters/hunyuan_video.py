@@ -1,0 +1,204 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): joint video + text self-attention, text LAST.
+
+Every ``HunyuanVideoAttnProcessor2_0`` (dual-stream ``transformer_blocks.*.attn`` and single-stream
+``single_transformer_blocks.*.attn``, token-replace variants included) is replaced. The token refiner
+(``context_embedder.token_refiner.*``) uses ``AttnProcessor2_0`` and keeps it.
+
+In diffusers 0.42 both block kinds call the processor with keywords ``(attn, hidden_states=video,
+encoder_hidden_states=text, attention_mask=, image_rotary_emb=)``: dual-stream blocks project text with
+``add_*_proj``, single-stream blocks (no ``add_q_proj``) concatenate ``[video, text]`` inside the processor. A call
+with ``encoder_hidden_states=None`` gets ``[video, text]`` as one tensor; its text length is the token count minus
+the video tokens of the grid. RoPE applies to the video part only, exactly as in the stock processor.
+
+The transformer passes a bool key-padding mask ``[B, 1, 1, N]`` (True = attend): video plus the first
+``encoder_attention_mask.sum()`` text tokens are valid. Handled exactly:
+
+* no mask, or all True: sparse attention on the whole sequence;
+* every sample's valid keys are the video plus a prefix of the text, of one common length ``L``: sparse
+  attention on the first ``L`` tokens (valid queries see exactly the valid keys, as in stock), and the padded
+  text query rows run the stock attention with the stock mask, restricted to those rows;
+* anything else (other mask shapes or dtypes, per-sample lengths, holes): the stock attention call.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from .base import AdapterSpec, SparseProcessorBase
+
+__all__ = ["HunyuanVideoSparseAttnProcessor", "valid_prefix_length", "SPEC"]
+
+
+def valid_prefix_length(mask: torch.Tensor | None, batch: int, tokens: int, min_valid: int) -> int | None:
+    """The common number of valid leading keys of a bool key-padding mask, or None when it is not such a mask.
+
+    Args:
+        mask: None, or the attention mask the processor received.
+        batch: batch size of the call.
+        tokens: sequence length N (keys).
+        min_valid: the leading tokens that must be valid (the video tokens).
+
+    Returns:
+        ``tokens`` for no mask or an all-True mask; ``L`` when for every sample the valid keys are exactly the first
+        ``L`` (``L >= min_valid``, same ``L`` in every sample); None otherwise (the call must stay dense).
+    """
+    if mask is None:
+        return tokens
+    if (mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+            or mask.shape[3] != tokens or mask.shape[0] not in (1, batch)):
+        return None
+    m = mask[:, 0, 0, :]
+    counts = m.sum(-1)
+    prefix = torch.arange(tokens, device=m.device)[None, :] < counts[:, None]
+    n, is_prefix, same = torch.stack([counts[0], (m == prefix).all(), (counts == counts[0]).all()]).tolist()
+    if not (is_prefix and same) or n < min_valid:
+        return None
+    return int(n)
+
+
+class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
+    """Sparse joint attention for HunyuanVideo's ``Attention`` modules (dual- and single-stream blocks).
+
+    diffusers' ``HunyuanVideoAttnProcessor2_0`` with only the attention call swapped for :meth:`attend`.
+    """
+
+    def _valid_length(self, mask: torch.Tensor | None, batch: int, tokens: int, n_video: int) -> int | None:
+        """:func:`valid_prefix_length`, analysed once per mask tensor (all blocks of a forward share it)."""
+        if mask is None:
+            return tokens
+        key = (mask._version, batch, tokens, n_video)
+        cached = getattr(self.runtime, "_hunyuan_mask_cache", None)
+        if cached is not None and cached[0]() is mask and cached[1] == key:
+            return cached[2]
+        n = valid_prefix_length(mask, batch, tokens, n_video)
+        self.runtime._hunyuan_mask_cache = (weakref.ref(mask), key, n)
+        return n
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
+        if attn.add_q_proj is None and encoder_hidden_states is not None:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+        # 1. QKV projections
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        # 2. QK normalization
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # 3. Rotational positional embeddings applied to latent stream
+        if image_rotary_emb is not None:
+            if attn.add_q_proj is None and encoder_hidden_states is not None:
+                n_text = encoder_hidden_states.shape[1]
+                query = torch.cat([apply_rotary_emb(query[:, :-n_text], image_rotary_emb, sequence_dim=1),
+                                   query[:, -n_text:]], dim=1)
+                key = torch.cat([apply_rotary_emb(key[:, :-n_text], image_rotary_emb, sequence_dim=1),
+                                 key[:, -n_text:]], dim=1)
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        # 4. Encoder condition QKV projection and normalization
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states)
+            encoder_key = attn.add_k_proj(encoder_hidden_states)
+            encoder_value = attn.add_v_proj(encoder_hidden_states)
+
+            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
+            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
+            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
+
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        # 5. Attention
+        hidden_states = self._attention(query, key, value, attention_mask)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # 6. Output projection
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : -encoder_hidden_states.shape[1]],
+                hidden_states[:, -encoder_hidden_states.shape[1]:],
+            )
+
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[0](hidden_states)
+                hidden_states = attn.to_out[1](hidden_states)
+
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        return hidden_states, encoder_hidden_states
+
+    def _stock(self, query, key, value, attention_mask):
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The stock attention call, or sparse attention on the valid ``[video, text prefix]`` (see module doc)."""
+        full = []  # the stock output, when attend() ran the dense call
+        tokens = valid = query.shape[1]
+
+        def dense():
+            full.append(self._stock(query, key, value, attention_mask))
+            return full[0] if valid == tokens else full[0][:, :valid]
+
+        grid = self.runtime.context.grid
+        n_video = None if grid is None else grid[0] * grid[1] * grid[2]
+        if n_video is None or tokens < n_video or key.shape[1] != tokens:
+            return self.attend(query, key, value, text_tokens=0, dense=dense)  # dense (unknown / mismatched grid)
+        valid = self._valid_length(attention_mask, query.shape[0], tokens, n_video)
+        if valid is None:  # a mask we cannot express as one common valid prefix: stock attention
+            self.runtime.calls["dense"] += 1
+            return self._stock(query, key, value, attention_mask)
+        if valid == tokens:  # no padding: the mask (if any) is all True
+            return self.attend(query, key, value, text_tokens=tokens - n_video, dense=dense)
+        out = self.attend(query[:, :valid], key[:, :valid], value[:, :valid], text_tokens=valid - n_video,
+                          dense=dense)
+        if full:  # the dense policy ran the stock call on the whole sequence
+            return full[0]
+        # padded text query rows: the stock call on those rows only, keys masked like stock
+        rest = self._stock(query[:, valid:], key, value, attention_mask)
+        return torch.cat([out, rest], dim=1)
+
+
+def _grid(module, args, kwargs):
+    """``(frames, height, width)`` in patch tokens, as the transformer computes it (floor division)."""
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    if hs is None:
+        return None
+    cfg = module.config
+    f, h, w = hs.shape[2:]
+    return (f // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size)
+
+
+SPEC = AdapterSpec(
+    name="hunyuan_video",
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    processor_classes=("HunyuanVideoAttnProcessor2_0",),
+    make_processor=lambda runtime, layer, name, stock: HunyuanVideoSparseAttnProcessor(runtime, layer, name, stock),
+    grid_fn=_grid,
+    text_position="after",
+)
