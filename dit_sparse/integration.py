@@ -17,6 +17,7 @@ import torch
 from .adapters.base import SparseRuntime, get_adapter
 from .context import ContextHook, install_context_hook, remove_context_hook
 from .methods.composite import SparseAttentionConfig
+from .parallel import carry_parallel_config
 
 __all__ = ["apply", "remove", "is_applied", "get_runtime", "sparse_processors", "transformers_of"]
 
@@ -97,6 +98,10 @@ def apply(pipe_or_transformer, config_or_preset, *, scheduler=None) -> list[Spar
         scheduler (*optional*): scheduler whose ``timesteps`` give the step count (taken from the pipeline when
             one is given).
 
+    Context parallelism (diffusers Ulysses, :mod:`dit_sparse.parallel`): call ``transformer.enable_parallelism(
+    config=ContextParallelConfig(ulysses_degree=N))`` first, then ``apply`` (recommended); ``apply`` first also
+    works for Wan and LTX. Ring attention (``ring_degree > 1``) raises ``NotImplementedError``.
+
     Returns:
         The :class:`~dit_sparse.adapters.base.SparseRuntime` of each transformer (statistics, reset).
 
@@ -123,6 +128,7 @@ def remove(pipe_or_transformer) -> None:
     for _, tr in transformers_of(pipe_or_transformer):
         if not is_applied(tr):
             continue
+        carry_parallel_config(tr.attn_processors, getattr(tr, _ORIGINAL))  # enable_parallelism after apply
         tr.set_attn_processor(getattr(tr, _ORIGINAL))
         remove_context_hook(tr)
         delattr(tr, _ATTR)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._env import checks_enabled
 from .._logging import warn_once
 from ..context import StepContext
 from ..layout import TokenLayout
 from ..methods.composite import SparseAttention, SparseAttentionConfig
+from ..parallel import check_same_on_all_ranks, ulysses_attention, ulysses_group
 
 __all__ = ["AdapterSpec", "SparseRuntime", "SparseProcessorBase", "get_adapter", "supported_transformers",
            "ADAPTER_MODULES"]
@@ -85,11 +87,22 @@ class SparseRuntime:
         self.calls = {"sparse": 0, "dense": 0}
         #: summary of the last finished generation (see :meth:`summary`), kept across :meth:`reset`
         self.last_run: dict | None = None
+        #: set True to keep each layer's last block mask of a generation in :attr:`last_masks` (CPU copies;
+        #: large at real resolutions, so off by default): the demo draws them
+        self.record_masks = False
+        self.last_masks: dict = {}
+        #: set True to also run the stock attention on every sparse call and record the relative L2 error of
+        #: the sparse output per layer (fidelity measurements; doubles the attention cost)
+        self.track_error = False
+        self.layer_errors: dict[int, list[float]] = {}
 
     def summary(self) -> dict:
         """What ran since the last reset: attention calls (sparse / dense), steps seen, mean density per layer."""
-        return {"calls": dict(self.calls), "steps": self.context.step + 1, "density": self.density,
-                "layer_density": self.engine.stats}
+        out = {"calls": dict(self.calls), "steps": self.context.step + 1, "density": self.density,
+               "layer_density": self.engine.stats}
+        if self.layer_errors:
+            out["layer_rel_error"] = {k: sum(v) / len(v) for k, v in sorted(self.layer_errors.items())}
+        return out
 
     def reset(self) -> None:
         """Start a new generation: record :attr:`last_run`, clear reuse state and statistics.
@@ -99,8 +112,11 @@ class SparseRuntime:
         """
         if self.calls["sparse"] or self.calls["dense"]:
             self.last_run = self.summary()
+            if self.record_masks:
+                self.last_masks = self.engine.masks()
         self.engine.reset()
         self.calls = {"sparse": 0, "dense": 0}
+        self.layer_errors = {}
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 - one runtime per transformer, few grids
     def layout(self, grid: tuple[int, int, int], text_tokens: int, text_position: str) -> TokenLayout:
@@ -130,6 +146,8 @@ class SparseProcessorBase:
         # keep the stock processor's backend choices (set_attention_backend) for dense calls
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
+        if self._parallel_config is not None and not runtime.config.dense.force_dense:
+            ulysses_group(self._parallel_config)  # apply() after enable_parallelism: refuse ring attention now
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, name={self.name!r})"
@@ -140,34 +158,75 @@ class SparseProcessorBase:
 
         Dense when: this module is not video self-attention, the grid is unknown, the token count does not match
         the grid, or the dense policy says so (warm-up step, dense layer, too few tokens, force_dense).
+
+        Under diffusers' Ulysses context parallelism (``self._parallel_config``, set by ``enable_parallelism``)
+        q/k/v hold this rank's sequence shard (``text_tokens`` is the local text count): sparse calls exchange
+        them to the full sequence for ``H / N`` heads, build the plan on the full grid with the global head
+        offset, and exchange back (:func:`dit_sparse.parallel.ulysses_attention`); dense calls go through
+        ``dense()``, whose dispatcher runs diffusers' own Ulysses attention. Ring attention raises
+        ``NotImplementedError``.
+        """
+        rt = self.runtime
+        ug = None
+        if self._parallel_config is not None and not rt.config.dense.force_dense:
+            ug = ulysses_group(self._parallel_config)  # NotImplementedError for ring attention
+        world = 1 if ug is None else ug.world
+        layout = self._sparse_layout(query, key, text_tokens * world, world)
+        if ug is not None and checks_enabled():
+            grid = rt.context.grid or (0, 0, 0)
+            check_same_on_all_ranks([layout is not None, *grid, max(rt.context.step, 0), query.shape[1]], ug,
+                                    f"{self.name}'s (sparse, grid, step, local tokens)", device=query.device)
+        if layout is None:
+            rt.calls["dense"] += 1
+            return dense()
+        ctx = rt.context
+        rt.calls["sparse"] += 1
+        kwargs = dict(layout=layout, step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
+                      branch=ctx.branch, scale=scale)
+        if ug is None:
+            out = rt.engine(query, key, value, **kwargs)
+        else:
+            out = ulysses_attention(rt.engine, query, key, value, ug, text_tokens=text_tokens,
+                                    text_position=rt.adapter.text_position or "after", **kwargs)
+        if rt.track_error:
+            ref = dense().float()
+            err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+            rt.layer_errors.setdefault(self.layer, []).append(err)
+        return out
+
+    def _num_steps(self) -> int | None:
+        num_steps = self.runtime.context.num_steps
+        if num_steps is None and self.runtime.config.dense.dense_fraction > 0:
+            warn_once("dit_sparse: dense_fraction needs the number of denoising steps, which this call does not "
+                      "say (no pipeline scheduler, no cache context); only dense_steps applies. Pass "
+                      "scheduler= to dit_sparse.apply or use dense_steps.", key="no-num-steps")
+            num_steps = 0
+        return num_steps
+
+    def _sparse_layout(self, query: torch.Tensor, key: torch.Tensor, text_tokens: int,
+                       world: int = 1) -> TokenLayout | None:
+        """The layout of a call that runs sparse, or None when it runs dense.
+
+        ``text_tokens`` counts the whole sequence's text; ``world`` > 1: q/k/v are one of ``world`` equal sequence
+        shards (Ulysses), so the call covers ``world`` times their tokens.
         """
         rt = self.runtime
         ctx = rt.context
         grid = ctx.grid
         if grid is None or rt.config.dense.force_dense:
-            rt.calls["dense"] += 1
-            return dense()
+            return None
         n_video = grid[0] * grid[1] * grid[2]
-        if query.shape[1] != n_video + text_tokens or key.shape[1] != query.shape[1]:
-            warn_once(f"dit_sparse: {self.name} got {query.shape[1]} query / {key.shape[1]} key tokens, but the "
+        n_query, n_key = query.shape[1] * world, key.shape[1] * world
+        if n_query != n_video + text_tokens or n_key != n_query:
+            shards = f" ({world} context-parallel shards of {query.shape[1]})" if world > 1 else ""
+            warn_once(f"dit_sparse: {self.name} got {n_query} query / {n_key} key tokens{shards}, but the "
                       f"grid {grid} plus {text_tokens} text tokens makes {n_video + text_tokens}; running this "
                       "call dense. Report this with the model and resolution.", key=f"mismatch-{self.name}")
-            rt.calls["dense"] += 1
-            return dense()
-        num_steps = ctx.num_steps
-        if num_steps is None and rt.config.dense.dense_fraction > 0:
-            warn_once("dit_sparse: dense_fraction needs the number of denoising steps, which this call does not "
-                      "say (no pipeline scheduler, no cache context); only dense_steps applies. Pass "
-                      "scheduler= to dit_sparse.apply or use dense_steps.", key="no-num-steps")
-            num_steps = 0
-        if rt.config.dense.is_dense(step=max(ctx.step, 0), num_steps=num_steps, layer=self.layer,
+            return None
+        if rt.config.dense.is_dense(step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
                                     video_tokens=n_video):
-            rt.calls["dense"] += 1
-            return dense()
-        layout = rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
-        rt.calls["sparse"] += 1
-        return rt.engine(query, key, value, layout=layout, step=max(ctx.step, 0), num_steps=num_steps,
-                         layer=self.layer, branch=ctx.branch, scale=scale)
+            return None
+        return rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
 
 
 def patch_grid(module: torch.nn.Module, hidden_states: torch.Tensor, channels_first: bool = True):

@@ -182,6 +182,16 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out.transpose(1, 2)
 
 
+def _check_heads(heads: int, head_offset: int, total_heads: int | None) -> int:
+    """``total_heads`` (default ``heads``) after checking that ``[head_offset, head_offset + heads)`` fits in it."""
+    total = heads if total_heads is None else total_heads
+    if isinstance(head_offset, bool) or not isinstance(head_offset, int) or head_offset < 0 \
+            or head_offset + heads > total:
+        raise ValueError(f"head_offset={head_offset!r} with {heads} heads does not fit in total_heads={total!r}: "
+                         "the call must hold heads head_offset ... head_offset + H - 1 of total_heads.")
+    return total
+
+
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
@@ -219,25 +229,30 @@ class SparseAttention:
 
     # ------------------------------------------------------------------ planning
     def build_mask(self, q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout,
-                   scale: float | None = None, rect_stats=None) -> torch.Tensor:
+                   scale: float | None = None, rect_stats=None, *, head_offset: int = 0,
+                   total_heads: int | None = None) -> torch.Tensor:
         """The union of the enabled selectors, bool ``[B|1, H|1, N, N]`` (dense heads switched fully on).
 
         ``rect_stats``: a callable returning this call's ``(BlockStatistics, P̃)`` (shared with the epilogue, so
-        pooling runs once per call).
+        pooling runs once per call). ``head_offset`` / ``total_heads``: the tensors hold the model's heads
+        ``head_offset ... head_offset + H - 1`` of ``total_heads`` (context parallelism: see :meth:`__call__`).
         """
         cfg = self.config
+        heads = q_perm.shape[2]
+        total = _check_heads(heads, head_offset, total_heads)
         mask = None
         if cfg.draft is not None:
             mask = draft_mask(q_perm, k_perm, layout, cfg.draft, scale)
         if cfg.neighborhood is not None:
             nb = neighborhood_mask(layout, cfg.neighborhood, q_perm.device)
+            if total != heads and nb.shape[1] == total:  # per-head windows of all the model's heads: ours
+                nb = nb[:, head_offset:head_offset + heads]
             mask = nb if mask is None else mask | nb
         if mask is None:  # rectification is the only selector
             if rect_stats is None:
                 rect_stats = _RectStats(q_perm, k_perm, None, layout, scale)
             mask = select_critical_blocks(rect_stats()[1], layout, cfg.rectification)
-        heads = q_perm.shape[2]
-        dense_heads = [h for h in cfg.dense.dense_heads if h < heads]
+        dense_heads = [h - head_offset for h in cfg.dense.dense_heads if head_offset <= h < head_offset + heads]
         if dense_heads:
             mask = mask.expand(mask.shape[0], heads, *mask.shape[2:]).clone()
             mask[:, dense_heads] = True
@@ -259,8 +274,16 @@ class SparseAttention:
     # ------------------------------------------------------------------ call
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: TokenLayout,
                  step: int | None = None, num_steps: int | None = None, layer: Hashable = None,
-                 branch: Hashable = None, scale: float | None = None) -> torch.Tensor:
+                 branch: Hashable = None, scale: float | None = None, head_offset: int = 0,
+                 total_heads: int | None = None) -> torch.Tensor:
+        """Attention of ``[B, S, H, D]`` q/k/v in model order under the config; returns ``[B, S, H, D]``.
+
+        ``head_offset`` and ``total_heads`` (context parallelism, :mod:`dit_sparse.parallel`): the tensors hold the
+        model's heads ``head_offset ... head_offset + H - 1`` of ``total_heads`` (default: all ``H`` heads), so
+        per-head settings (``DensePolicy.dense_heads``, per-head neighbourhood windows) apply to the global heads.
+        """
         cfg = self.config
+        _check_heads(query.shape[2], head_offset, total_heads)
         layer_index = layer if isinstance(layer, int) else None
         if cfg.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
                               video_tokens=layout.num_video_tokens):
@@ -271,7 +294,7 @@ class SparseAttention:
         epilogue = self._rectify(qp, kp, vp, layout, stats)
 
         def build() -> torch.Tensor:
-            return self.build_mask(qp, kp, layout, scale, stats)
+            return self.build_mask(qp, kp, layout, scale, stats, head_offset=head_offset, total_heads=total_heads)
 
         if self.reuse_cache is not None:
             state = self.reuse_cache.get(layer, branch)
@@ -290,6 +313,10 @@ class SparseAttention:
         return layout.unpermute(out)
 
     # ------------------------------------------------------------------ reporting
+    def masks(self) -> dict[Hashable, torch.Tensor]:
+        """``{layer: bool block mask [B|1, H|1, N, N]}`` of each layer's last sparse call (CPU copies)."""
+        return {k: v.detach().cpu() for k, v in self._densities.items() if torch.is_tensor(v)}
+
     @property
     def stats(self) -> dict[Hashable, float]:
         """``{layer: fraction of block pairs read in its last call}`` (1.0 for dense calls)."""
