@@ -11,9 +11,9 @@ fi
 STAMP=".venv/.dit_sparse-installed"
 WANT="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-    echo ">> installing into .venv (torch CPU wheel first, then dit_sparse[dev,triton,app])" >&2
+    echo ">> installing into .venv (torch CPU wheel first, then dit_sparse[dev,triton,app,ray])" >&2
     python -m pip install -q --disable-pip-version-check "torch==${DIT_SPARSE_TORCH:-2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true
-    python -m pip install -q --disable-pip-version-check -e ".[dev,triton,app]" 2>&1 | grep -v "is ignored" >&2 || true
+    python -m pip install -q --disable-pip-version-check -e ".[dev,triton,app,ray]" 2>&1 | grep -v "is ignored" >&2 || true
     python -c "import torch, diffusers, dit_sparse" >&2
     echo "$WANT" > "$STAMP"
 fi

@@ -21,7 +21,8 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
     """Load a diffusers pipeline and install a dit_sparse preset on it.
 
     Args:
-        model_id_or_path (`str`, *optional*): hub id or local folder; defaults to the preset's ``model_id``.
+        model_id_or_path (`str`, *optional*): hub id, local folder, or ``"embedded"`` (the tiny model shipped in
+            the package); defaults to the preset's ``model_id``.
         preset (`str` or `Preset`, *optional*): preset name (``dit_sparse.list_presets()``); None loads the
             stock pipeline.
         torch_dtype (`torch.dtype`, *optional*): passed to ``from_pretrained``.
@@ -43,6 +44,11 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
         model_id_or_path = preset.model_id
     if torch_dtype is not None:
         from_pretrained_kwargs["torch_dtype"] = torch_dtype
+    if model_id_or_path == "embedded":  # the tiny model shipped in the package (from_pretrained on its folder)
+        from ..tiny_model import ASSET_DIR
+
+        model_id_or_path = str(ASSET_DIR)
+        from_pretrained_kwargs.setdefault("local_files_only", True)
     pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
     if device is not None:
         pipe = pipe.to(device)

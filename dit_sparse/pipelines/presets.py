@@ -21,7 +21,13 @@ from ..methods import (
     TemporalReuseConfig,
 )
 
-__all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "FAMILY_TRANSFORMERS"]
+__all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "FAMILY_TRANSFORMERS", "TINY_PRESET_PREFIX",
+           "TINY_DEFAULT_PRESET"]
+
+#: presets for the embedded tiny model (``dit_sparse.tiny_model``): 5 x 8 x 8 = 320 video tokens, so 16-token
+#: blocks (tile 1 x 4 x 4, 20 blocks) instead of 128
+TINY_PRESET_PREFIX = "tiny-wan:"
+TINY_DEFAULT_PRESET = "tiny-wan:draft-rect-80"
 
 #: model family -> diffusers transformer class it runs on
 FAMILY_TRANSFORMERS = {
@@ -56,7 +62,29 @@ def _rectified(sparsity, **dense):
                                  dense=DensePolicy(**dense))
 
 
+_TINY = dict(tile=(1, 4, 4), block_size=16)
+
 _ALL = [
+    # --- the embedded tiny model (model_id "embedded": shipped inside the package)
+    Preset("tiny-wan:draft-rect-80", "wan", "embedded",
+           "Embedded model: draft 80% + pooled rectification, first 20% steps dense (the CLI default)",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), rectification=PooledRectificationConfig(),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+    Preset("tiny-wan:draft-75", "wan", "embedded", "Embedded model: DraftAttention 75%, first 20% steps dense",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75), dense=DensePolicy(dense_fraction=0.2),
+                                 **_TINY)),
+    Preset("tiny-wan:rectified-80", "wan", "embedded",
+           "Embedded model: Rectified SpaAttn 80% (own selection), first 20% steps dense",
+           SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+    Preset("tiny-wan:neighborhood", "wan", "embedded", "Embedded model: 3x1x1-tile window (time), 20% dense steps",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(3, 1, 1)),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+    Preset("tiny-wan:retention", "wan", "embedded",
+           "Embedded model: draft 80% reused across steps with Re-ttention (cache step every 4), 20% dense steps",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8),
+                                 reuse=TemporalReuseConfig(refresh_period=4, retention=True),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     # --- Wan2.1 (DraftAttention code: 0.75, first 25-30% steps and block 0 dense; Rectified: blocks 0-1, 5 steps)
     Preset("wan2.1-t2v-1.3b:draft-75", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
            "DraftAttention 75% (paper default), first 25% steps and block 0 dense",
