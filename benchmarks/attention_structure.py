@@ -11,7 +11,7 @@ averaged over query blocks, heads, layers, steps, branches and prompts. The same
 and random transformer weights (same trained VAE/text encoder, same prompts and seeds) is the baseline; uniform
 attention would give ``top_k / num_blocks``.
 
-    python benchmarks/attention_structure.py                  # prints a table, writes results/attention_structure-cpu.json
+    python benchmarks/attention_structure.py        # table + benchmarks/results/attention_structure-cpu.json
     python benchmarks/attention_structure.py --steps 8 --prompts 2 --no-write
 """
 
@@ -187,13 +187,15 @@ def main(argv=None) -> int:
     print(f"{'statistic':<28}{'trained':>10}{'random':>10}{'uniform':>10}")
     for key, t in res["trained"]["blocks"].items():
         r = res["random"]["blocks"][key]
-        print(f"{key + ' ' + 'x'.join(map(str, t['tile'])):<28}{t['mass']:>10.3f}{r['mass']:>10.3f}{t['uniform']:>10.3f}")
-    print(f"{'token top10 mass':<28}{res['trained']['token_top10_mass']:>10.3f}{res['random']['token_top10_mass']:>10.3f}"
-          f"{0.1:>10.3f}")
+        name = key + " " + "x".join(map(str, t["tile"]))
+        print(f"{name:<28}{t['mass']:>10.3f}{r['mass']:>10.3f}{t['uniform']:>10.3f}")
+    print(f"{'token top10 mass':<28}{res['trained']['token_top10_mass']:>10.3f}"
+          f"{res['random']['token_top10_mass']:>10.3f}{0.1:>10.3f}")
     print(f"{'normalized entropy':<28}{res['trained']['normalized_entropy']:>10.3f}"
           f"{res['random']['normalized_entropy']:>10.3f}{1.0:>10.3f}")
-    print("per layer (block16 top10): trained", {k: round(v, 3) for k, v in res["trained"]["per_layer_block16_top10"].items()},
-          "random", {k: round(v, 3) for k, v in res["random"]["per_layer_block16_top10"].items()})
+    per_layer = {kind: {k: round(v, 3) for k, v in res[kind]["per_layer_block16_top10"].items()}
+                 for kind in ("trained", "random")}
+    print("per layer (block16 top10): trained", per_layer["trained"], "random", per_layer["random"])
     if not args.no_write:
         print("wrote", write_json("attention_structure", payload))
     return 0

@@ -79,9 +79,8 @@ def test_loads_offline_through_from_pretrained(pipe):
 
 
 def test_default_prompt_renders_recognisably(pipe):
-    prompt = tm.DEFAULT_PROMPTS[0]
+    prompt = tm.DEFAULT_PROMPTS[0]  # a red circle moving right
     call = {**tm.DEFAULT_CALL, "num_inference_steps": 10}
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     video = pipe(prompt, negative_prompt=tm.DEFAULT_NEGATIVE_PROMPT, generator=torch.Generator().manual_seed(0),
                  **call).frames[0]
@@ -91,25 +90,58 @@ def test_default_prompt_renders_recognisably(pipe):
     assert np.isfinite(video).all() and video.min() >= 0.0 and video.max() <= 1.0
     spec = syn.parse_prompt(prompt)
     d = syn.describe_clip(video)
-    assert d["visible_frames"] >= 15, d
-    assert d["colour"] == spec.colour, d
+    assert d["visible_frames"] == 17, d
+    assert d["colour"] == spec.colour and d["shape"] == spec.shape, d
     assert d["motion"] == spec.motion, d
-    # the object travels a clear distance in the prompted direction (right: +x)
-    assert d["dx"] > 0.2, d
+    # the object travels a clear distance in the prompted direction (right: +x), staying at about the same height
+    assert d["dx"] > 0.25 and abs(d["dy"]) < 0.1, d
+    # one compact object, not a smear over the frame
+    assert 0.01 < d["fg_fraction"] < 0.15, d
 
 
-def test_prompts_change_the_video(pipe):
-    """Same seed, different prompts: the colour follows the text (the model is conditioned).
-
-    Only colour is asserted here: the CPU-trained model gets colour right for every default prompt but shape and
-    direction only for some (final eval: colour 6/6, shape 2/6, motion 1/6; see README "The embedded model").
-    """
+@pytest.mark.parametrize("prompt", ["a blue square moving left", "a yellow triangle moving down",
+                                    "a green circle moving up", "a white square bouncing"])
+def test_colour_and_motion_follow_the_prompt(pipe, prompt):
+    """Same seed for every prompt: colour and direction come from the text (all five motions covered)."""
     call = {**tm.DEFAULT_CALL, "num_inference_steps": 8}
-    videos = {}
-    for prompt in ("a blue square moving left", "a yellow triangle moving down", "a green circle moving up"):
-        videos[prompt] = pipe(prompt, negative_prompt="", generator=torch.Generator().manual_seed(1),
-                              **call).frames[0]
-        m = syn.matches_prompt(videos[prompt], prompt)
-        assert m["colour"], (prompt, m["described"])
-    a, b = list(videos.values())[:2]
-    assert np.abs(a - b).mean() > 0.01
+    video = pipe(prompt, negative_prompt="", generator=torch.Generator().manual_seed(1), **call).frames[0]
+    m = syn.matches_prompt(video, prompt)
+    assert m["colour"] and m["motion"], (prompt, m["described"])
+
+
+def test_render_is_deterministic(pipe):
+    call = {**tm.DEFAULT_CALL, "num_inference_steps": 4}
+    a = pipe(tm.DEFAULT_PROMPTS[1], generator=torch.Generator().manual_seed(3), **call).frames[0]
+    b = pipe(tm.DEFAULT_PROMPTS[1], generator=torch.Generator().manual_seed(3), **call).frames[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_training_recipe_runs(tmp_path):
+    """A few steps of every stage of the recipe, one process: writes a loadable diffusers folder."""
+    from dit_sparse import train_tiny
+
+    out = tmp_path / "tiny_wan"
+    threads = torch.get_num_threads()
+    try:
+        rc = train_tiny.main(["--out", str(out), "--work", str(tmp_path / "work"), "--minutes", "2", "--reserve", "0",
+                              "--steps-vae", "2", "--steps-dit", "2", "--clips", "8", "--procs", "1", "--batch", "2",
+                              "--eval-every", "100", "--eval-steps", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert (out / "training_summary.json").is_file() and (tmp_path / "work" / "vae_stage1.pt").is_file()
+    loaded = tm.build_pipeline(out)
+    assert loaded.transformer.config.in_channels == tm.TRANSFORMER_CONFIG["in_channels"]
+    assert loaded.vae.config.latents_std != [1.0] * loaded.vae.config.z_dim
+
+
+def test_attention_structure_benchmark_smoke():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-W", "ignore", "benchmarks/attention_structure.py", "--steps", "2",
+                          "--prompts", "1", "--no-write"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "block16_top10" in res.stdout
