@@ -3,7 +3,7 @@
 Speed does not depend on weight values, so the real architectures are built from their configs with random
 weights. For each model it times one transformer forward (one denoising call) dense and under each preset
 (warm-up switched off, so the sparse step itself is timed; dense *layers* stay dense), measures the attention
-share of a dense step (self-attention op time x layers / step time), and reports:
+share of a dense step (the step timed with every SDPA call returning its query, subtracted), and reports:
 
 * ``step_speedup``: dense step / sparse step;
 * ``run_speedup``: a 50-step run with the preset's dense warm-up steps, ``50 T_d / (w T_d + (50 - w) T_s)``;
@@ -21,6 +21,7 @@ Wan2.1-1.3B 480p >= 2.0x with no warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -119,9 +120,22 @@ def tokens(model: Model, cfg: dict) -> int:
 
 
 def attention_op_ms(model: Model, n_video: int, device, dtype) -> float:
+    """One unmasked self-attention op at the model's shape, SDPA's own backend choice (for reference)."""
     s = n_video + model.text_in_self_attn
     q, k, v = (torch.randn(1, model.heads, s, model.head_dim, device=device, dtype=dtype) for _ in range(3))
     return bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=5)
+
+
+@contextlib.contextmanager
+def attention_removed():
+    """Every SDPA call returns its query: a dense step without attention, so ``dense - this`` is the attention
+    time *as diffusers runs it* (with its masks and backend choice), not an idealised op time."""
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda query, *args, **kwargs: query
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
 
 
 def no_warmup(config):
@@ -137,10 +151,14 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
                                                           for k in ("num_layers", "num_single_layers"))
     n_video = tokens(model, cfg)
     dense_ms = bench(lambda: tr(**kw), rep=rep)
-    attn_ms = attention_op_ms(model, n_video, device, dtype) * n_attn
-    share = min(attn_ms / dense_ms, 1.0)
+    with attention_removed():
+        no_attn_ms = bench(lambda: tr(**kw), rep=rep)
+    attn_ms = max(dense_ms - no_attn_ms, 0.0)
+    share = attn_ms / dense_ms
+    op_ms = attention_op_ms(model, n_video, device, dtype)
     print(f"\n{model.name}: {n_video} video tokens, {n_attn} attention layers; dense step {dense_ms:.1f} ms, "
-          f"attention {attn_ms:.1f} ms = {share:.1%} of the step")
+          f"without attention {no_attn_ms:.1f} ms -> attention {attn_ms:.1f} ms = {share:.1%} of the step "
+          f"({attn_ms / n_attn:.1f} ms per layer as diffusers runs it; unmasked SDPA op {op_ms:.1f} ms)")
     rows = []
     for name in model.presets:
         preset = dit_sparse.get_preset(name)
@@ -154,7 +172,9 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
         d = density if density is not None else 1.0
         limit = 1.0 / (w + (1 - w) * ((1 - share) + share * d))
         rows.append({"model": model.name, "preset": name, "video_tokens": n_video, "layers": n_attn,
-                     "dense_step_ms": dense_ms, "sparse_step_ms": sparse_ms, "attention_share": share,
+                     "dense_step_ms": dense_ms, "no_attention_step_ms": no_attn_ms,
+                     "attention_layer_ms": attn_ms / n_attn, "unmasked_sdpa_op_ms": op_ms,
+                     "sparse_step_ms": sparse_ms, "attention_share": share,
                      "density": d, "warmup_steps": warm, "step_speedup": dense_ms / sparse_ms,
                      "run_speedup": run_speedup, "amdahl_limit": limit, "of_limit": run_speedup / limit})
         print(f"  {name}: sparse step {sparse_ms:.1f} ms, density {d:.3f}, step x{dense_ms / sparse_ms:.2f}, "
