@@ -3,19 +3,24 @@
 For each method variant and density, renders the same prompts and seeds dense and sparse and reports PSNR / SSIM
 (LPIPS where its weights exist locally) of sparse vs dense, plus the mean per-layer relative L2 error of the
 attention output (each sparse call is checked against the stock attention on the same q, k, v). Every step and
-layer runs sparse (no dense warm-up, no dense layers): the hardest setting, so differences between methods show.
+layer runs sparse (no dense warm-up, no dense layers): the hardest setting, so differences between methods show;
+``--dense-fraction 0.2`` runs the first 20% of the steps dense in every variant (how the presets ship).
 
 Variants (the ablation):
   top-k (oracle)       the k key blocks with the largest TRUE attention mass per query block (an upper bound for
                        selection quality; it costs a full attention map, so it is no method to ship)
   draft                DraftAttention row_topk on pooled q/k
-  draft+rect           draft selection + pooled rectification epilogue (IPAR + GAPR)
+  draft+rect           draft selection + pooled rectification epilogue (IPAR + GAPR), per query block
+  draft+rect (row)     draft selection + per-row rectification (combine="row": exact read keys and pooled
+                       skipped blocks in one softmax per query row, per-row GAPR)
   draft+rect+reuse     ... with the plan reused for 3 steps
   neighborhood         3-D tile window with the density closest to the target
 
-Writes benchmarks/results/fidelity-cpu.json, fidelity.md (tables) and fidelity.png (density vs PSNR).
+Writes benchmarks/results/fidelity-cpu.json, fidelity.md (tables) and fidelity.png (density vs PSNR); with
+``--dense-fraction F`` the names carry ``-denseNN`` (fidelity-dense20-cpu.json, ...).
 
     python benchmarks/fidelity.py                  # about 10 minutes on 2 CPU cores
+    python benchmarks/fidelity.py --dense-fraction 0.2
     python benchmarks/fidelity.py --prompts 1 --steps 6 --densities 0.25   # quick look
 """
 
@@ -44,7 +49,7 @@ from dit_sparse.methods.base import forced_mask  # noqa: E402
 from dit_sparse.methods.composite import SparseAttention  # noqa: E402
 from dit_sparse.render import Job, Renderer  # noqa: E402
 
-VARIANTS = ("top-k (oracle)", "draft", "draft+rect", "draft+rect+reuse", "neighborhood")
+VARIANTS = ("top-k (oracle)", "draft", "draft+rect", "draft+rect (row)", "draft+rect+reuse", "neighborhood")
 DENSITIES = (0.5, 0.25, 0.1)
 
 
@@ -85,14 +90,18 @@ def neighborhood_for(density: float, renderer: Renderer, base: SparseAttentionCo
     return best[1]
 
 
-def variant_config(name: str, density: float, renderer: Renderer, base: SparseAttentionConfig):
+def variant_config(name: str, density: float, renderer: Renderer, base: SparseAttentionConfig,
+                   dense_fraction: float = 0.0):
     sparsity = 1 - density
-    common = dict(tile=base.tile, block_size=base.block_size, dense=DensePolicy(), backend=base.backend)
+    common = dict(tile=base.tile, block_size=base.block_size, dense=DensePolicy(dense_fraction=dense_fraction),
+                  backend=base.backend)
     draft = DraftAttentionConfig(sparsity=sparsity)
     if name in ("top-k (oracle)", "draft"):
         return SparseAttentionConfig(draft=draft, **common)
     if name == "draft+rect":
         return SparseAttentionConfig(draft=draft, rectification=PooledRectificationConfig(), **common)
+    if name == "draft+rect (row)":
+        return SparseAttentionConfig(draft=draft, rectification=PooledRectificationConfig(combine="row"), **common)
     if name == "draft+rect+reuse":
         return SparseAttentionConfig(draft=draft, rectification=PooledRectificationConfig(),
                                      reuse=TemporalReuseConfig(refresh_period=3, retention=False), **common)
@@ -131,7 +140,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--dense-fraction", type=float, default=0.0,
+                    help="first fraction of the steps dense in every variant (0: every step sparse)")
     args = ap.parse_args(argv)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}; expected some of {', '.join(VARIANTS)}")
+    tag = "fidelity" if args.dense_fraction == 0 else f"fidelity-dense{round(args.dense_fraction * 100)}"
     from dit_sparse.pipelines.presets import TINY_DEFAULT_PRESET, get_preset
     from dit_sparse.tiny_model import DEFAULT_PROMPTS
 
@@ -147,7 +162,7 @@ def main(argv=None) -> int:
     rows = []
     for density in (float(d) for d in args.densities.split(",")):
         for name in args.variants.split(","):
-            cfg = variant_config(name, density, renderer, base)
+            cfg = variant_config(name, density, renderer, base, args.dense_fraction)
             per = []
             for job in jobs:
                 frames, secs, achieved, errors = render_variant(renderer, job, name, cfg)
@@ -170,17 +185,18 @@ def main(argv=None) -> int:
     print_table(rows, cols)
     payload = {"environment": environment(), "model": "embedded tiny Wan (trained)",
                "prompts": [j.prompt for j in jobs], "seeds": args.seeds,
-               "steps": renderer._call_kwargs(jobs[0])["num_inference_steps"], "rows": rows}
-    path = write_json("fidelity", payload)
-    write_markdown(rows, RESULTS / "fidelity.md", payload)
-    plot(rows, RESULTS / "fidelity.png")
-    print(f"\nwrote {path}, {RESULTS / 'fidelity.md'}, {RESULTS / 'fidelity.png'}")
+               "steps": renderer._call_kwargs(jobs[0])["num_inference_steps"], "dense_fraction": args.dense_fraction,
+               "rows": rows}
+    path = write_json(tag, payload)
+    write_markdown(rows, RESULTS / f"{tag}.md", payload)
+    plot(rows, RESULTS / f"{tag}.png", payload)
+    print(f"\nwrote {path}, {RESULTS / f'{tag}.md'}, {RESULTS / f'{tag}.png'}")
     return 0
 
 
 def write_markdown(rows, path: Path, payload) -> None:
     lines = [f"Embedded tiny model, {len(payload['prompts'])} prompts x {payload['seeds']} seed(s), "
-             f"{payload['steps']} steps, every step and layer sparse. PSNR/SSIM of sparse vs dense render; "
+             f"{payload['steps']} steps, {_schedule(payload)}. PSNR/SSIM of sparse vs dense render; "
              "layer error = mean relative L2 error of the attention output vs stock attention.", "",
              "| target density | variant | achieved density | PSNR (dB) | SSIM | layer rel. error |",
              "|---|---|---|---|---|---|"]
@@ -190,7 +206,12 @@ def write_markdown(rows, path: Path, payload) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows, path: Path) -> None:
+def _schedule(payload) -> str:
+    f = payload.get("dense_fraction", 0.0)
+    return "every step and layer sparse" if not f else f"first {f:.0%} of the steps dense, the rest sparse"
+
+
+def plot(rows, path: Path, payload) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +223,7 @@ def plot(rows, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("achieved density (fraction of attention computed)")
     ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title("Embedded tiny model: quality vs density")
+    ax.set_title(f"Embedded tiny model: quality vs density\n({_schedule(payload)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from .composite import DensePolicy, SparseAttention, SparseAttentionConfig, dense_attention
 from .draft_attention import DraftAttentionConfig, draft_map, draft_mask, draft_plan
 from .neighborhood import NeighborhoodConfig, neighborhood_attention, neighborhood_mask, neighborhood_plan
-from .pooled_rectification import PooledRectificationConfig, rectification_terms, rectified_mask, rectified_plan
+from .pooled_rectification import (
+    PooledRectificationConfig,
+    rectification_terms,
+    rectified_attention,
+    rectified_mask,
+    rectified_plan,
+)
 from .temporal_reuse import ReuseCache, TemporalReuseConfig, TemporalReuseState, reuse_attention
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "neighborhood_plan",
     "rectification_terms",
     "rectified_mask",
+    "rectified_attention",
     "rectified_plan",
     "reuse_attention",
 ]

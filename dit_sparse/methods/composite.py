@@ -41,6 +41,8 @@ from .pooled_rectification import (
     PooledRectificationConfig,
     block_statistics,
     ipar_probabilities,
+    merge_partials,
+    pooled_remainder,
     rectification_terms,
     select_critical_blocks,
 )
@@ -155,6 +157,12 @@ class SparseAttentionConfig:
                 "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
                 "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
                 "reuse plans with rectification, or drop rectification to use Re-ttention.")
+        if self.rectification is not None and self.rectification.rectify \
+                and self.rectification.combine == "row" and self.reuse is not None:
+            raise NotImplementedError(
+                "PooledRectificationConfig(combine='row') merges a per-row pooled remainder after the kernel and is "
+                "not combined with temporal reuse (whose reused plans carry a per-block epilogue). Use "
+                "combine='block' with reuse, or drop reuse.")
         if self.neighborhood is not None and self.neighborhood.exact:
             raise NotImplementedError(
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
@@ -260,7 +268,7 @@ class SparseAttention:
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
         rect = self.config.rectification
-        if rect is None or not rect.rectify:
+        if rect is None or not rect.rectify or rect.combine == "row":  # "row": merged after the kernel
             return None
 
         def epilogue(plan: SparsePlan) -> SparsePlan:
@@ -306,9 +314,16 @@ class SparseAttention:
         else:
             mask = build()
             plan = plan_from_mask(mask, layout)
-            if epilogue is not None:
-                plan = epilogue(plan)
-            out = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend)
+            rect = cfg.rectification
+            if rect is not None and rect.rectify and rect.combine == "row":
+                out, lse = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend,
+                                                  return_lse=True)
+                rest = pooled_remainder(qp, layout, mask, rect, stats.scale, stats=stats()[0])
+                out = merge_partials(out, lse, *rest)
+            else:
+                if epilogue is not None:
+                    plan = epilogue(plan)
+                out = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend)
             self._densities[layer] = mask
         return layout.unpermute(out)
 

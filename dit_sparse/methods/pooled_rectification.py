@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import TokenLayout
+from ..ops import block_sparse_attention
 from ..plan import SparsePlan
 from .base import check_permuted, forced_mask, plan_from_mask, pool_blocks
 
@@ -48,10 +49,14 @@ __all__ = [
     "BlockStatistics",
     "PooledRectificationConfig",
     "block_statistics",
+    "COMBINE_MODES",
     "gapr_reliable",
     "ipar_probabilities",
+    "merge_partials",
     "neighbour_mask",
+    "pooled_remainder",
     "rectification_terms",
+    "rectified_attention",
     "rectified_mask",
     "rectified_plan",
     "select_critical_blocks",
@@ -60,6 +65,12 @@ __all__ = [
 #: absolute slack added before flooring ``(1 - sparsity) * Nv`` so that binary round-off (0.8 -> 0.19999...)
 #: never drops a block from the top-k floor: int(0.2 * 900) would otherwise be 179
 _FLOOR_EPS = 1e-6
+
+#: ``"block"``: reference per-query-block epilogue; ``"row"``: per-row LSE merge with the pooled remainder
+COMBINE_MODES = ("block", "row")
+
+#: elements of one chunk of per-row pooled logits ``[B, h, Pv, Nv]`` in :func:`pooled_remainder`
+_ROW_CHUNK = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -82,6 +93,13 @@ class PooledRectificationConfig:
             frame 0 read each other fully (only when ``frames > 1``; it is not a global sink).
         rectify (`bool`, defaults to True): attach the epilogue ``(R, c)`` to the plan. ``False`` keeps only the
             selection (plain block-sparse attention on the same blocks).
+        combine (`str`, defaults to ``"block"``): how the pooled estimate meets the sparse output.
+            ``"block"`` is the reference: ``O_u = R_i * SparseAttn_u + c_i`` with ``R``, ``c`` per query block in the
+            kernel epilogue. ``"row"`` [ours] keeps the exact softmax normalisation of the blocks read and pools
+            only the skipped ones, per query row: one softmax over the exact logits of the read keys and the pooled
+            logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), computed as an
+            LSE merge of the sparse kernel's ``(out, lse)`` with :func:`pooled_remainder` (see
+            :func:`merge_partials`). GAPR per row compares ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
 
     Example::
 
@@ -95,6 +113,7 @@ class PooledRectificationConfig:
     gapr: bool = True
     first_frame_dense: bool = False
     rectify: bool = True
+    combine: str = "block"
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
@@ -107,6 +126,9 @@ class PooledRectificationConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"PooledRectificationConfig.{name} must be a bool, got {v!r} "
                                  f"({type(v).__name__}).")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"PooledRectificationConfig.combine must be one of {COMBINE_MODES}, got "
+                             f"{self.combine!r}.")
 
     def top_k(self, num_video_blocks: int) -> int:
         """The top-k floor ``int((1 - sparsity) * num_video_blocks)`` (guarded against binary round-off)."""
@@ -447,7 +469,21 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
     """
     config = PooledRectificationConfig() if config is None else config
     _check_config(config)
+    if config.rectify and config.combine == "row":
+        raise ValueError("rectified_plan: combine='row' merges a per-row pooled remainder after the kernel, which a "
+                         "SparsePlan epilogue (per query block) cannot hold. Use rectified_attention(...) (or the "
+                         "composite SparseAttention), or PooledRectificationConfig(combine='block').")
     scale = _check_scale(q_perm, scale)
+    stats, p_tilde, mask = _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask)
+    plan = plan_from_mask(mask, layout)
+    if not config.rectify:
+        return plan
+    r, c = rectification_terms(q_perm, k_perm, v_perm, layout, mask, config, scale, stats=stats, p_tilde=p_tilde)
+    return plan.with_epilogue(out_scale=r, out_bias=c.transpose(1, 2))
+
+
+def _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask):
+    """Pooled statistics, their IPAR probabilities and the final block mask (given, or the selection)."""
     stats = block_statistics(q_perm, k_perm, v_perm if config.rectify else None, layout,
                              deviations=config.rectify and config.gapr)
     p_tilde = ipar_probabilities(stats, scale)
@@ -456,8 +492,102 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
     else:
         mask = _normalise_mask(mask, layout, q_perm.device) | forced_mask(layout, diagonal=False,
                                                                            device=q_perm.device)
-    plan = plan_from_mask(mask, layout)
-    if not config.rectify:
-        return plan
-    r, c = rectification_terms(q_perm, k_perm, v_perm, layout, mask, config, scale, stats=stats, p_tilde=p_tilde)
-    return plan.with_epilogue(out_scale=r, out_bias=c.transpose(1, 2))
+    return stats, p_tilde, mask
+
+
+def rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
+                        config: PooledRectificationConfig | None = None, scale: float | None = None,
+                        mask: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Rectified sparse attention on permuted ``[B, P, H, D]`` tensors, in either ``config.combine`` mode.
+
+    ``"block"``: :func:`rectified_plan` through :func:`~dit_sparse.block_sparse_attention` (the epilogue runs in
+    the kernel). ``"row"``: the plain sparse plan with ``return_lse=True``, then :func:`merge_partials` with
+    :func:`pooled_remainder`. ``mask`` as in :func:`rectified_plan`; ``backend`` as in the op. Returns the
+    permuted output ``[B, P, H, D]`` in the input dtype.
+    """
+    config = PooledRectificationConfig() if config is None else config
+    _check_config(config)
+    if not config.rectify or config.combine == "block":
+        plan = rectified_plan(q_perm, k_perm, v_perm, layout, config, scale, mask)
+        return block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, backend=backend)
+    scale = _check_scale(q_perm, scale)
+    stats, _, mask = _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask)
+    out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan_from_mask(mask, layout), scale=scale,
+                                      return_lse=True, backend=backend)
+    return merge_partials(out, lse, *pooled_remainder(q_perm, layout, mask, config, scale, stats=stats))
+
+
+# ---------------------------------------------------------------------------------------------------- per-row merge
+def pooled_remainder(q_perm: torch.Tensor, layout: TokenLayout, mask: torch.Tensor,
+                     config: PooledRectificationConfig, scale: float | None = None, *,
+                     stats: BlockStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-row pooled attention over the skipped, reliable video blocks (``combine="row"``).
+
+    For video query row ``u`` of block ``i`` and every video key block ``j`` that ``mask`` does not read in row
+    ``i`` and whose pooled estimate is reliable for ``u`` (``config.gapr``: ``|q_u · k̄_j| > |q_u · b_j|``; a
+    single query token has no query deviation)::
+
+        ℓ_uj = q_u · k̄_j * scale + log n_j        lse_u = logsumexp_j ℓ_uj        out_u = Σ_j softmax(ℓ_u)_j v̄_j
+
+    i.e. the skipped block stands in as ``n_j`` copies of its mean key and value. Merged with the exact sparse
+    attention by :func:`merge_partials`, this is one softmax over the exact read keys and the pooled skipped
+    blocks. Rows with nothing to compensate (text rows, padding slots, fully read rows) get ``lse = -inf`` and
+    ``out = 0``. Chunked over heads so the ``[B, h, Pv, Nv]`` logits stay bounded.
+
+    Args:
+        q_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted queries.
+        layout (`TokenLayout`), mask (`torch.Tensor`, bool ``[B|1, H|1, N, N]`` or ``[N, N]``): the block mask the
+            sparse kernel runs. config (`PooledRectificationConfig`), scale (`float`, *optional*).
+        stats (`BlockStatistics`): from :func:`block_statistics` with ``v_perm`` (and deviations when
+            ``config.gapr``).
+
+    Returns:
+        ``out`` float32 ``[B, P, H, D]`` and ``lse`` float32 ``[B, H, P]``.
+    """
+    _check_config(config)
+    check_permuted(q_perm, layout, "q_perm")
+    scale = _check_scale(q_perm, scale)
+    if stats.v_mean is None or (config.gapr and stats.k_dev is None):
+        raise ValueError("pooled_remainder needs v_mean (and k_dev with gapr=True) in stats; build them with "
+                         "block_statistics(q, k, v, layout).")
+    b, p, h, d = q_perm.shape
+    nv, bs = layout.num_video_blocks, layout.block_size
+    mask = _normalise_mask(mask, layout, q_perm.device)[..., :nv, :nv]
+    out = torch.zeros(b, h, p, d, dtype=torch.float32, device=q_perm.device)
+    lse = torch.full((b, h, p), float("-inf"), dtype=torch.float32, device=q_perm.device)
+    log_n = stats.counts.log().view(1, 1, 1, nv)
+    step = max(1, _ROW_CHUNK // max(1, b * nv * bs * nv))
+    for h0 in range(0, h, step):
+        hs = slice(h0, min(h, h0 + step))
+        q = q_perm[:, : nv * bs, hs].to(torch.float32).transpose(1, 2)  # [B, h, Pv, D]
+        k_mean = stats.k_mean[:, hs]
+        dots = torch.matmul(q, k_mean.transpose(-1, -2))  # [B, h, Pv, Nv]
+        skipped = ~mask[:, hs if mask.shape[1] > 1 else slice(None)].repeat_interleave(bs, dim=-2)
+        if config.gapr:
+            skipped = skipped & (dots.abs() > torch.matmul(q, stats.k_dev[:, hs].transpose(-1, -2)).abs())
+        logits = (dots * scale + log_n).masked_fill(~skipped, float("-inf"))
+        row_lse = torch.logsumexp(logits, dim=-1)
+        weights = torch.exp(logits - row_lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+        out[:, hs, : nv * bs] = torch.matmul(weights, stats.v_mean[:, hs])
+        lse[:, hs, : nv * bs] = row_lse
+    return out.transpose(1, 2), lse
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, other_out: torch.Tensor,
+                   other_lse: torch.Tensor) -> torch.Tensor:
+    """Merge two partial softmax attentions over disjoint key sets by their log-sum-exps.
+
+    ``out [B, S, H, D]`` with ``lse [B, H, S]`` and ``other_out`` / ``other_lse`` alike ->
+    ``(e^lse out + e^other_lse other_out) / (e^lse + e^other_lse)`` in ``out.dtype`` (computed in float32).
+    A row where one side is ``-inf`` takes the other side as is; a row where both are takes ``out``.
+    """
+    m = torch.maximum(lse, other_lse)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp(lse - m), torch.exp(other_lse - m)
+    total = w_a + w_b
+    keep = total == 0  # both -inf
+    w_a = torch.where(keep, torch.ones_like(w_a), w_a / torch.where(keep, torch.ones_like(total), total))
+    w_b = torch.where(keep, torch.zeros_like(w_b), w_b / torch.where(keep, torch.ones_like(total), total))
+    merged = w_a.transpose(1, 2).unsqueeze(-1) * out.to(torch.float32) \
+        + w_b.transpose(1, 2).unsqueeze(-1) * other_out.to(torch.float32)
+    return merged.to(out.dtype)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["block_members", "rectification_reference", "select_reference", "rectified_attention_reference",
-           "top_k_reference"]
+           "row_rectified_attention_reference", "top_k_reference"]
 
 
 def block_members(layout) -> list[list[int]]:
@@ -202,4 +202,48 @@ def rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value:
                 p = np.exp(s - s.max(-1, keepdims=True))
                 o = (p / p.sum(-1, keepdims=True)) @ v[b, cols, h]
                 out[b, rows, h] = R_np[b, h, i] * o + c_np[b, h, i]
+    return torch.from_numpy(out)
+
+
+def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout,
+                                      mask: torch.Tensor, *, scale: float | None = None,
+                                      gapr: bool = True) -> torch.Tensor:
+    """``combine="row"`` rectification on model-order ``[B, S, H, D]``, float64, one softmax per query row.
+
+    Video query row ``u`` of block ``i`` attends, in a single softmax, to the exact keys of every block ``mask``
+    reads in row ``i`` and to each video block ``j`` it skips as one pooled key ``k̄_j`` of weight ``n_j`` and
+    value ``v̄_j`` — when ``gapr``, only if ``|q_u · k̄_j| > |q_u · b_j|`` (``b_j`` = mean absolute key deviation).
+    Text query rows attend to their read blocks only. Rows with no key at all are 0. No LSE merge is used, so this
+    checks the implementation's merge independently.
+    """
+    q, k, v = (_np(t) for t in (query, key, value))
+    B, S, H, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    members = block_members(layout)
+    n, nv = len(members), layout.num_video_blocks
+    mask_np = np.broadcast_to(mask.detach().cpu().numpy().astype(bool), (B, H, n, n))
+    out = np.zeros((B, S, H, D))
+    for b in range(B):
+        for h in range(H):
+            km = [k[b, members[j], h].mean(0) for j in range(nv)]
+            vm = [v[b, members[j], h].mean(0) for j in range(nv)]
+            kd = [np.abs(k[b, members[j], h] - km[j]).mean(0) for j in range(nv)]
+            for i in range(n):
+                cols = [t for j in range(n) if mask_np[b, h, i, j] for t in members[j]]
+                for u in members[i]:
+                    logits = [float(q[b, u, h] @ k[b, t, h]) * scale for t in cols]
+                    values = [v[b, t, h] for t in cols]
+                    if i < nv:
+                        for j in range(nv):
+                            if mask_np[b, h, i, j]:
+                                continue
+                            dot = float(q[b, u, h] @ km[j])
+                            if gapr and not abs(dot) > abs(float(q[b, u, h] @ kd[j])):
+                                continue
+                            logits.append(dot * scale + math.log(len(members[j])))
+                            values.append(vm[j])
+                    if not logits:
+                        continue
+                    w = np.exp(np.array(logits) - max(logits))
+                    out[b, u, h] = (w / w.sum()) @ np.stack(values)
     return torch.from_numpy(out)

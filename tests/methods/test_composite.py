@@ -104,7 +104,7 @@ def test_dense_policy_in_the_engine():
 
 def fidelity_errors(layout, sparsity, seeds=(0, 1), noise=0.0, length_scale=0.25):
     """Relative output error vs dense at (almost) equal density: random blocks, draft, draft+rectification."""
-    errs = {"random": [], "draft": [], "draft+rect": []}
+    errs = {"random": [], "draft": [], "draft+rect": [], "draft+rect (row)": []}
     for seed in seeds:
         q, k, v = structured_qkv(layout, heads=2, dim=32, seed=seed, noise=noise, length_scale=length_scale)
         dense = dense_attention(q, k, v)
@@ -122,7 +122,9 @@ def fidelity_errors(layout, sparsity, seeds=(0, 1), noise=0.0, length_scale=0.25
         errs["random"].append(rel_error(layout.unpermute(out_rnd), dense))
         for name, cfg in (("draft", SparseAttentionConfig(draft=draft)),
                           ("draft+rect", SparseAttentionConfig(draft=draft,
-                                                               rectification=PooledRectificationConfig()))):
+                                                               rectification=PooledRectificationConfig())),
+                          ("draft+rect (row)", SparseAttentionConfig(
+                              draft=draft, rectification=PooledRectificationConfig(combine="row")))):
             out = SparseAttention(dataclasses.replace(cfg, backend="torch"))(q, k, v, layout=layout, step=0)
             errs[name].append(rel_error(out, dense))
     return {k: sum(v) / len(v) for k, v in errs.items()}
@@ -139,6 +141,26 @@ def test_structured_fidelity_ordering(sparsity):
     layout = TokenLayout(frames=8, height=16, width=24, tile=(1, 4, 8))
     e = fidelity_errors(layout, sparsity)
     assert e["draft+rect"] < e["draft"] < e["random"], e
+    assert e["draft+rect (row)"] < e["draft+rect"], e
+
+
+def test_row_combine_in_the_engine_matches_rectified_attention():
+    """The engine's combine="row" path = rectified_attention on the engine's own mask (one code path)."""
+    from dit_sparse.methods.pooled_rectification import rectified_attention
+
+    layout = LAYOUTS["video-text-before"]
+    q, k, v = structured_qkv(layout, heads=3, batch=2, dtype=torch.float32)
+    rect = PooledRectificationConfig(combine="row")
+    engine = SparseAttention(SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.7), rectification=rect,
+                                                   dense=DensePolicy(dense_heads={1}), backend="torch"))
+    out = engine(q, k, v, layout=layout, step=2, layer=1)
+    mask = engine.masks()[1]
+    assert mask[:, 1].all() and not mask[:, 0].all()  # head 1 dense: nothing to compensate there
+    qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+    want = layout.unpermute(rectified_attention(qp, kp, vp, layout, rect, mask=mask, backend="torch"))
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    dense = dense_attention(q, k, v)
+    torch.testing.assert_close(out[:, :, 1], dense[:, :, 1], atol=1e-5, rtol=1e-5)
 
 
 def test_reuse_with_period_one_equals_no_reuse():
@@ -174,6 +196,9 @@ def test_config_errors():
         SparseAttentionConfig()
     with pytest.raises(NotImplementedError, match="retention=False"):
         SparseAttentionConfig(rectification=PooledRectificationConfig(), reuse=TemporalReuseConfig(retention=True))
+    with pytest.raises(NotImplementedError, match="combine='block'"):
+        SparseAttentionConfig(draft=DraftAttentionConfig(), rectification=PooledRectificationConfig(combine="row"),
+                              reuse=TemporalReuseConfig(retention=False))
     with pytest.raises(ValueError, match="DraftAttentionConfig"):
         SparseAttentionConfig(draft=NeighborhoodConfig())
     with pytest.raises(ValueError, match="dense_steps"):

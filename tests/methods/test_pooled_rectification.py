@@ -22,8 +22,11 @@ from dit_sparse.methods.pooled_rectification import (
     block_statistics,
     gapr_reliable,
     ipar_probabilities,
+    merge_partials,
     neighbour_mask,
+    pooled_remainder,
     rectification_terms,
+    rectified_attention,
     rectified_mask,
     rectified_plan,
     select_critical_blocks,
@@ -31,6 +34,7 @@ from dit_sparse.methods.pooled_rectification import (
 from dit_sparse.reference.rectification import (
     rectification_reference,
     rectified_attention_reference,
+    row_rectified_attention_reference,
     select_reference,
     top_k_reference,
 )
@@ -280,14 +284,17 @@ def test_gapr_rejecting_everything_is_plain_sparse():
 
 
 @pytest.mark.parametrize("name", ["3x5x7_text5_before", "5x3x3_notext"])
-def test_full_density_is_dense(name):
+@pytest.mark.parametrize("combine", ["block", "row"])
+def test_full_density_is_dense(name, combine):
     layout = LAYOUTS[name]
     q, k, v = structured_qkv(layout, batch=2, heads=3, dim=8, noise=0.5, seed=4)
     qp, kp, vp = _permuted(layout, q, k, v)
-    plan = rectified_plan(qp, kp, vp, layout, PooledRectificationConfig(sparsity=0.0, neighbours=False))
-    assert plan.is_dense and plan.density == 1.0
-    assert (plan.out_scale == 1).all() and (plan.out_bias == 0).all()
-    out = dit_sparse.block_sparse_attention(qp, kp, vp, plan, backend="torch")
+    cfg = PooledRectificationConfig(sparsity=0.0, neighbours=False, combine=combine)
+    if combine == "block":
+        plan = rectified_plan(qp, kp, vp, layout, cfg)
+        assert plan.is_dense and plan.density == 1.0
+        assert (plan.out_scale == 1).all() and (plan.out_bias == 0).all()
+    out = rectified_attention(qp, kp, vp, layout, cfg, backend="torch")
     torch.testing.assert_close(layout.unpermute(out), layout.unpermute(_dense_out(layout, qp, kp, vp)),
                                atol=1e-6, rtol=1e-6)
 
@@ -338,6 +345,110 @@ def test_fuzz_against_oracle(frames, height, width, tile, text, before, batch, h
     assert not torch.isnan(dit_sparse.block_sparse_attention(qp, kp, vp, plan, backend="torch")).any()
 
 
+# ---------------------------------------------------------------------------------------------------- combine="row"
+def _random_mask(layout, batch, heads, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = layout.num_blocks
+    return (torch.rand(batch, heads, n, n, generator=g) < density) | forced_mask(layout, diagonal=False)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("gapr", [True, False], ids=["gapr", "naive"])
+def test_row_combine_matches_float64_oracle(name, gapr):
+    """One softmax per row over exact read keys + pooled skipped blocks (oracle: no LSE merge at all)."""
+    layout = LAYOUTS[name]
+    q, k, v = _random_qkv(layout, batch=2, heads=3, dim=8, seed=11)
+    qp, kp, vp = _permuted(layout, q, k, v)
+    mask = _random_mask(layout, 2, 3, 0.35, seed=2)
+    scale = 0.6 / math.sqrt(8)
+    cfg = PooledRectificationConfig(combine="row", gapr=gapr)
+    out = layout.unpermute(rectified_attention(qp, kp, vp, layout, cfg, scale, mask=mask, backend="torch"))
+    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=scale, gapr=gapr)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    # it differs from plain sparse attention on the same mask (something was compensated)
+    plain = rectified_attention_reference(q, k, v, layout, mask, scale=scale)
+    assert rel_error(out, plain) > 1e-3
+
+
+def test_row_remainder_pieces():
+    """Text rows and fully read rows carry lse = -inf and out = 0; skipped unreliable blocks are left out."""
+    layout = LAYOUTS["2x3x5_text9_after"]
+    q, k, v = _random_qkv(layout, batch=1, heads=2, dim=8, seed=3)
+    qp, kp, vp = _permuted(layout, q, k, v)
+    nv, bs = layout.num_video_blocks, layout.block_size
+    mask = _random_mask(layout, 1, 2, 0.4, seed=5)
+    mask[0, 0, 0] = True  # video query block 0 of head 0 reads everything
+    stats = block_statistics(qp, kp, vp, layout)
+    cfg = PooledRectificationConfig(combine="row")
+    out, lse = pooled_remainder(qp, layout, mask, cfg, stats=stats)
+    assert out.shape == qp.shape and out.dtype == lse.dtype == torch.float32 and lse.shape == (1, 2, qp.shape[1])
+    assert torch.isneginf(lse[:, :, nv * bs:]).all() and (out[:, nv * bs:] == 0).all()  # text rows
+    assert torch.isneginf(lse[0, 0, :bs]).all() and (out[0, :bs, 0] == 0).all()  # fully read rows
+    # gapr off compensates at least as many blocks, so its per-row lse is never smaller
+    _, lse_naive = pooled_remainder(qp, layout, mask, dataclasses.replace(cfg, gapr=False), stats=stats)
+    assert (lse_naive[:, :, : nv * bs] >= lse[:, :, : nv * bs]).all()
+    assert (lse_naive[:, :, : nv * bs] > lse[:, :, : nv * bs]).any()
+
+
+def test_merge_partials_edge_cases():
+    out = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]], [[7.0, 8.0]]]])  # [1, 4, 1, 2]
+    other = torch.tensor([[[[-1.0, -2.0]], [[-3.0, -4.0]], [[-5.0, -6.0]], [[-7.0, -8.0]]]])
+    inf = float("inf")
+    lse = torch.tensor([[[0.0, -inf, -inf, 1000.0]]])
+    other_lse = torch.tensor([[[0.0, 2.0, -inf, 0.0]]])
+    merged = merge_partials(out, lse, other, other_lse)
+    torch.testing.assert_close(merged[0, 0], torch.zeros(1, 2))  # equal mass: the mean
+    assert torch.equal(merged[0, 1], other[0, 1])  # one side empty: the other, exactly
+    assert torch.equal(merged[0, 2], out[0, 2])  # both empty: out as is
+    assert torch.equal(merged[0, 3], out[0, 3])  # e^-1000 is nothing; no overflow
+    assert not merged.isnan().any()
+    # merging is associative with an explicit softmax over the union of two disjoint key sets
+    g = torch.Generator().manual_seed(0)
+    s_a, s_b = torch.randn(2, 3, 5, 7, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    v_a, v_b = torch.randn(2, 3, 7, 6, generator=g), torch.randn(2, 3, 4, 6, generator=g)
+    o_a = (s_a.softmax(-1) @ v_a).transpose(1, 2)
+    o_b = (s_b.softmax(-1) @ v_b).transpose(1, 2)
+    want = (torch.cat([s_a, s_b], -1).softmax(-1) @ torch.cat([v_a, v_b], -2)).transpose(1, 2)
+    got = merge_partials(o_a, s_a.logsumexp(-1), o_b, s_b.logsumexp(-1))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert merge_partials(o_a.half(), s_a.logsumexp(-1), o_b, s_b.logsumexp(-1)).dtype == torch.float16
+
+
+def test_row_rectify_false_and_plan_refusal():
+    layout = LAYOUTS["3x5x7_text5_before"]
+    q, k, v = structured_qkv(layout, batch=1, heads=2, dim=8, seed=2)
+    qp, kp, vp = _permuted(layout, q, k, v)
+    row = PooledRectificationConfig(combine="row")
+    with pytest.raises(ValueError, match="rectified_attention"):
+        rectified_plan(qp, kp, vp, layout, row)
+    # rectify=False: the plain selection in both modes
+    plain = rectified_plan(qp, kp, vp, layout, dataclasses.replace(row, rectify=False))
+    got = rectified_attention(qp, kp, vp, layout, dataclasses.replace(row, rectify=False), backend="torch")
+    assert torch.equal(got, dit_sparse.block_sparse_attention(qp, kp, vp, plain, backend="torch"))
+    # combine="block" through rectified_attention is the plan's epilogue
+    block = PooledRectificationConfig()
+    assert torch.equal(rectified_attention(qp, kp, vp, layout, block, backend="torch"),
+                       dit_sparse.block_sparse_attention(qp, kp, vp, rectified_plan(qp, kp, vp, layout, block),
+                                                         backend="torch"))
+
+
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.integers(1, 3), height=st.integers(1, 5), width=st.integers(1, 6),
+       tile=st.sampled_from([(1, 2, 2), (1, 2, 4), (2, 2, 2), (1, 1, 4)]), text=st.integers(0, 5),
+       before=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 2),
+       density=st.sampled_from([0.0, 0.3, 0.6, 1.0]), gapr=st.booleans(), seed=st.integers(0, 2**16))
+def test_row_fuzz_against_oracle(frames, height, width, tile, text, before, batch, heads, density, gapr, seed):
+    layout = TokenLayout(frames=frames, height=height, width=width, text_tokens=text,
+                         text_position="before" if before else "after", tile=tile)
+    q, k, v = _random_qkv(layout, batch, heads, 4, seed)
+    qp, kp, vp = _permuted(layout, q, k, v)
+    mask = _random_mask(layout, batch, heads, density, seed)
+    cfg = PooledRectificationConfig(combine="row", gapr=gapr)
+    out = layout.unpermute(rectified_attention(qp, kp, vp, layout, cfg, 0.5, mask=mask, backend="torch"))
+    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=0.5, gapr=gapr)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------------- fidelity
 FIDELITY_LAYOUT = TokenLayout(frames=2, height=16, width=16, text_tokens=16, tile=(1, 4, 4))  # 32 video blocks
 
@@ -355,13 +466,16 @@ def _errors(layout, density, **qkv_kwargs):
         out = dit_sparse.block_sparse_attention(qp, kp, vp, plan, backend="torch")
         errs[name] = rel_error(layout.unpermute(out), dense)
     assert all(torch.equal(masks[0], m) for m in masks)  # equal density: the very same blocks
+    row = rectified_attention(qp, kp, vp, layout, dataclasses.replace(cfg, combine="row"), mask=masks[0],
+                              backend="torch")
+    errs["row"] = rel_error(layout.unpermute(row), dense)
     return errs
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25, 0.1])
 def test_fidelity_rectified_beats_plain_sparse(density):
     errs = _errors(FIDELITY_LAYOUT, density)
-    assert errs["gapr"] < errs["plain"], errs
+    assert errs["row"] < errs["gapr"] < errs["plain"], errs  # per-row combine: the smallest error
 
 
 @pytest.mark.parametrize("density", [0.25, 0.1])
@@ -377,6 +491,7 @@ def test_fidelity_high_within_block_variance(density):
     """Large i.i.d. token noise: pooled estimates are poor; GAPR must not make things worse than plain sparse."""
     errs = _errors(FIDELITY_LAYOUT, density, noise=2.0)
     assert errs["gapr"] <= errs["plain"], errs
+    assert errs["row"] <= errs["plain"], errs
 
 
 def test_fidelity_gapr_limits_damage_where_pooling_misleads():
@@ -385,13 +500,15 @@ def test_fidelity_gapr_limits_damage_where_pooling_misleads():
     errs = _errors(FIDELITY_LAYOUT, 0.25, length_scale=0.05, sharpness=12.0)
     assert errs["naive"] > errs["plain"], errs
     assert errs["gapr"] < errs["naive"], errs
+    # the per-row combine keeps each row's exact normalisation and per-row GAPR: it still helps here
+    assert errs["row"] < errs["plain"], errs
 
 
 # ---------------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("kwargs", [dict(sparsity=-0.1), dict(sparsity=1.5), dict(sparsity=True),
                                     dict(sparsity="0.5"), dict(sparsity=float("nan")), dict(top_p=-1e-3),
                                     dict(top_p=2), dict(neighbours=1), dict(gapr=None), dict(rectify="yes"),
-                                    dict(first_frame_dense=0)])
+                                    dict(first_frame_dense=0), dict(combine="rows"), dict(combine=None)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="PooledRectificationConfig"):
         PooledRectificationConfig(**kwargs)
