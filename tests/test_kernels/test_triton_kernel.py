@@ -2,7 +2,8 @@
 
 On CPU the kernel runs in the Triton interpreter (``TRITON_INTERPRET=1``, set below before the kernel module is
 imported; ``tests/conftest.py`` does the same). The interpreter costs ~5 ms per program x key sub-tile, so CPU
-cases stay at a few hundred tokens. GPU cases (real shapes, bf16/fp16, 64-bit offsets) skip without CUDA.
+cases stay at a few hundred tokens. With CUDA and ``TRITON_INTERPRET=0`` the same small cases run compiled on the
+GPU (``DEV``), plus the GPU-only cases (real shapes, bf16/fp16, 64-bit offsets), which skip without CUDA.
 """
 
 from __future__ import annotations
