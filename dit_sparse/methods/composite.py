@@ -41,9 +41,8 @@ from .pooled_rectification import (
     PooledRectificationConfig,
     block_statistics,
     ipar_probabilities,
-    merge_partials,
-    pooled_remainder,
     rectification_terms,
+    row_rectified_attention,
     select_critical_blocks,
 )
 from .temporal_reuse import ReuseCache, TemporalReuseConfig, reuse_attention
@@ -157,8 +156,7 @@ class SparseAttentionConfig:
                 "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
                 "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
                 "reuse plans with rectification, or drop rectification to use Re-ttention.")
-        if self.rectification is not None and self.rectification.rectify \
-                and self.rectification.combine == "row" and self.reuse is not None:
+        if self.rectification is not None and self.rectification.per_row and self.reuse is not None:
             raise NotImplementedError(
                 "PooledRectificationConfig(combine='row') merges a per-row pooled remainder after the kernel and is "
                 "not combined with temporal reuse (whose reused plans carry a per-block epilogue). Use "
@@ -268,7 +266,7 @@ class SparseAttention:
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
         rect = self.config.rectification
-        if rect is None or not rect.rectify or rect.combine == "row":  # "row": merged after the kernel
+        if rect is None or not rect.rectify or rect.per_row:  # per row: merged after the kernel
             return None
 
         def epilogue(plan: SparsePlan) -> SparsePlan:
@@ -313,14 +311,12 @@ class SparseAttention:
                 self._densities[layer] = state.mask
         else:
             mask = build()
-            plan = plan_from_mask(mask, layout)
             rect = cfg.rectification
-            if rect is not None and rect.rectify and rect.combine == "row":
-                out, lse = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend,
-                                                  return_lse=True)
-                rest = pooled_remainder(qp, layout, mask, rect, stats.scale, stats=stats()[0])
-                out = merge_partials(out, lse, *rest)
+            if rect is not None and rect.per_row:
+                out = row_rectified_attention(qp, kp, vp, layout, mask, rect, stats.scale, stats=stats()[0],
+                                              backend=cfg.backend)
             else:
+                plan = plan_from_mask(mask, layout)
                 if epilogue is not None:
                     plan = epilogue(plan)
                 out = block_sparse_attention(qp, kp, vp, plan, scale=scale, backend=cfg.backend)

@@ -59,6 +59,7 @@ __all__ = [
     "rectified_attention",
     "rectified_mask",
     "rectified_plan",
+    "row_rectified_attention",
     "select_critical_blocks",
 ]
 
@@ -129,6 +130,12 @@ class PooledRectificationConfig:
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"PooledRectificationConfig.combine must be one of {COMBINE_MODES}, got "
                              f"{self.combine!r}.")
+
+    @property
+    def per_row(self) -> bool:
+        """True when the correction is the per-row merge (``rectify`` and ``combine="row"``), which runs after the
+        kernel instead of in its epilogue."""
+        return self.rectify and self.combine == "row"
 
     def top_k(self, num_video_blocks: int) -> int:
         """The top-k floor ``int((1 - sparsity) * num_video_blocks)`` (guarded against binary round-off)."""
@@ -469,7 +476,7 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
     """
     config = PooledRectificationConfig() if config is None else config
     _check_config(config)
-    if config.rectify and config.combine == "row":
+    if config.per_row:
         raise ValueError("rectified_plan: combine='row' merges a per-row pooled remainder after the kernel, which a "
                          "SparsePlan epilogue (per query block) cannot hold. Use rectified_attention(...) (or the "
                          "composite SparseAttention), or PooledRectificationConfig(combine='block').")
@@ -507,11 +514,21 @@ def rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torc
     """
     config = PooledRectificationConfig() if config is None else config
     _check_config(config)
-    if not config.rectify or config.combine == "block":
+    if not config.per_row:
         plan = rectified_plan(q_perm, k_perm, v_perm, layout, config, scale, mask)
         return block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, backend=backend)
     scale = _check_scale(q_perm, scale)
     stats, _, mask = _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask)
+    return row_rectified_attention(q_perm, k_perm, v_perm, layout, mask, config, scale, stats=stats,
+                                   backend=backend)
+
+
+def row_rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
+                            mask: torch.Tensor, config: PooledRectificationConfig, scale: float | None = None, *,
+                            stats: BlockStatistics, backend: str | None = None) -> torch.Tensor:
+    """The ``combine="row"`` path for a final block ``mask``: the plain sparse plan with ``return_lse=True``,
+    merged by :func:`merge_partials` with :func:`pooled_remainder` (``stats`` as that function needs them).
+    Returns the permuted output ``[B, P, H, D]`` in the input dtype."""
     out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan_from_mask(mask, layout), scale=scale,
                                       return_lse=True, backend=backend)
     return merge_partials(out, lse, *pooled_remainder(q_perm, layout, mask, config, scale, stats=stats))
@@ -581,13 +598,10 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, other_out: torch.Tensor
     ``(e^lse out + e^other_lse other_out) / (e^lse + e^other_lse)`` in ``out.dtype`` (computed in float32).
     A row where one side is ``-inf`` takes the other side as is; a row where both are takes ``out``.
     """
-    m = torch.maximum(lse, other_lse)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_a, w_b = torch.exp(lse - m), torch.exp(other_lse - m)
-    total = w_a + w_b
-    keep = total == 0  # both -inf
-    w_a = torch.where(keep, torch.ones_like(w_a), w_a / torch.where(keep, torch.ones_like(total), total))
-    w_b = torch.where(keep, torch.zeros_like(w_b), w_b / torch.where(keep, torch.ones_like(total), total))
+    both_empty = torch.isneginf(lse) & torch.isneginf(other_lse)
+    total = torch.logaddexp(lse, other_lse).masked_fill(both_empty, 0.0)  # finite wherever a side has mass
+    w_a = torch.exp(lse - total).masked_fill(both_empty, 1.0)
+    w_b = torch.exp(other_lse - total)  # 0 where other_lse = -inf (both_empty included)
     merged = w_a.transpose(1, 2).unsqueeze(-1) * out.to(torch.float32) \
         + w_b.transpose(1, 2).unsqueeze(-1) * other_out.to(torch.float32)
     return merged.to(out.dtype)
