@@ -90,3 +90,50 @@ def structured_qkv(layout: TokenLayout, *, batch: int = 1, heads: int = 2, dim: 
     if batch > 1:  # different samples differ a little
         q = q + 0.05 * torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
     return q, k, v
+
+
+#: the three structured input families of issue 14 (item 3): broad attention, local attention, and a few isolated
+#: bright keys on a flat field (where a skipped block's mean key stands for none of the keys that matter)
+FAMILIES = ("diffuse", "local", "sharp_sparse")
+
+
+def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads: int = 2, dim: int = 32,
+                      seed: int = 0, dtype: torch.dtype = torch.float64):
+    """``(q, k, v)`` in model order of one of :data:`FAMILIES` for ``layout``.
+
+    * ``diffuse``: long correlation length, weak logits, weak clusters: attention spread over most blocks.
+    * ``local``: the default :func:`structured_qkv` (locality, clusters, frame-0 sinks).
+    * ``sharp_sparse``: near-zero keys and queries (a flat field of logits) plus ``peaks`` isolated key tokens
+      per head, each a strong direction; every query points at one or two peaks (chosen by a coarse region of the
+      grid), so each attention row has a few isolated bright points and a flat remainder.
+    """
+    if family == "diffuse":
+        return structured_qkv(layout, batch=batch, heads=heads, dim=dim, length_scale=0.6, sharpness=1.0,
+                              clusters=2, cluster_strength=0.3, sinks=0.3, seed=seed, dtype=dtype)
+    if family == "local":
+        return structured_qkv(layout, batch=batch, heads=heads, dim=dim, seed=seed, dtype=dtype)
+    if family != "sharp_sparse":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+    q, k, v = structured_qkv(layout, batch=1, heads=heads, dim=dim, sharpness=0.5, clusters=1,
+                             cluster_strength=0.1, sinks=0.0, noise=0.3, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    nv = layout.num_video_tokens
+    vid = slice(layout.text_tokens, None) if layout.text_position == "before" and layout.text_tokens else \
+        slice(0, nv)
+    qv, kv, vv = q[0, vid], k[0, vid], v[0, vid]  # [Nv, H, D] views into the model-order tensors
+    peaks = 6
+    T, Hg, Wg = layout.grid
+    f, y, x = torch.meshgrid(torch.arange(T), torch.arange(Hg), torch.arange(Wg), indexing="ij")
+    pos = torch.stack([f / max(T, 1), y / max(Hg, 1), x / max(Wg, 1)], -1).reshape(-1, 3).double()
+    for h in range(heads):
+        dirs = torch.linalg.qr(torch.randn(dim, peaks, generator=g, dtype=torch.float64))[0].T  # [peaks, D]
+        where = torch.randperm(nv, generator=g)[:peaks]
+        strength = math.sqrt(12.0 * math.sqrt(dim))  # peak logit ~ 12 * (query weight) after 1/sqrt(D)
+        kv[where, h] = strength * dirs
+        vv[where, h] = 3.0 * torch.randn(peaks, dim, generator=g, dtype=torch.float64)  # peaks carry own values
+        centers = torch.rand(peaks, 3, generator=g, dtype=torch.float64)
+        near = torch.cdist(pos, centers).argsort(1)[:, :2]  # each query likes its two nearest peak regions
+        w = torch.rand(nv, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64)
+        qv[:, h] += strength * (w[:, :1] * dirs[near[:, 0]] + w[:, 1:] * dirs[near[:, 1]])
+    q, k, v = (t.expand(batch, -1, -1, -1).contiguous().to(dtype) for t in (q, k, v))
+    return q, k, v

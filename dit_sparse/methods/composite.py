@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
+from ..segment import PooledSegment
 from .base import plan_from_mask
 from .draft_attention import DraftAttentionConfig, draft_mask
 from .neighborhood import NeighborhoodConfig, neighborhood_mask
@@ -41,6 +42,7 @@ from .pooled_rectification import (
     PooledRectificationConfig,
     block_statistics,
     ipar_probabilities,
+    pooled_segment,
     rectification_terms,
     row_rectified_attention,
     select_critical_blocks,
@@ -156,11 +158,6 @@ class SparseAttentionConfig:
                 "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
                 "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
                 "reuse plans with rectification, or drop rectification to use Re-ttention.")
-        if self.rectification is not None and self.rectification.per_row and self.reuse is not None:
-            raise NotImplementedError(
-                "PooledRectificationConfig(combine='row') merges a per-row pooled remainder after the kernel and is "
-                "not combined with temporal reuse (whose reused plans carry a per-block epilogue). Use "
-                "combine='block' with reuse, or drop reuse.")
         if self.neighborhood is not None and self.neighborhood.exact:
             raise NotImplementedError(
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
@@ -304,9 +301,13 @@ class SparseAttention:
 
         if self.reuse_cache is not None:
             state = self.reuse_cache.get(layer, branch)
+            segment = None
+            if cfg.rectification is not None and cfg.rectification.per_row:
+                def segment(plan: SparsePlan) -> PooledSegment:  # fresh pooled keys each step, reused plan
+                    return pooled_segment(layout, plan.to_dense(), cfg.rectification, stats=stats()[0])
             out = reuse_attention(qp, kp, vp, layout, step=0 if step is None else step, state=state,
                                   config=cfg.reuse, build_mask=build, scale=scale, backend=cfg.backend,
-                                  epilogue=epilogue)
+                                  epilogue=epilogue, segment=segment)
             if state.mask is not None:
                 self._densities[layer] = state.mask
         else:

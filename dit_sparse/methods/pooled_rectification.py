@@ -43,7 +43,8 @@ import torch
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
-from .base import check_permuted, forced_mask, plan_from_mask, pool_blocks
+from ..segment import PooledSegment
+from .base import check_permuted, forced_mask, keep_blocks, plan_from_mask, pool_blocks
 
 __all__ = [
     "BlockStatistics",
@@ -55,6 +56,7 @@ __all__ = [
     "merge_partials",
     "neighbour_mask",
     "pooled_remainder",
+    "pooled_segment",
     "rectification_terms",
     "rectified_attention",
     "rectified_mask",
@@ -62,10 +64,6 @@ __all__ = [
     "row_rectified_attention",
     "select_critical_blocks",
 ]
-
-#: absolute slack added before flooring ``(1 - sparsity) * Nv`` so that binary round-off (0.8 -> 0.19999...)
-#: never drops a block from the top-k floor: int(0.2 * 900) would otherwise be 179
-_FLOOR_EPS = 1e-6
 
 #: ``"block"``: reference per-query-block epilogue; ``"row"``: per-row LSE merge with the pooled remainder
 COMBINE_MODES = ("block", "row")
@@ -81,7 +79,7 @@ class PooledRectificationConfig:
 
     Args:
         sparsity (`float`, defaults to 0.8): target fraction of video x video block pairs skipped
-            (reference ``sa_drop_rate``). Sets the top-k floor ``int((1 - sparsity) * Nv)`` of kept key entries
+            (reference ``sa_drop_rate``). Sets the top-k floor ``ceil((1 - sparsity) * Nv)`` of kept key entries
             per query block (see :meth:`top_k`). In ``[0, 1]``; 0 keeps every block.
         top_p (`float`, defaults to 0.3): top-p mass (reference ``p_remain_rates``): per query block keep the fewest
             highest-``P̃`` entries whose cumulative mass exceeds ``top_p`` (then at least the top-k floor). In
@@ -138,8 +136,10 @@ class PooledRectificationConfig:
         return self.rectify and self.combine == "row"
 
     def top_k(self, num_video_blocks: int) -> int:
-        """The top-k floor ``int((1 - sparsity) * num_video_blocks)`` (guarded against binary round-off)."""
-        return min(int(math.floor((1.0 - self.sparsity) * num_video_blocks + _FLOOR_EPS)), num_video_blocks)
+        """The top-k floor ``ceil((1 - sparsity) * num_video_blocks)``: the budget rule every method shares
+        (:func:`~dit_sparse.methods.base.keep_blocks`; the reference floors, ``int(...)``, so at sparsity 0.9 on 64
+        blocks it keeps 6 where draft keeps 7: ours keeps 7 in both)."""
+        return keep_blocks(num_video_blocks, self.sparsity)
 
 
 # ---------------------------------------------------------------------------------------------------- pooling
@@ -525,13 +525,48 @@ def rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torc
 
 def row_rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
                             mask: torch.Tensor, config: PooledRectificationConfig, scale: float | None = None, *,
-                            stats: BlockStatistics, backend: str | None = None) -> torch.Tensor:
-    """The ``combine="row"`` path for a final block ``mask``: the plain sparse plan with ``return_lse=True``,
-    merged by :func:`merge_partials` with :func:`pooled_remainder` (``stats`` as that function needs them).
-    Returns the permuted output ``[B, P, H, D]`` in the input dtype."""
-    out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan_from_mask(mask, layout), scale=scale,
-                                      return_lse=True, backend=backend)
-    return merge_partials(out, lse, *pooled_remainder(q_perm, layout, mask, config, scale, stats=stats))
+                            stats: BlockStatistics, backend: str | None = None, two_pass: bool = False,
+                            return_lse: bool = False):
+    """The ``combine="row"`` path for a final block ``mask``, in ONE pass: the plain sparse plan with the pooled
+    key segment of :func:`pooled_segment` (the skipped, reliable video blocks) read in the same softmax.
+
+    ``two_pass=True`` runs the earlier form instead (kept as a cross-check): the plain sparse plan with
+    ``return_lse=True``, merged by :func:`merge_partials` with :func:`pooled_remainder`; both give the same
+    ``(out, lse)`` within float round-off. ``stats`` as :func:`pooled_segment` needs them. Returns the permuted
+    output ``[B, P, H, D]`` in the input dtype (and the float32 ``lse [B, H, P]`` when ``return_lse``).
+    """
+    plan = plan_from_mask(mask, layout)
+    if two_pass:
+        out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, return_lse=True,
+                                          backend=backend)
+        r_out, r_lse = pooled_remainder(q_perm, layout, mask, config, scale, stats=stats)
+        merged = merge_partials(out, lse, r_out, r_lse)
+        return (merged, torch.logaddexp(lse, r_lse)) if return_lse else merged
+    seg = pooled_segment(layout, mask, config, stats=stats, device=q_perm.device)
+    return block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, return_lse=return_lse,
+                                  backend=backend, pooled=seg)
+
+
+def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectificationConfig, *,
+                   stats: BlockStatistics, device=None) -> PooledSegment:
+    """The pooled key segment of the per-row combine (§4.6b) for a final block ``mask``.
+
+    One pooled key per video block (true-count mean key ``k̄_j`` and value ``v̄_j``, logit bias ``log n_j``); the
+    rows of video query block ``i`` read the blocks ``mask`` skips in row ``i``; text query rows read none. With
+    ``config.gapr`` the per-row gate ``|q_u · k̄_j| > |q_u · b_j|`` applies (``b_j`` = ``stats.k_dev``).
+    Same remainder as :func:`pooled_remainder`, read inside the kernel's softmax.
+    """
+    _check_config(config)
+    if stats.v_mean is None or (config.gapr and stats.k_dev is None):
+        raise ValueError("pooled_segment needs v_mean (and k_dev with gapr=True) in stats; build them with "
+                         "block_statistics(q, k, v, layout).")
+    device = stats.k_mean.device if device is None else device
+    nv, n = layout.num_video_blocks, layout.num_blocks
+    mask = _normalise_mask(mask, layout, device)
+    read = torch.zeros(*mask.shape[:2], n, nv, dtype=torch.bool, device=device)
+    read[:, :, :nv] = ~mask[:, :, :nv, :nv]
+    return PooledSegment(keys=stats.k_mean, values=stats.v_mean, log_count=stats.counts.log(), read=read,
+                         gate=stats.k_dev if config.gapr else None)
 
 
 # ---------------------------------------------------------------------------------------------------- per-row merge

@@ -54,9 +54,10 @@ def _tile_coords(layout) -> list[tuple[int, int, int]]:
 
 
 def top_k_reference(sparsity: float, num_video_blocks: int) -> int:
-    """``floor((1 - sparsity) * Nv)`` in exact decimal arithmetic on the literal value of ``sparsity``."""
+    """``ceil((1 - sparsity) * Nv)`` (the one budget rule of every method; the paper's code floors) in exact
+    decimal arithmetic on the literal value of ``sparsity``."""
     exact = (1 - Decimal(repr(float(sparsity)))) * num_video_blocks
-    return min(int(exact.to_integral_value(rounding="ROUND_FLOOR")), num_video_blocks)
+    return min(int(exact.to_integral_value(rounding="ROUND_CEILING")), num_video_blocks)
 
 
 def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:

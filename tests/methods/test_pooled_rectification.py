@@ -183,6 +183,16 @@ def test_top_k_floor_is_round_off_safe():
     assert PooledRectificationConfig(sparsity=0.8).top_k(900) == 180  # naive int() gives 179
 
 
+def test_one_budget_rule_across_methods():
+    """Draft and rectification round the budget the same way (issue 14 item 4): 0.9 on 64 blocks keeps 7."""
+    from dit_sparse.methods.base import keep_blocks
+    from dit_sparse.methods.draft_attention import row_budget
+
+    for s, nv in ((0.9, 64), (0.8, 900), (0.7, 10), (0.75, 18), (0.85, 37), (0.0, 5), (1.0, 5)):
+        assert PooledRectificationConfig(sparsity=s).top_k(nv) == keep_blocks(nv, s) == row_budget(nv, s, 0)
+    assert keep_blocks(64, 0.9) == 7
+
+
 def test_neighbours_and_first_frame():
     layout = TokenLayout(frames=5, height=5, width=5, tile=(2, 2, 2))  # 3x3x3 tiles
     nb = neighbour_mask(layout)
