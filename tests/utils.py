@@ -11,6 +11,7 @@ features of the position, correlation length ``value_length_scale``) plus a litt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -103,9 +104,10 @@ def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads
 
     * ``diffuse``: long correlation length, weak logits, weak clusters: attention spread over most blocks.
     * ``local``: the default :func:`structured_qkv` (locality, clusters, frame-0 sinks).
-    * ``sharp_sparse``: near-zero keys and queries (a flat field of logits) plus ``peaks`` isolated key tokens
-      per head, each a strong direction; every query points at one or two peaks (chosen by a coarse region of the
-      grid), so each attention row has a few isolated bright points and a flat remainder.
+    * ``sharp_sparse``: small random keys and queries (a flat field of logits near 0) plus a few isolated key
+      tokens per head (about 0.6% of the grid) that share one object direction and one object value; every query
+      points at the object, so each attention row has a few isolated bright points (logit about 6-10) on a dark
+      field. Most bright keys sit in blocks a sparse plan skips, where a block mean hides them.
     """
     if family == "diffuse":
         return structured_qkv(layout, batch=batch, heads=heads, dim=dim, length_scale=0.6, sharpness=1.0,
@@ -114,26 +116,25 @@ def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads
         return structured_qkv(layout, batch=batch, heads=heads, dim=dim, seed=seed, dtype=dtype)
     if family != "sharp_sparse":
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
-    q, k, v = structured_qkv(layout, batch=1, heads=heads, dim=dim, sharpness=0.5, clusters=1,
-                             cluster_strength=0.1, sinks=0.0, noise=0.3, seed=seed, dtype=torch.float64)
     g = torch.Generator().manual_seed(10_000 + seed)
-    nv = layout.num_video_tokens
-    vid = slice(layout.text_tokens, None) if layout.text_position == "before" and layout.text_tokens else \
-        slice(0, nv)
-    qv, kv, vv = q[0, vid], k[0, vid], v[0, vid]  # [Nv, H, D] views into the model-order tensors
-    peaks = 6
-    T, Hg, Wg = layout.grid
-    f, y, x = torch.meshgrid(torch.arange(T), torch.arange(Hg), torch.arange(Wg), indexing="ij")
-    pos = torch.stack([f / max(T, 1), y / max(Hg, 1), x / max(Wg, 1)], -1).reshape(-1, 3).double()
+    nv, dev = layout.num_video_tokens, 0.3
+    q = dev * torch.randn(nv, heads, dim, generator=g, dtype=torch.float64)  # flat field: logits ~ 0
+    k = dev * torch.randn(nv, heads, dim, generator=g, dtype=torch.float64)
+    _, _, v = structured_qkv(dataclasses.replace(layout, text_tokens=0), heads=heads, dim=dim, seed=seed,
+                             dtype=torch.float64)
+    v = v[0].clone()  # smooth background content
+    peaks = max(2, nv // 160)  # isolated bright keys: ~0.6% of the tokens
+    amp = math.sqrt(10.0 * math.sqrt(dim))  # peak logit ~ 10 * (query weight in [0.6, 1])
     for h in range(heads):
-        dirs = torch.linalg.qr(torch.randn(dim, peaks, generator=g, dtype=torch.float64))[0].T  # [peaks, D]
+        obj = torch.randn(dim, generator=g, dtype=torch.float64)
+        obj = obj / obj.norm()
         where = torch.randperm(nv, generator=g)[:peaks]
-        strength = math.sqrt(12.0 * math.sqrt(dim))  # peak logit ~ 12 * (query weight) after 1/sqrt(D)
-        kv[where, h] = strength * dirs
-        vv[where, h] = 3.0 * torch.randn(peaks, dim, generator=g, dtype=torch.float64)  # peaks carry own values
-        centers = torch.rand(peaks, 3, generator=g, dtype=torch.float64)
-        near = torch.cdist(pos, centers).argsort(1)[:, :2]  # each query likes its two nearest peak regions
-        w = torch.rand(nv, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64)
-        qv[:, h] += strength * (w[:, :1] * dirs[near[:, 0]] + w[:, 1:] * dirs[near[:, 1]])
-    q, k, v = (t.expand(batch, -1, -1, -1).contiguous().to(dtype) for t in (q, k, v))
-    return q, k, v
+        k[where, h] += amp * obj
+        v[where, h] = 2.0 + 0.1 * torch.randn(peaks, dim, generator=g, dtype=torch.float64)  # one object's value
+        q[:, h] += amp * (0.6 + 0.4 * torch.rand(nv, 1, generator=g, dtype=torch.float64)) * obj
+    if layout.text_tokens:
+        nt = layout.text_tokens
+        tq, tk, tv = (torch.randn(nt, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+        cat = (lambda vid, txt: torch.cat([txt, vid]) if layout.text_position == "before" else torch.cat([vid, txt]))
+        q, k, v = cat(q, tq), cat(k, tk), cat(v, tv)
+    return tuple(t.unsqueeze(0).expand(batch, -1, -1, -1).contiguous().to(dtype) for t in (q, k, v))
