@@ -67,8 +67,8 @@ def choose_backend(inputs: AttentionInputs, name: str | None = None) -> Backend:
         return backend
     tried = {}
     for backend in BACKENDS.values():
-        reasons = backend.not_supported_reasons(inputs) + backend.segment_reasons(inputs) + (backend.auto_reasons(inputs) if backend.auto else
-                                                           ["only used when named"])
+        reasons = backend.not_supported_reasons(inputs) + backend.segment_reasons(inputs)
+        reasons += backend.auto_reasons(inputs) if backend.auto else ["only used when named"]
         if not reasons:
             return backend
         tried[backend.name] = reasons

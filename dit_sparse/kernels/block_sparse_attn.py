@@ -312,7 +312,8 @@ def _autotuned_kernel():
     """The autotuned kernel (built on first CUDA use; the interpreter never sees it)."""
     return triton.autotune(
         configs=_AUTOTUNE_CONFIGS,
-        key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM", "HAS_POOLED"],  # the autotuner adds every tensor argument's dtype
+        # the autotuner adds every tensor argument's dtype
+        key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM", "HAS_POOLED"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
 
