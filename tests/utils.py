@@ -123,7 +123,7 @@ def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads
     _, _, v = structured_qkv(dataclasses.replace(layout, text_tokens=0), heads=heads, dim=dim, seed=seed,
                              dtype=torch.float64)
     v = v[0].clone()  # smooth background content
-    peaks = max(2, nv // 160)  # isolated bright keys: ~0.6% of the tokens
+    peaks = max(2, nv // 48)  # isolated bright keys: ~2% of the tokens, more than a sparse plan keeps blocks
     amp = math.sqrt(10.0 * math.sqrt(dim))  # peak logit ~ 10 * (query weight in [0.6, 1])
     for h in range(heads):
         obj = torch.randn(dim, generator=g, dtype=torch.float64)

@@ -198,14 +198,15 @@ def _check_heads(heads: int, head_offset: int, total_heads: int | None) -> int:
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
-    def __init__(self, q_perm, k_perm, v_perm, layout, scale):
+    def __init__(self, q_perm, k_perm, v_perm, layout, scale, outliers: bool = False):
         self.args = (q_perm, k_perm, v_perm, layout)
         self.scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
+        self.outliers = outliers and v_perm is not None
         self._value = None
 
     def __call__(self):
         if self._value is None:
-            stats = block_statistics(*self.args)
+            stats = block_statistics(*self.args, outliers=self.outliers)
             self._value = (stats, ipar_probabilities(stats, self.scale))
         return self._value
 
@@ -293,7 +294,9 @@ class SparseAttention:
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
-        stats = _RectStats(qp, kp, vp, layout, scale) if cfg.rectification is not None else None
+        rect_cfg = cfg.rectification
+        stats = None if rect_cfg is None else _RectStats(
+            qp, kp, vp, layout, scale, outliers=rect_cfg.per_row and rect_cfg.row_keys == "outlier")
         epilogue = self._rectify(qp, kp, vp, layout, stats)
 
         def build() -> torch.Tensor:

@@ -51,6 +51,7 @@ __all__ = [
     "PooledRectificationConfig",
     "block_statistics",
     "COMBINE_MODES",
+    "ROW_KEYS",
     "gapr_reliable",
     "ipar_probabilities",
     "merge_partials",
@@ -67,6 +68,10 @@ __all__ = [
 
 #: ``"block"``: reference per-query-block epilogue; ``"row"``: per-row LSE merge with the pooled remainder
 COMBINE_MODES = ("block", "row")
+
+#: how a skipped block enters the per-row softmax (``combine="row"``): ``"mean"``, one pooled key (mean key and
+#: value, weight n_j); ``"outlier"``, its most deviating key exactly plus one pooled key for the other n_j - 1
+ROW_KEYS = ("mean", "outlier")
 
 #: elements of one chunk of per-row pooled logits ``[B, h, Pv, Nv]`` in :func:`pooled_remainder`
 _ROW_CHUNK = 1 << 24
@@ -99,6 +104,13 @@ class PooledRectificationConfig:
             logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), computed as an
             LSE merge of the sparse kernel's ``(out, lse)`` with :func:`pooled_remainder` (see
             :func:`merge_partials`). GAPR per row compares ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
+        row_keys (`str`, defaults to ``"mean"``): with ``combine="row"``, how a skipped block enters the softmax.
+            ``"mean"``: one pooled key (``k̄_j``, ``v̄_j``, weight ``n_j``), gated by GAPR per row when ``gapr``.
+            ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's most deviating key
+            (largest ``||k_t - k̄_j||``) exactly, with its own value, plus one pooled key for the other ``n_j - 1``
+            tokens; no gate (``gapr`` is ignored). A block mean hides an isolated bright key and a row's remainder
+            then over-weights the dark field; the exact outlier restores it (measured in
+            ``benchmarks/pooled_peers.py``).
 
     Example::
 
@@ -113,6 +125,7 @@ class PooledRectificationConfig:
     first_frame_dense: bool = False
     rectify: bool = True
     combine: str = "block"
+    row_keys: str = "mean"
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
@@ -125,6 +138,8 @@ class PooledRectificationConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"PooledRectificationConfig.{name} must be a bool, got {v!r} "
                                  f"({type(v).__name__}).")
+        if self.row_keys not in ROW_KEYS:
+            raise ValueError(f"PooledRectificationConfig.row_keys must be one of {ROW_KEYS}, got {self.row_keys!r}.")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"PooledRectificationConfig.combine must be one of {COMBINE_MODES}, got "
                              f"{self.combine!r}.")
@@ -153,6 +168,8 @@ class BlockStatistics:
         counts (`torch.Tensor`, ``[Nv]``): real tokens per video block.
         q_dev, k_dev (`torch.Tensor`, ``[B, H, Nv, D]`` or None): GAPR deviations ``mean_u |x_u - x̄|`` over real
             tokens only (None when not computed).
+        k_out, v_out (`torch.Tensor`, ``[B, H, Nv, D]`` or None): each block's most deviating real key (largest
+            ``||k_t - k̄_j||``, lowest slot on ties) and its value (``row_keys="outlier"``; None when not computed).
     """
 
     q_mean: torch.Tensor
@@ -162,6 +179,8 @@ class BlockStatistics:
     counts: torch.Tensor
     q_dev: torch.Tensor | None = None
     k_dev: torch.Tensor | None = None
+    k_out: torch.Tensor | None = None
+    v_out: torch.Tensor | None = None
 
 
 def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -176,8 +195,24 @@ def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout
     return dev / valid.view(1, 1, nv, 1)
 
 
+def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layout: TokenLayout):
+    """Most deviating real key of each video block and its value -> float32 ``[B, H, Nv, D]`` twice."""
+    b, _, h, d = k.shape
+    nv, bs = layout.num_video_blocks, layout.block_size
+    kv = k[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
+    dist = (kv - k_mean.permute(0, 2, 1, 3).unsqueeze(2)).square().sum(-1)  # [B, Nv, Bs, H]
+    real = torch.arange(bs, device=k.device).view(1, bs) < layout.block_valid(k.device)[:nv].view(nv, 1)
+    dist = dist.masked_fill(~real.view(1, nv, bs, 1), -1.0)
+    idx = dist.argmax(2, keepdim=True)  # the first maximal index: the lowest slot among exact ties
+    pick = idx.unsqueeze(-1).expand(b, nv, 1, h, d)
+    k_out = kv.gather(2, pick)[:, :, 0].permute(0, 2, 1, 3)
+    v_out = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32).gather(
+        2, idx.unsqueeze(-1).expand(b, nv, 1, h, v.shape[-1]))[:, :, 0].permute(0, 2, 1, 3)
+    return k_out.contiguous(), v_out.contiguous()
+
+
 def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor | None,
-                     layout: TokenLayout, *, deviations: bool = True) -> BlockStatistics:
+                     layout: TokenLayout, *, deviations: bool = True, outliers: bool = False) -> BlockStatistics:
     """Pooled block statistics of permuted q, k, v (§4.2, §4.5).
 
     Args:
@@ -185,6 +220,7 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
             ``v_perm`` may be None when only the selection is needed.
         layout (`TokenLayout`): the layout the tensors were permuted with.
         deviations (`bool`, defaults to True): also compute the GAPR deviations ``q_dev``, ``k_dev``.
+        outliers (`bool`, defaults to False): also compute ``k_out``, ``v_out`` (needs ``v_perm``).
 
     Returns:
         `BlockStatistics` (float32). Means divide by the true token count of each block (``block_valid``); the
@@ -206,7 +242,12 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
     if deviations:
         q_dev = _mean_abs_deviation(q_perm, q_mean, layout)
         k_dev = _mean_abs_deviation(k_perm, k_mean, layout)
-    return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev)
+    k_out = v_out = None
+    if outliers:
+        if v_perm is None:
+            raise ValueError("block_statistics(outliers=True) needs v_perm (the outliers carry their values).")
+        k_out, v_out = _block_outliers(k_perm, v_perm, k_mean, layout)
+    return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev, k_out, v_out)
 
 
 # ---------------------------------------------------------------------------------------------------- IPAR
@@ -492,7 +533,8 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
 def _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask):
     """Pooled statistics, their IPAR probabilities and the final block mask (given, or the selection)."""
     stats = block_statistics(q_perm, k_perm, v_perm if config.rectify else None, layout,
-                             deviations=config.rectify and config.gapr)
+                             deviations=config.rectify and config.gapr,
+                             outliers=config.per_row and config.row_keys == "outlier")
     p_tilde = ipar_probabilities(stats, scale)
     if mask is None:
         mask = select_critical_blocks(p_tilde, layout, config)
@@ -536,6 +578,9 @@ def row_rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: 
     output ``[B, P, H, D]`` in the input dtype (and the float32 ``lse [B, H, P]`` when ``return_lse``).
     """
     plan = plan_from_mask(mask, layout)
+    if two_pass and config.row_keys != "mean":
+        raise ValueError("row_rectified_attention(two_pass=True) is the cross-check of row_keys='mean' only; use the "
+                         "one-pass form for row_keys='outlier'.")
     if two_pass:
         out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, return_lse=True,
                                           backend=backend)
@@ -554,19 +599,34 @@ def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectif
     One pooled key per video block (true-count mean key ``k̄_j`` and value ``v̄_j``, logit bias ``log n_j``); the
     rows of video query block ``i`` read the blocks ``mask`` skips in row ``i``; text query rows read none. With
     ``config.gapr`` the per-row gate ``|q_u · k̄_j| > |q_u · b_j|`` applies (``b_j`` = ``stats.k_dev``).
-    Same remainder as :func:`pooled_remainder`, read inside the kernel's softmax.
+    Same remainder as :func:`pooled_remainder`, read inside the kernel's softmax. With ``config.row_keys =
+    "outlier"``: ``2 Nv`` keys, each skipped block's most deviating key exactly (bias 0) and the mean of its other
+    ``n_j - 1`` tokens (bias ``log(n_j - 1)``), no gate.
     """
     _check_config(config)
-    if stats.v_mean is None or (config.gapr and stats.k_dev is None):
-        raise ValueError("pooled_segment needs v_mean (and k_dev with gapr=True) in stats; build them with "
-                         "block_statistics(q, k, v, layout).")
+    outlier = config.row_keys == "outlier"
+    if stats.v_mean is None or (config.gapr and not outlier and stats.k_dev is None) \
+            or (outlier and stats.k_out is None):
+        raise ValueError("pooled_segment needs v_mean (k_dev with gapr=True, k_out / v_out with "
+                         "row_keys='outlier') in stats; build them with block_statistics(q, k, v, layout, "
+                         "outliers=True).")
     device = stats.k_mean.device if device is None else device
     nv, n = layout.num_video_blocks, layout.num_blocks
     mask = _normalise_mask(mask, layout, device)
-    read = torch.zeros(*mask.shape[:2], n, nv, dtype=torch.bool, device=device)
-    read[:, :, :nv] = ~mask[:, :, :nv, :nv]
-    return PooledSegment(keys=stats.k_mean, values=stats.v_mean, log_count=stats.counts.log(), read=read,
-                         gate=stats.k_dev if config.gapr else None)
+    skipped = torch.zeros(*mask.shape[:2], n, nv, dtype=torch.bool, device=device)
+    skipped[:, :, :nv] = ~mask[:, :, :nv, :nv]
+    if not outlier:
+        return PooledSegment(keys=stats.k_mean, values=stats.v_mean, log_count=stats.counts.log(), read=skipped,
+                             gate=stats.k_dev if config.gapr else None)
+    # the outlier exactly (weight 1), then the mean of the other n_j - 1 tokens (none when n_j = 1)
+    n_j = stats.counts.view(1, 1, nv, 1)
+    rest = (n_j > 1).view(nv)
+    denom = (n_j - 1).clamp_min(1.0)
+    k_rest = (stats.k_mean * n_j - stats.k_out) / denom
+    v_rest = (stats.v_mean * n_j - stats.v_out) / denom
+    return PooledSegment(keys=torch.cat([stats.k_out, k_rest], 2), values=torch.cat([stats.v_out, v_rest], 2),
+                         log_count=torch.cat([torch.zeros_like(stats.counts), (stats.counts - 1).clamp_min(1).log()]),
+                         read=torch.cat([skipped, skipped & rest.view(1, 1, 1, nv)], -1))
 
 
 # ---------------------------------------------------------------------------------------------------- per-row merge

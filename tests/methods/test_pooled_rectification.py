@@ -38,7 +38,7 @@ from dit_sparse.reference.rectification import (
     select_reference,
     top_k_reference,
 )
-from tests.utils import rel_error, structured_qkv
+from tests.utils import FAMILIES, rel_error, structured_family, structured_qkv
 
 # awkward grids: partial edge tiles, text before / after / none, several text blocks, grid smaller than a tile
 LAYOUTS = {
@@ -512,6 +512,31 @@ def test_fidelity_gapr_limits_damage_where_pooling_misleads():
     assert errs["gapr"] < errs["naive"], errs
     # the per-row combine keeps each row's exact normalisation and per-row GAPR: it still helps here
     assert errs["row"] < errs["plain"], errs
+
+
+FAMILY_LAYOUT = TokenLayout(frames=2, height=16, width=16, text_tokens=8, tile=(1, 4, 4))  # 32 video blocks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("density", [0.25, 0.1])
+def test_row_never_worse_than_draft_alone_on_every_family(family, density):
+    """Issue 14 item 3: on diffuse, local and sharp-sparse inputs, per head (our stand-in for a layer) and seed,
+    draft + row rectification (fused, GAPR per row) is no worse than draft alone on the same blocks."""
+    from dit_sparse.methods.draft_attention import DraftAttentionConfig, draft_mask
+
+    layout = FAMILY_LAYOUT
+    for seed in range(2):
+        q, k, v = structured_family(layout, family, heads=2, dim=32, seed=seed, dtype=torch.float32)
+        qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+        dense = layout.unpermute(_dense_out(layout, qp, kp, vp))
+        mask = draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=1 - density, sink=False, k_min=1))
+        draft = layout.unpermute(dit_sparse.block_sparse_attention(qp, kp, vp, dit_sparse.methods.base.plan_from_mask(
+            mask, layout), backend="torch"))
+        row = layout.unpermute(rectified_attention(qp, kp, vp, layout, PooledRectificationConfig(combine="row"),
+                                                   mask=mask, backend="torch"))
+        for h in range(2):
+            e_draft, e_row = rel_error(draft[:, :, h], dense[:, :, h]), rel_error(row[:, :, h], dense[:, :, h])
+            assert e_row <= e_draft, (family, density, seed, h, e_row, e_draft)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
