@@ -104,7 +104,7 @@ class PooledRectificationConfig:
             logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), computed as an
             LSE merge of the sparse kernel's ``(out, lse)`` with :func:`pooled_remainder` (see
             :func:`merge_partials`). GAPR per row compares ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
-        row_keys (`str`, defaults to ``"mean"``): with ``combine="row"``, how a skipped block enters the softmax.
+        row_keys (`str`, defaults to ``"outlier"``): with ``combine="row"``, how a skipped block enters the softmax.
             ``"mean"``: one pooled key (``k̄_j``, ``v̄_j``, weight ``n_j``), gated by GAPR per row when ``gapr``.
             ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's most deviating key
             (largest ``||k_t - k̄_j||``) exactly, with its own value, plus one pooled key for the other ``n_j - 1``
@@ -125,7 +125,7 @@ class PooledRectificationConfig:
     first_frame_dense: bool = False
     rectify: bool = True
     combine: str = "block"
-    row_keys: str = "mean"
+    row_keys: str = "outlier"
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
