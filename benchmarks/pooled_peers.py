@@ -74,8 +74,9 @@ def _to_sol(x_perm: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 def sol_attention(q_perm, k_perm, v_perm, layout: TokenLayout, *, scale: float, topk_ratio: float,
-                  tail: bool = True) -> torch.Tensor:
-    """comfy-kitchen's ``sol_attn`` on our tiles; returns the permuted ``[B, P, H, D]`` output (float32)."""
+                  tail: bool = True, tau: float = 1.0) -> torch.Tensor:
+    """comfy-kitchen's ``sol_attn`` on our tiles; returns the permuted ``[B, P, H, D]`` output (float32).
+    ``topk_ratio`` > 0 routes by top-k (``tau`` ignored), 0 by its ``tau`` threshold."""
     import comfy_kitchen
 
     if layout.block_size > SOL_BLOCK or layout.text_tokens:
@@ -84,11 +85,11 @@ def sol_attention(q_perm, k_perm, v_perm, layout: TokenLayout, *, scale: float, 
     n, bs = layout.num_blocks, layout.block_size
     block_len = layout.block_valid().clamp(min=1).to(torch.int32)
     out = comfy_kitchen.sol_attn(*(_to_sol(t.float(), layout) for t in (q_perm, k_perm, v_perm)), scale=scale,
-                                 topk_ratio=topk_ratio, tail=tail, block_len=block_len)
+                                 topk_ratio=topk_ratio, tail=tail, block_len=block_len, tau=tau)
     return out.reshape(b, n, SOL_BLOCK, h, SOL_DIM)[:, :, :bs, :, :d].reshape(b, n * bs, h, d)
 
 
-def sol_density(q_perm, k_perm, layout: TokenLayout, *, scale: float, topk_ratio: float) -> float:
+def sol_density(q_perm, k_perm, layout: TokenLayout, *, scale: float, topk_ratio: float, tau: float = 1.0) -> float:
     """Fraction of (query block, key block) pairs Sol-Attn attends exactly, by a probe: every token of Sol block
     ``j`` carries the value ``e_j`` and ``tail=False``, so each output row is that row's attention mass per key
     block (nonzero = routed exactly)."""
@@ -102,7 +103,7 @@ def sol_density(q_perm, k_perm, layout: TokenLayout, *, scale: float, topk_ratio
     probe[:, torch.arange(n), :, :, torch.arange(n)] = 1.0
     out = comfy_kitchen.sol_attn(_to_sol(q_perm.float(), layout), _to_sol(k_perm.float(), layout),
                                  probe.reshape(b, n * SOL_BLOCK, h, SOL_DIM), scale=scale, topk_ratio=topk_ratio,
-                                 tail=False, block_len=layout.block_valid().clamp(min=1).to(torch.int32))
+                                 tau=tau, tail=False, block_len=layout.block_valid().clamp(min=1).to(torch.int32))
     first = out.reshape(b, n, SOL_BLOCK, h, SOL_DIM)[:, :, 0, :, :n]  # row 0 of every block is a real token
     return float((first > 0).float().mean())
 
