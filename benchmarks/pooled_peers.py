@@ -171,10 +171,10 @@ class _Capture:
     def __init__(self, steps):
         self.steps, self.calls = set(steps), []
 
-    def __call__(self, query, key, value, *, layout, step=None, layer=None, scale=None, **_):
+    def __call__(self, query, key, value, *, layout, step=None, layer=None, branch=None, scale=None, **_):
         if step in self.steps:
-            self.calls.append((step, layer, layout, query.detach().float().clone(), key.detach().float().clone(),
-                               value.detach().float().clone(), scale))
+            self.calls.append((f"layer {layer} step {step} {branch}", layout, query.detach().float().clone(),
+                               key.detach().float().clone(), value.detach().float().clone(), scale))
         return _dense(query, key, value, scale).to(query.dtype)
 
     def reset(self):
@@ -206,9 +206,9 @@ def embedded_inputs(steps: int):
             renderer.pipe(**renderer._call_kwargs(job))
     finally:
         remove(renderer.pipe)
-    for step, layer, layout, q, k, v, scale in cap.calls:
+    for case, layout, q, k, v, scale in cap.calls:
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-        yield "embedded", f"layer {layer} step {step}", layout, (q, k, v), scale
+        yield "embedded", case, layout, (q, k, v), scale
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         for source, case, layout, (q, k, v), scale in inputs:
             r = evaluate(q, k, v, layout, scale=scale, topk_ratio=ratio, with_sol=with_sol)
             rows.append({"topk_ratio": ratio, "source": source, "case": case, **r})
-            print(f"ratio {ratio} {source:<12} {case:<18} " + " ".join(
+            print(f"ratio {ratio} {source:<12} {case:<24} " + " ".join(
                 f"{m}={r[m]:.3f}" for m in METHODS if m in r) + f" density ours {r['density']:.3f} "
                 f"sol {r['sol_density']:.3f}", flush=True)
     summary = summarise(rows, with_sol)
