@@ -67,8 +67,10 @@ _TINY = dict(tile=(1, 4, 4), block_size=16)
 _ALL = [
     # --- the embedded tiny model (model_id "embedded": shipped inside the package)
     Preset("tiny-wan:draft-rect-80", "wan", "embedded",
-           "Embedded model: draft 80% + pooled rectification, first 20% steps dense (the CLI default)",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), rectification=PooledRectificationConfig(),
+           "Embedded model: draft 80% + per-row pooled rectification (combine='row', fused into the kernel), first "
+           "20% steps dense (the CLI default)",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8),
+                                 rectification=PooledRectificationConfig(combine="row"),
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:draft-75", "wan", "embedded", "Embedded model: DraftAttention 75%, first 20% steps dense",
            SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75), dense=DensePolicy(dense_fraction=0.2),
