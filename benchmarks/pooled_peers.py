@@ -155,14 +155,14 @@ def evaluate(q, k, v, layout: TokenLayout, *, scale: float, topk_ratio: float, w
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def family_inputs(seeds: int):
+def family_inputs(seeds: int, layout: TokenLayout = FAMILY_LAYOUT):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from utils import FAMILIES, structured_family
 
     for family in FAMILIES:
         for seed in range(seeds):
-            q, k, v = structured_family(FAMILY_LAYOUT, family, heads=2, dim=32, seed=seed, dtype=torch.float32)
-            yield family, f"seed {seed}", FAMILY_LAYOUT, (q, k, v), 1 / math.sqrt(32)
+            q, k, v = structured_family(layout, family, heads=2, dim=32, seed=seed, dtype=torch.float32)
+            yield family, f"seed {seed}", layout, (q, k, v), 1 / math.sqrt(32)
 
 
 class _Capture:
@@ -219,12 +219,17 @@ def main(argv=None) -> int:
                     "density Sol-Attn reaches)")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps of the embedded capture")
     ap.add_argument("--no-embedded", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny dry run: 2x16x16 grid, one seed, no embedded "
+                    "capture, nothing written")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.no_embedded = 1, True
     torch.manual_seed(0)
     with_sol = has_comfy_kitchen()
     if not with_sol:
         print("comfy-kitchen is not installed (pip install comfy-kitchen): the sol-attn column is skipped")
-    inputs = list(family_inputs(args.seeds))
+    inputs = list(family_inputs(args.seeds, TokenLayout(frames=2, height=16, width=16, tile=(1, 8, 8))
+                                if args.smoke else FAMILY_LAYOUT))
     if not args.no_embedded:
         inputs += list(embedded_inputs(args.steps))
     rows = []
@@ -238,6 +243,8 @@ def main(argv=None) -> int:
     summary = summarise(rows, with_sol)
     print()
     print_table(summary, list(summary[0]))
+    if args.smoke:
+        return 0
     payload = {"environment": environment(), "with_sol": with_sol, "rows": rows, "summary": summary}
     path = write_json("pooled-peers", payload)
     write_markdown(summary, RESULTS / "pooled-peers.md")

@@ -264,7 +264,7 @@ class SparseAttention:
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
         rect = self.config.rectification
-        if rect is None or not rect.rectify or rect.per_row:  # per row: merged after the kernel
+        if rect is None or not rect.rectify or rect.per_row:  # per row: a pooled segment in the kernel
             return None
 
         def epilogue(plan: SparsePlan) -> SparsePlan:

@@ -146,8 +146,8 @@ class PooledRectificationConfig:
 
     @property
     def per_row(self) -> bool:
-        """True when the correction is the per-row merge (``rectify`` and ``combine="row"``), which runs after the
-        kernel instead of in its epilogue."""
+        """True when the correction is per row (``rectify`` and ``combine="row"``): a pooled key segment read in the
+        kernel's softmax (:func:`pooled_segment`) instead of the plan's epilogue."""
         return self.rectify and self.combine == "row"
 
     def top_k(self, num_video_blocks: int) -> int:
@@ -518,9 +518,10 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
     config = PooledRectificationConfig() if config is None else config
     _check_config(config)
     if config.per_row:
-        raise ValueError("rectified_plan: combine='row' merges a per-row pooled remainder after the kernel, which a "
+        raise ValueError("rectified_plan: combine='row' reads a pooled key segment in the kernel's softmax, which a "
                          "SparsePlan epilogue (per query block) cannot hold. Use rectified_attention(...) (or the "
-                         "composite SparseAttention), or PooledRectificationConfig(combine='block').")
+                         "composite SparseAttention, or pooled_segment(...) with block_sparse_attention(..., "
+                         "pooled=...)), or PooledRectificationConfig(combine='block').")
     scale = _check_scale(q_perm, scale)
     stats, p_tilde, mask = _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask)
     plan = plan_from_mask(mask, layout)
