@@ -66,7 +66,7 @@ __all__ = [
     "select_critical_blocks",
 ]
 
-#: ``"block"``: reference per-query-block epilogue; ``"row"``: per-row LSE merge with the pooled remainder
+#: ``"block"``: reference per-query-block epilogue; ``"row"``: pooled keys of the skipped blocks in each row's softmax
 COMBINE_MODES = ("block", "row")
 
 #: how a skipped block enters the per-row softmax (``combine="row"``): ``"mean"``, one pooled key (mean key and
@@ -101,9 +101,10 @@ class PooledRectificationConfig:
             ``"block"`` is the reference: ``O_u = R_i * SparseAttn_u + c_i`` with ``R``, ``c`` per query block in the
             kernel epilogue. ``"row"`` [ours] keeps the exact softmax normalisation of the blocks read and pools
             only the skipped ones, per query row: one softmax over the exact logits of the read keys and the pooled
-            logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), computed as an
-            LSE merge of the sparse kernel's ``(out, lse)`` with :func:`pooled_remainder` (see
-            :func:`merge_partials`). GAPR per row compares ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
+            logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), read by the
+            kernel in the same online softmax, one pass (:func:`pooled_segment`; the earlier two-pass LSE merge,
+            :func:`pooled_remainder` + :func:`merge_partials`, stays as a cross-check). GAPR per row compares
+            ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
         row_keys (`str`, defaults to ``"outlier"``): with ``combine="row"``, how a skipped block enters the softmax.
             ``"mean"``: one pooled key (``k̄_j``, ``v̄_j``, weight ``n_j``), gated by GAPR per row when ``gapr``.
             ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's most deviating key
