@@ -229,7 +229,7 @@ def test_torch_one_pass_equals_two_pass():
     q, k, v = _qkv(layout, 2, 2, 8, seed=9)
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     mask = _random_mask(layout, 2, 2, 0.3, seed=9, dense_heads=(0,))
-    cfg = PooledRectificationConfig(combine="row")
+    cfg = PooledRectificationConfig(combine="row", row_keys="mean")
     stats = block_statistics(qp, kp, vp, layout)
     one = row_rectified_attention(qp, kp, vp, layout, mask, cfg, 0.4, stats=stats, backend="torch", return_lse=True)
     two = row_rectified_attention(qp, kp, vp, layout, mask, cfg, 0.4, stats=stats, backend="torch", two_pass=True,
@@ -239,3 +239,8 @@ def test_torch_one_pass_equals_two_pass():
     seg = pooled_segment(layout, mask, cfg, stats=stats)
     nv = layout.num_video_blocks
     assert not seg.read[:, :, nv:].any() and not seg.read[:, 0].any()  # text rows and the dense head read none
+    with pytest.raises(ValueError, match="two_pass"):
+        row_rectified_attention(qp, kp, vp, layout, mask, PooledRectificationConfig(combine="row"), 0.4,
+                                stats=stats, backend="torch", two_pass=True)
+    with pytest.raises(ValueError, match="outliers=True"):
+        pooled_segment(layout, mask, PooledRectificationConfig(combine="row"), stats=stats)
