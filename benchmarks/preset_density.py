@@ -23,7 +23,12 @@ from dit_sparse.pipelines.presets import TINY_PRESET_PREFIX, list_presets  # noq
 
 
 def main(argv=None) -> int:
-    calls = list(embedded_inputs(10))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps of the capture")
+    args = ap.parse_args(argv)
+    calls = list(embedded_inputs(args.steps))
     rows = []
     for preset in list_presets():
         if not preset.name.startswith(TINY_PRESET_PREFIX):
