@@ -41,6 +41,8 @@ class AdapterSpec:
             only in cross-attention).
         is_sparse_candidate: ``(processor name) -> bool``: modules that may run sparse (video self-attention).
             Only these get a dit_sparse processor; cross-attention keeps its stock processor.
+        context_parallel: None when sparse calls work under diffusers' Ulysses context parallelism; otherwise why
+            not, and sparse configs then raise ``NotImplementedError`` with that reason (a dense config still runs).
     """
 
     name: str
@@ -50,6 +52,15 @@ class AdapterSpec:
     grid_fn: Callable
     text_position: str | None
     is_sparse_candidate: Callable[[str], bool] = lambda name: True
+    context_parallel: str | None = None
+
+    def check_context_parallel(self) -> None:
+        """Raise ``NotImplementedError`` when this model's sparse calls cannot run under context parallelism."""
+        if self.context_parallel is not None:
+            raise NotImplementedError(
+                f"dit_sparse: sparse attention on {', '.join(self.transformer_classes)} under context parallelism "
+                f"(enable_parallelism) is not supported: {self.context_parallel}. Use a dense config "
+                "(DensePolicy(force_dense=True)) under context parallelism, or run this model without it.")
 
 
 #: transformer class name -> module defining its ``SPEC`` (imported lazily: no diffusers models at import time)
@@ -60,6 +71,11 @@ ADAPTER_MODULES = {
     "LTXVideoTransformer3DModel": "dit_sparse.adapters.ltx",
     "FluxTransformer2DModel": "dit_sparse.adapters.flux",
     "SD3Transformer2DModel": "dit_sparse.adapters.sd3",
+    # --- issue 13 (i13-harness)
+    "WanVACETransformer3DModel": "dit_sparse.adapters.wan_vace",
+    "WanAnimateTransformer3DModel": "dit_sparse.adapters.wan_animate",
+    "SkyReelsV2Transformer3DModel": "dit_sparse.adapters.skyreels_v2",
+    "QwenImageTransformer2DModel": "dit_sparse.adapters.qwenimage",
 }
 
 
@@ -147,7 +163,8 @@ class SparseProcessorBase:
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
         if self._parallel_config is not None and not runtime.config.dense.force_dense:
-            ulysses_group(self._parallel_config)  # apply() after enable_parallelism: refuse ring attention now
+            runtime.adapter.check_context_parallel()  # apply() after enable_parallelism: refuse now
+            ulysses_group(self._parallel_config)  # ... and ring attention
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, name={self.name!r})"
@@ -169,6 +186,7 @@ class SparseProcessorBase:
         rt = self.runtime
         ug = None
         if self._parallel_config is not None and not rt.config.dense.force_dense:
+            rt.adapter.check_context_parallel()  # enable_parallelism after apply()
             ug = ulysses_group(self._parallel_config)  # NotImplementedError for ring attention
         world = 1 if ug is None else ug.world
         layout = self._sparse_layout(query, key, text_tokens * world, world)

@@ -124,4 +124,6 @@ SPEC = AdapterSpec(
     grid_fn=image_grid,
     text_position="before",
     is_sparse_candidate=lambda name: name.endswith(".attn.processor"),
+    # FLUX's _cp_plan splits img_ids at the transformer's input, before the grid is read: no rank sees the grid
+    context_parallel="the grid comes from img_ids, which diffusers' FLUX plan shards before dit_sparse reads them",
 )

@@ -3,6 +3,10 @@
 Self-attention ``attn1`` of every block runs sparse. Wan2.2 pipelines have ``transformer_2`` too; ``apply``
 handles both. The processor below is diffusers 0.42's ``WanAttnProcessor`` for self-attention, with only the
 attention call swapped (image-conditioning keys of I2V live in cross-attention and are untouched).
+
+The Wan-derived models reuse this processor and grid unchanged (their self-attention processors are copies of
+``WanAttnProcessor``: same projections, norms and RoPE): ``wan_vace.py``, ``wan_animate.py``, ``skyreels_v2.py``
+declare only their class names.
 """
 
 from __future__ import annotations
