@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .._env import checks_enabled
 from .._logging import warn_once
@@ -211,6 +212,55 @@ class SparseProcessorBase:
             err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
             rt.layer_errors.setdefault(self.layer, []).append(err)
         return out
+
+    def stock_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The stock processors' attention call on ``[B, S, H, D]``: diffusers' dispatcher with the backend and the
+        context-parallel config diffusers set on this processor (what every ``dispatch_attention_fn`` processor
+        runs; SD3 and CogVideoX call SDPA directly and keep their own call)."""
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def attend_valid_text(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, *, text_tokens: int, valid_text: int,
+                          text_position: str) -> torch.Tensor:
+        """Joint attention whose key mask leaves only the first ``valid_text`` of the ``text_tokens`` text tokens
+        valid (same count in every sample; the caller checked the mask), exactly as stock:
+
+        * sparse attention on the video plus the valid text (the padded keys dropped, which the mask zeroes in
+          stock); the padded text query rows run the stock call with the mask, restricted to those rows;
+        * when :meth:`attend` decides dense (warm-up, dense layer, no grid), ONE stock call covers every row, so
+          dense configs stay bit-exact.
+
+        ``text_position``: ``"before"`` (``[text, video]``) or ``"after"`` (``[video, text]``).
+        """
+        def stock():
+            return self.stock_attention(query, key, value, attention_mask)
+
+        if valid_text == text_tokens:  # nothing padded: the mask (if any) is all True
+            return self.attend(query, key, value, text_tokens=text_tokens, dense=stock)
+        if text_position == "before":
+            keep, pad = (slice(0, valid_text), slice(text_tokens, None)), slice(valid_text, text_tokens)
+        else:
+            n_valid = query.shape[1] - text_tokens + valid_text
+            keep, pad = (slice(0, n_valid),), slice(n_valid, None)
+
+        def select(x):
+            return torch.cat([x[:, s] for s in keep], dim=1) if len(keep) > 1 else x[:, keep[0]]
+
+        full = []  # the stock output, when attend() ran the dense call
+
+        def dense():
+            full.append(stock())
+            return select(full[0])
+
+        out = self.attend(select(query), select(key), select(value), text_tokens=valid_text, dense=dense)
+        if full:
+            return full[0]
+        rest = self.stock_attention(query[:, pad], key, value, attention_mask)
+        if text_position == "before":
+            return torch.cat([out[:, :valid_text], rest, out[:, valid_text:]], dim=1)
+        return torch.cat([out, rest], dim=1)
 
     def _num_steps(self) -> int | None:
         num_steps = self.runtime.context.num_steps

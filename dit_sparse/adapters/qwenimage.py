@@ -18,7 +18,6 @@ swapped.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from .base import AdapterSpec, SparseProcessorBase
@@ -93,33 +92,17 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
         txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
         return img_attn_output, txt_attn_output
 
-    def _stock(self, query, key, value, attention_mask):
-        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-
     def _attention(self, query, key, value, attention_mask, seq_txt: int) -> torch.Tensor:
         """The stock attention call, or sparse attention on ``[valid text, image]`` (see the module docstring)."""
         if attention_mask is None:
             return self.attend(query, key, value, text_tokens=seq_txt,
-                               dense=lambda: self._stock(query, key, value, None))
+                               dense=lambda: self.stock_attention(query, key, value))
         n = None if self._parallel_config is not None else valid_text_prefix(attention_mask, seq_txt)
         if n is None:  # a mask that is not one common valid text prefix (or sharded): the stock call
             self.runtime.calls["dense"] += 1
-            return self._stock(query, key, value, attention_mask)
-        full = []  # the stock output, when attend() ran the dense call
-
-        def dense():
-            full.append(self._stock(query, key, value, attention_mask))
-            return torch.cat([full[0][:, :n], full[0][:, seq_txt:]], dim=1)
-
-        keep = [slice(0, n), slice(seq_txt, None)]
-        q, k, v = (torch.cat([x[:, s] for s in keep], dim=1) for x in (query, key, value))
-        out = self.attend(q, k, v, text_tokens=n, dense=dense)
-        if full:  # the dense policy ran the stock call on the whole sequence
-            return full[0]
-        # padded text query rows: the stock call on those rows only, keys masked like stock
-        rest = self._stock(query[:, n:seq_txt], key, value, attention_mask)
-        return torch.cat([out[:, :n], rest, out[:, n:]], dim=1)
+            return self.stock_attention(query, key, value, attention_mask)
+        return self.attend_valid_text(query, key, value, attention_mask, text_tokens=seq_txt, valid_text=n,
+                                      text_position="before")
 
 
 def image_grid(module, args, kwargs):
