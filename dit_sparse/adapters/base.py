@@ -80,6 +80,10 @@ ADAPTER_MODULES = {
 }
 
 
+#: where the recipe for a new model lives (named by the unsupported-model error)
+ADDING_A_MODEL = "the section 'Adding a model' of ARCHITECTURE.md in the dit_sparse source tree"
+
+
 def supported_transformers() -> list[str]:
     return sorted(ADAPTER_MODULES)
 
@@ -89,7 +93,9 @@ def get_adapter(transformer: torch.nn.Module) -> AdapterSpec:
     name = type(transformer).__name__
     if name not in ADAPTER_MODULES:
         raise ValueError(f"dit_sparse has no adapter for {name}. Supported transformers: "
-                         f"{', '.join(supported_transformers())}.")
+                         f"{', '.join(supported_transformers())}. To add {name}, follow the recipe in "
+                         f"{ADDING_A_MODEL}: one adapter file declaring the processors to replace, the text "
+                         "position and the grid, plus one test-table entry.")
     return importlib.import_module(ADAPTER_MODULES[name]).SPEC
 
 
