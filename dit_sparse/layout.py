@@ -308,8 +308,12 @@ def _build_indices(grid, tile, text_tokens, text_position, packing, device) -> _
             return torch.cat([t[complete], flat.view(n_pb, bs)])
 
         f, y, x = packed(f), packed(y), packed(x)
+        tile_real = real.sum(1)
         real = torch.cat([real[complete], (torch.arange(n_pb * bs) < n_part).view(n_pb, bs)])
-        is_tile = torch.cat([torch.ones(int(complete.sum()), dtype=torch.bool), torch.zeros(n_pb, dtype=torch.bool)])
+        # a block is one tile iff all its real tokens share the first one's tile and that tile has no others
+        tid = ((f // tt) * nh + y // th) * nw + x // tw
+        same = torch.where(real, tid == tid[:, :1], torch.ones_like(real)).all(1)
+        is_tile = same & (real.sum(1) == tile_real[tid[:, 0]])
     video_off = text_tokens if text_position == "before" else 0
     text_off = 0 if text_position == "before" else T * Hg * Wg
     vid = torch.where(real, video_off + f * Hg * Wg + y * Wg + x, torch.full_like(f, -1)).reshape(-1)
