@@ -80,5 +80,6 @@ def block_bbox_reference(layout) -> list[tuple[tuple[int, int, int], tuple[int, 
     boxes = []
     for blk in members[: len(members) - n_text]:
         pts = [((i - voff) // (Hg * Wg), (i - voff) // Wg % Hg, (i - voff) % Wg) for i in blk]
-        boxes.append((tuple(min(p[a] for p in pts) for a in range(3)), tuple(max(p[a] for p in pts) for a in range(3))))
+        lo = tuple(min(p[a] for p in pts) for a in range(3))
+        boxes.append((lo, tuple(max(p[a] for p in pts) for a in range(3))))
     return boxes
