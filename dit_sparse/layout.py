@@ -20,7 +20,7 @@ Shapes: S = ``seq_len`` (model order, video + text), P = ``padded_len`` (permute
 
 Example::
 
-    layout = TokenLayout(frames=21, height=30, width=52)          # Wan2.1 480p: tile (2, 4, 16), 256 blocks
+    layout = TokenLayout(frames=21, height=30, width=52)          # Wan2.1 480p: tile (4, 4, 8), 256 blocks
     qp = layout.permute(q)                                      # [B, S, H, D] -> [B, P, H, D]
     q_back = layout.unpermute(qp)                               # exact inverse
 """

@@ -63,3 +63,11 @@ def test_gpu_suite_smoke_writes_json_and_summary(tmp_path):
     assert rows and {"kernel_ms", "engine_ms", "padded_tokens", "tokens"} <= set(rows[0])
     summary = (tmp_path / "summary.md").read_text()
     assert "Sparse layer call" in summary and "| yes |" not in summary and "not measured" in summary
+
+
+def test_suite_runs_from_another_folder(tmp_path):
+    """As the README shows it, from outside the repository: the scripts find the package themselves."""
+    for script, args in (("gpu_suite.py", [str(tmp_path / "out"), "--dry-run"]), ("layer_breakdown.py", ["--help"])):
+        res = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
