@@ -79,11 +79,18 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="output file name (without extension)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``dit-sparse render: error: ...; see --help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dit-sparse", description=__doc__,
+    parser = _Parser(prog="dit-sparse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="run `dit-sparse <command> --help` for examples")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
     render = sub.add_parser("render", help="render prompts or a job file to mp4/png + JSON sidecars",
                             epilog=RENDER_EXAMPLES, formatter_class=fmt)
@@ -276,15 +283,6 @@ def _warn_cost(args, rules, jobs) -> None:
              + ("; use --device cuda" if device == "cpu" else ""))
 
 
-def _check_dtype(args, rules) -> None:
-    from .jobs import SetupError
-
-    device = args.device or "cpu"
-    if args.dtype == "float16" and device == "cpu":
-        raise SetupError("--dtype float16 on CPU: torch runs many float16 ops (convolutions of the VAE) only on "
-                         "GPUs; use --dtype bfloat16 or float32 on CPU, or --device cuda")
-
-
 def _quiet_loading() -> None:
     """No loading bars (diffusers' per-component bar, transformers' checkpoint bar)."""
     import diffusers.utils.logging as dl
@@ -326,7 +324,6 @@ def _prepare(args, *, compare: bool = False):
         _check_jobs_against(jobs, rules, args.preset if args.preset not in ("none", "dense") else None)
     _check_out(args.out)
     _check_device(args)
-    _check_dtype(args, rules)
     if rules is not None:
         _warn_cost(args, rules, jobs)
     if args.quiet:

@@ -161,7 +161,7 @@ class Renderer:
         if model == DEFAULT_MODEL:
             from .tiny_model import DEFAULT_CALL, DEFAULT_NEGATIVE_PROMPT, build_pipeline
 
-            self.pipe = build_pipeline().to(dtype=dtype)  # stored float16, loaded float32: --dtype is honoured
+            self.pipe = build_pipeline(torch_dtype=dtype)  # --dtype is honoured on the embedded model too
             c = DEFAULT_CALL
             self.defaults = {"steps": c["num_inference_steps"], "frames": c["num_frames"], "height": c["height"],
                              "width": c["width"], "guidance_scale": c["guidance_scale"],

@@ -26,7 +26,10 @@ def no_model(monkeypatch):
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own checks (choices, int parsing)
+        rc = e.code
     err = capsys.readouterr().err
     return rc, err
 
@@ -56,7 +59,8 @@ def one_line_error(err: str) -> str:
     (["--guidance-scale", "nan"], ["--guidance-scale", "finite"]),
     (["--preset", "tiny-wan:draft-rect-8"], ["--preset", "did you mean 'tiny-wan:draft-rect-80'"]),
     (["--preset", "hunyuanvideo:draft-90"], ["--preset", "hunyuanvideo preset", "wan"]),
-    (["--dtype", "float16"], ["--dtype float16 on CPU", "bfloat16"]),
+    (["--dtype", "float64"], ["--dtype", "float32"]),
+    (["--steps", "2.5"], ["--steps", "invalid int value"]),
 ])
 def test_bad_cli_values_fail_before_loading(flags, expect, tmp_path, capsys, no_model):
     rc, err = run_cli(["render", "--out", str(tmp_path), *flags], capsys)
