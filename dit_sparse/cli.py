@@ -258,15 +258,19 @@ def _fmt_seconds(s: float) -> str:
 
 def _warn_cost(args, rules, jobs) -> None:
     """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts."""
+    from .jobs import is_embedded_folder
+
     device = args.device or "cpu"
     flops = [rules.flops(j) for j in jobs]
     known = [f for f in flops if f is not None]
     total = sum(known) if known else None
     real_on_cpu = device == "cpu" and rules.size_class in ("small", "large")
+    embedded = args.model == "embedded" or is_embedded_folder(args.model)
     for job in jobs:
-        if args.model != "embedded" and (job.frames is None or job.width is None) and rules.defaults:
+        if not embedded and (job.frames is None or job.width is None) and rules.defaults:
             v = rules.resolve(job)
-            _say(f"{job.where}: no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
+            who = "" if job.where == "command line" else f"{job.where}: "
+            _say(f"{who}no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
                  + (f", {v['frames']} frames" if v["frames"] else "") + f", {v['steps']} steps")
             break
     if total is None or (total < 5e12 and not real_on_cpu):

@@ -426,7 +426,7 @@ def read_model_rules(model: str) -> ModelRules | None:
     Raises :class:`SetupError` when ``model`` looks like a path but does not exist, or is a folder without a
     ``model_index.json`` (not a diffusers pipeline).
     """
-    if model == "embedded":
+    if model == "embedded" or is_embedded_folder(model):
         from .tiny_model import ASSET_DIR as folder  # noqa: PLC0415
         from .tiny_model import DEFAULT_CALL
 
@@ -463,3 +463,14 @@ def read_model_rules(model: str) -> ModelRules | None:
 def looks_like_hub_id(model: str) -> bool:
     """``owner/name`` with no path syntax (``./``, ``/``, ``~``, ``\\``)."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)) and not model.startswith((".", "~"))
+
+
+def is_embedded_folder(model: str) -> bool:
+    """``model`` is the embedded model's own folder (``dit_sparse/assets/tiny_wan``): it renders with the embedded
+    model's defaults (17 x 64 x 64, 20 steps), not the generic pipeline's (81 x 480 x 832)."""
+    from .tiny_model import ASSET_DIR
+
+    try:
+        return model != "embedded" and Path(model).expanduser().resolve() == ASSET_DIR.resolve()
+    except OSError:
+        return False

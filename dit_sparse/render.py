@@ -158,7 +158,9 @@ class Renderer:
         self.model = model
         self.device = device
         self.dtype = dtype
-        if model == DEFAULT_MODEL:
+        from .jobs import is_embedded_folder
+
+        if model == DEFAULT_MODEL or is_embedded_folder(model):  # its own folder given as --model: same defaults
             from .tiny_model import DEFAULT_CALL, DEFAULT_NEGATIVE_PROMPT, build_pipeline
 
             self.pipe = build_pipeline(torch_dtype=dtype)  # --dtype is honoured on the embedded model too

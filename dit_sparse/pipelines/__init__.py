@@ -46,7 +46,7 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
             raise ValueError("load_pipeline needs a model id or path, or a preset (which names its model).")
         model_id_or_path = preset.model_id
     if torch_dtype is not None:
-        from_pretrained_kwargs["torch_dtype"] = torch_dtype
+        from_pretrained_kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated there)
     if model_id_or_path == "embedded":  # the tiny model shipped in the package (from_pretrained on its folder)
         from ..tiny_model import ASSET_DIR
 

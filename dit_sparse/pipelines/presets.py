@@ -171,19 +171,20 @@ def default_preset_for(family: str | None, size_class: str, *, experts: int = 1,
     (:attr:`dit_sparse.jobs.ModelRules.size_class`). The embedded model's 16-token-block presets go to toy-sized Wan
     models only, never to a real one. Raises ``LookupError`` when the family has no preset.
     """
-    size = f"{params / 1e9:.1f} B" if params and params >= 1e8 else f"{params / 1e6:.1f} M" if params else "?"
+    size = f"{params / 1e9:.1f} B" if params and params >= 1e8 else f"{params / 1e6:.1f} M" if params else None
+    of = f" ({size} parameters)" if size and "parameters" not in what else ""
     if family == "wan":
         if size_class == "toy":
-            return TINY_DEFAULT_PRESET, f"{what} is a toy-sized Wan model ({size} parameters), like the embedded one"
+            return TINY_DEFAULT_PRESET, f"{what} is a toy-sized Wan model{of}, like the embedded one"
         if experts > 1:
-            return "wan2.2-t2v-a14b:rectified-85", f"{what} is a two-expert Wan2.2 model"
+            return "wan2.2-t2v-a14b:rectified-85", f"{what} is a two-expert Wan2.2 model{of}"
         if size_class == "large":
-            return "wan2.1-t2v-14b:rectified-75", f"{what} is a large Wan model ({size} parameters)"
-        return "wan2.1-t2v-1.3b:draft-80", f"{what} is a Wan model of {size} parameters (the 1.3B class)"
+            return "wan2.1-t2v-14b:rectified-75", f"{what} is a large Wan model{of} (the 14B class)"
+        return "wan2.1-t2v-1.3b:draft-80", f"{what} is a Wan model of the 1.3B class{of}"
     if family == "cogvideox":
         if size_class in ("toy", "small"):
-            return "cogvideox-2b:retention", f"{what} is a CogVideoX model of {size} parameters (the 2B class)"
-        return "cogvideox:rectified-85", f"{what} is a CogVideoX model of {size} parameters (the 5B class)"
+            return "cogvideox-2b:retention", f"{what} is a CogVideoX model of the 2B class{of}"
+        return "cogvideox:rectified-85", f"{what} is a CogVideoX model of the 5B class{of}"
     by_family = {"hunyuanvideo": "hunyuanvideo:rectified-90-warmup", "ltx": "ltx:draft-75",
                  "flux": "flux:neighborhood", "sd3": "sd3:draft-50"}
     if family in by_family:

@@ -122,7 +122,9 @@ def test_bad_job_fails_alone_and_sets_the_exit_code(local_ray, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(j) for j in [
         {"prompt": "a red circle moving right", "seed": 1, "name": "ok-1", "steps": 2},
-        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2, "preset": "no-such:preset"},
+        # passes every up-front check, fails inside the pipeline call
+        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2,
+         "pipeline_kwargs": {"bogus_kwarg": 1}},
         {"prompt": "a green triangle bouncing", "seed": 3, "name": "ok-2", "steps": 2, "preset": "none"},
     ]) + "\n")
     out = tmp_path / "out"
@@ -130,7 +132,7 @@ def test_bad_job_fails_alone_and_sets_the_exit_code(local_ray, tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert {r["name"]: r["status"] for r in summary["results"]} == {"ok-1": "done", "bad": "failed", "ok-2": "done"}
     bad = next(r for r in summary["results"] if r["name"] == "bad")
-    assert "Unknown preset" in bad["error"] and "attempts" not in bad  # raised in the job: recorded, not retried
+    assert "bogus_kwarg" in bad["error"] and "attempts" not in bad  # raised in the job: recorded, not retried
     assert not (out / "bad.mp4").exists() and not (out / "bad.json").exists()
     assert frames_of(out / "ok-1.mp4") > 1 and json.loads((out / "ok-2.json").read_text())["preset"] is None
 
