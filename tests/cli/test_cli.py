@@ -184,3 +184,13 @@ def test_compare_prints_faster_or_slower(tmp_path, capsys):
     assert ("x faster" in out) != ("x slower" in out)
     report = json.loads((tmp_path / "c2-compare.json").read_text())
     assert f"density {report['measured_density']:.2f}," in out
+
+
+def test_compare_with_a_model_folder_and_prompt(tmp_path, capsys):
+    """`compare --model <folder> --prompt ...` (the default prompt used to be looked up first and refused)."""
+    from dit_sparse.tiny_model import ASSET_DIR
+
+    assert main(["compare", "--model", str(ASSET_DIR), "--prompt", "a green circle moving up", "--steps", "2",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "a-green-circle-moving-up-s0-compare.json").read_text())
+    assert report["prompt"] == "a green circle moving up" and report["frames"] == 17

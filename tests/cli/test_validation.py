@@ -221,3 +221,20 @@ def test_speed_words():
     assert speed_words(1.25) == "1.25x faster"
     assert speed_words(0.8) == "1.25x slower"
     assert speed_words(1.0) == "1.00x faster"
+
+
+def test_ray_path_takes_the_prompt_with_a_model(tmp_path, monkeypatch):
+    """`render --ray --model <folder> --prompt ...` reaches the Ray driver with that prompt (it used to stop at
+    "--prompt is required with --model": the default prompt was looked up before --prompt was read)."""
+    import dit_sparse.distributed as distributed
+
+    seen = {}
+
+    def fake_ray(jobs, out, **kw):
+        seen.update(jobs=jobs, **kw)
+        return {"jobs": 1, "done": 1, "skipped": 0, "failed": 0, "results": []}
+
+    monkeypatch.setattr(distributed, "render_jobs_ray", fake_ray)
+    assert main(["render", "--ray", "--model", str(ASSET_DIR), "--prompt", "a fox in the snow", "--steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    assert [j.prompt for j in seen["jobs"]] == ["a fox in the snow"] and seen["preset"] == "tiny-wan:draft-rect-80"
