@@ -391,8 +391,10 @@ def cmd_render(args) -> int:
             summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
                                       address=args.ray or None, actors=args.ray_actors, device=args.device,
                                       dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet)
-        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:
-            raise SystemExit(f"dit-sparse render: {e}") from None
+        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
+            from .jobs import SetupError
+
+            raise SetupError(str(e).strip().replace("\n", " ")) from None
     else:
         from .render import render_jobs
 
@@ -474,9 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         return handler[args.command](args)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
+        summary = Path(out) / "run_summary.json" if out and args.command == "render" else None
         print(f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
-              + (f"; finished jobs are kept, {out}/run_summary.json lists the pending ones: rerun the same command "
-                 "to resume" if args.command == "render" else ""), file=sys.stderr)
+              + (f"; finished jobs are kept, {summary} lists the pending ones: rerun the same command to resume"
+                 if summary is not None and summary.exists() else ""), file=sys.stderr)
         return 130
     except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
         msg = str(e).strip().splitlines()
