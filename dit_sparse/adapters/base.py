@@ -60,6 +60,12 @@ ADAPTER_MODULES = {
     "LTXVideoTransformer3DModel": "dit_sparse.adapters.ltx",
     "FluxTransformer2DModel": "dit_sparse.adapters.flux",
     "SD3Transformer2DModel": "dit_sparse.adapters.sd3",
+    # issue 13: 2025-26 models
+    "HunyuanVideo15Transformer3DModel": "dit_sparse.adapters.hunyuan_video15",
+    "LTX2VideoTransformer3DModel": "dit_sparse.adapters.ltx2",
+    "CosmosTransformer3DModel": "dit_sparse.adapters.cosmos",
+    "MochiTransformer3DModel": "dit_sparse.adapters.mochi",
+    "Flux2Transformer2DModel": "dit_sparse.adapters.flux2",
 }
 
 
