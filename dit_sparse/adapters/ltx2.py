@@ -15,8 +15,11 @@ and the token grid is ``ceil(size / patch)`` per axis (the model's ``prepare_vid
 from ``(num_frames, height, width, fps)``; otherwise (conditioning pipelines that
 prepend or move tokens) every call runs the stock attention.
 
-Context parallelism: the model has a ``_cp_plan`` (video tokens split over ranks); ``attn1`` then runs through
-:meth:`SparseProcessorBase.attend`'s Ulysses path, like LTX-Video.
+Context parallelism: refused (``NotImplementedError`` at ``apply`` after ``enable_parallelism``, or at the first call
+when parallelism is enabled after ``apply``). diffusers 0.42.1's own ``_cp_plan`` for this model does not run: it
+shards the video tokens and the output of ``rope`` but not the audio-video cross-attention RoPE
+(``cross_attn_rope``), so the stock model fails in ``audio_to_video_attn`` under Ulysses (checked on CPU with gloo),
+and it also requires ``encoder_attention_mask``, whose sharded use then fails in the cross-attention mask broadcast.
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ from .base import AdapterSpec, SparseProcessorBase
 __all__ = ["LTX2SparseAttnProcessor", "SPEC"]
 
 
+CP_REFUSED = ("dit_sparse does not support context parallelism for LTX2VideoTransformer3DModel: diffusers 0.42.1's "
+              "own context-parallel plan for it fails (the audio-video cross-attention RoPE is not sharded with the "
+              "tokens). Run LTX-2 without enable_parallelism, or call dit_sparse.remove(...) first.")
+
+
 class LTX2SparseAttnProcessor(SparseProcessorBase):
     """Sparse video self-attention for ``LTX2Attention`` (``attn1``). Positional call, like the stock processors."""
+
+    def __init__(self, runtime, layer: int, name: str, stock=None):
+        if getattr(stock, "_parallel_config", None) is not None:
+            raise NotImplementedError(CP_REFUSED)
+        super().__init__(runtime, layer, name, stock)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -41,6 +54,8 @@ class LTX2SparseAttnProcessor(SparseProcessorBase):
                  key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                  perturbation_mask: torch.Tensor | None = None,
                  all_perturbed: bool | None = None) -> torch.Tensor:
+        if self._parallel_config is not None:  # enable_parallelism after apply
+            raise NotImplementedError(CP_REFUSED)
         cross = encoder_hidden_states is not None
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape

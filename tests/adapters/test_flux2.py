@@ -33,11 +33,16 @@ def img_ids(rows=ROWS, cols=COLS, t=0):
     return torch.cartesian_prod(torch.tensor([t]), torch.arange(rows), torch.arange(cols), torch.arange(1))
 
 
-def transformer_inputs(ids=None, batch=1):
+def transformer_inputs(ids=None, batch=1, batched_ids=False):
+    """Forward kwargs; ``batched_ids``: ids ``[B, N, 4]`` as the pipelines pass them (diffusers' context-parallel
+    plan shards only those)."""
     g = generator(1)
     ids = img_ids() if ids is None else ids
     txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(TEXT))
-    return dict(hidden_states=torch.randn(batch, ids.shape[0], 4, generator=g),
+    hidden_states = torch.randn(batch, ids.shape[0], 4, generator=g)
+    if batched_ids:
+        ids, txt_ids = ids.expand(batch, -1, -1), txt_ids.expand(batch, -1, -1)
+    return dict(hidden_states=hidden_states,
                 encoder_hidden_states=torch.randn(batch, TEXT, 16, generator=g),
                 timestep=torch.tensor([0.5] * batch), img_ids=ids, txt_ids=txt_ids, return_dict=False)
 
@@ -86,6 +91,7 @@ def run(pipe, steps=2, seed=0):
 CASES = [AdapterCase(
     id="flux2", transformer=flux2_transformer, inputs=lambda tr: transformer_inputs(), grid=(1, ROWS, COLS),
     sparse=(DOUBLE, SINGLE), pipeline=flux2_pipeline, run=run, preset="flux2:rectified-90", cp="ulysses",
+    cp_inputs=lambda tr: transformer_inputs(batched_ids=True),
 )]
 
 

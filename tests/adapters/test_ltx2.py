@@ -119,12 +119,23 @@ def run(pipe, steps=2, seed=0):
 CASES = [
     AdapterCase(id="ltx2", transformer=ltx2_transformer, inputs=lambda tr: transformer_inputs(tr, coords=True),
                 grid=GRID, sparse=("transformer_blocks.0.attn1.processor",), stock=STOCK, pipeline=ltx2_pipeline,
-                run=run, preset="ltx2:draft-75", cp="ulysses"),
+                run=run, preset="ltx2:draft-75", cp="refuses"),
     # LTX-2.3: LTX2PerturbedAttnProcessor everywhere, per-head gates on attn1, split RoPE
     AdapterCase(id="ltx2-perturbed-gated", transformer=lambda: ltx2_transformer(
         perturbed_attn=True, gated_attn=True, rope_type="split"), inputs=lambda tr: transformer_inputs(tr),
-        grid=GRID, sparse=("transformer_blocks.0.attn1.processor",), stock=STOCK, cp="ulysses"),
+        grid=GRID, sparse=("transformer_blocks.0.attn1.processor",), stock=STOCK, cp="refuses"),
 ]
+
+
+@torch.no_grad()
+def test_context_parallelism_enabled_after_apply_is_refused_at_the_call():
+    from diffusers import ContextParallelConfig
+
+    tr = ltx2_transformer()
+    dit_sparse.apply(tr, SPARSE)
+    tr.transformer_blocks[0].attn1.processor._parallel_config = ContextParallelConfig(ulysses_degree=2)
+    with pytest.raises(NotImplementedError, match="LTX2VideoTransformer3DModel.*cross-attention RoPE"):
+        tr(**transformer_inputs(tr))
 
 
 @torch.no_grad()
