@@ -13,8 +13,9 @@ packed latent ``hidden_states [B, N, C]``. Reference-image tokens (FLUX.2 editin
 offset) give no grid, so every call runs the stock attention. The KV-cache processors of the klein-KV pipeline
 (``Flux2KVAttnProcessor``, ``Flux2KVParallelSelfAttnProcessor``) are not served.
 
-Context parallelism: the model has a ``_cp_plan``; call ``enable_parallelism`` before ``apply`` so the grid is read
-from the full ``img_ids`` (as for FLUX.1).
+Context parallelism (Ulysses): the model has a ``_cp_plan`` sharding text and image tokens; a single-stream call then
+holds ``[text shard, image shard]`` and its text count is derived from the whole sequence (``world`` shards). Call
+``enable_parallelism`` before ``apply`` so the grid is read from the full ``img_ids``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
+from ..parallel import ulysses_group
 from .base import AdapterSpec, SparseProcessorBase
 from .flux import image_grid
 
@@ -41,12 +43,22 @@ class _TextFirst(SparseProcessorBase):
         return self.attend(query, key, value, text_tokens=text_tokens, dense=dense)
 
     def _joint_text_tokens(self, query: torch.Tensor) -> int:
-        """Text tokens in front of a ``[text, image]`` query whose text length the call does not say."""
+        """Text tokens in front of a ``[text, image]`` query whose text length the call does not say.
+
+        Under Ulysses the query is this rank's shard ``[text shard, image shard]``: the whole sequence is ``world``
+        shards, and the count returned is the local text (``attend`` multiplies it by ``world``).
+        """
         grid = self.runtime.context.grid
         if grid is None:
             return 0  # attend() runs it dense (no grid)
-        text = query.shape[1] - grid[0] * grid[1] * grid[2]
-        return text if text >= 0 else 0  # a negative remainder fails attend()'s token check -> dense
+        world = 1
+        if self._parallel_config is not None and not self.runtime.config.dense.force_dense:
+            ug = ulysses_group(self._parallel_config)
+            world = 1 if ug is None else ug.world
+        text = query.shape[1] * world - grid[0] * grid[1] * grid[2]
+        if text < 0 or text % world:
+            return 0  # fails attend()'s token check -> dense
+        return text // world
 
 
 class Flux2SparseAttnProcessor(_TextFirst):
