@@ -15,7 +15,8 @@ offset) give no grid, so every call runs the stock attention. The KV-cache proce
 
 Context parallelism (Ulysses): the model has a ``_cp_plan`` sharding text and image tokens; a single-stream call then
 holds ``[text shard, image shard]`` and its text count is derived from the whole sequence (``world`` shards). Call
-``enable_parallelism`` before ``apply`` so the grid is read from the full ``img_ids``.
+``enable_parallelism`` before ``apply`` so the grid is read from the full ``img_ids``; in the other order the grid
+comes from a shard, the token counts disagree with it and every call runs the stock attention (on every rank).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class _TextFirst(SparseProcessorBase):
         text = query.shape[1] * world - grid[0] * grid[1] * grid[2]
         if text < 0 or text % world:
             return 0  # fails attend()'s token check -> dense
+        if world > 1 and text // world != getattr(self.runtime, "_flux2_local_text", None):
+            # the grid was read from sharded ids (apply() before enable_parallelism): every rank runs stock
+            return 0
         return text // world
 
 
@@ -97,6 +101,7 @@ class Flux2SparseAttnProcessor(_TextFirst):
         if encoder_hidden_states is not None:
             # the processor itself put the text in front (only with the added projections)
             text_tokens = encoder_hidden_states.shape[1] if attn.added_kv_proj_dim is not None else None
+            self.runtime._flux2_local_text = text_tokens  # what the single-stream blocks of this forward hold
         else:
             text_tokens = self._joint_text_tokens(query)
         hidden_states = self._run(query, key, value, attention_mask, text_tokens)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase
@@ -151,37 +150,21 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
 
         return hidden_states, encoder_hidden_states
 
-    def _stock(self, query, key, value, attention_mask):
-        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-
     def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The stock attention call, or sparse attention on the valid ``[video, text prefix]`` (see module doc)."""
-        full = []  # the stock output, when attend() ran the dense call
-        tokens = valid = query.shape[1]
-
-        def dense():
-            full.append(self._stock(query, key, value, attention_mask))
-            return full[0] if valid == tokens else full[0][:, :valid]
-
+        tokens = query.shape[1]
         grid = self.runtime.context.grid
         n_video = None if grid is None else grid[0] * grid[1] * grid[2]
-        if n_video is None or tokens < n_video or key.shape[1] != tokens:
-            return self.attend(query, key, value, text_tokens=0, dense=dense)  # dense (unknown / mismatched grid)
+        if n_video is None or tokens < n_video or key.shape[1] != tokens:  # dense (unknown / mismatched grid)
+            return self.attend(query, key, value, text_tokens=0,
+                               dense=lambda: self.stock_attention(query, key, value, attention_mask))
         valid = self._valid_length(attention_mask, query.shape[0], tokens, n_video)
         if valid is None:  # a mask we cannot express as one common valid prefix: stock attention
             self.runtime.calls["dense"] += 1
-            return self._stock(query, key, value, attention_mask)
-        if valid == tokens:  # no padding: the mask (if any) is all True
-            return self.attend(query, key, value, text_tokens=tokens - n_video, dense=dense)
-        out = self.attend(query[:, :valid], key[:, :valid], value[:, :valid], text_tokens=valid - n_video,
-                          dense=dense)
-        if full:  # the dense policy ran the stock call on the whole sequence
-            return full[0]
-        # padded text query rows: the stock call on those rows only, keys masked like stock
-        rest = self._stock(query[:, valid:], key, value, attention_mask)
-        return torch.cat([out, rest], dim=1)
+            return self.stock_attention(query, key, value, attention_mask)
+        return self.attend_valid_text(query, key, value, attention_mask, text_tokens=tokens - n_video,
+                                      valid_text=valid - n_video, text_position="after")
 
 
 def _grid(module, args, kwargs):

@@ -37,6 +37,11 @@ FAMILY_TRANSFORMERS = {
     "ltx": "LTXVideoTransformer3DModel",
     "flux": "FluxTransformer2DModel",
     "sd3": "SD3Transformer2DModel",
+    # --- issue 13 (i13-harness)
+    "wan-vace": "WanVACETransformer3DModel",
+    "wan-animate": "WanAnimateTransformer3DModel",
+    "skyreels-v2": "SkyReelsV2Transformer3DModel",
+    "qwenimage": "QwenImageTransformer2DModel",
 }
 
 
@@ -139,6 +144,32 @@ _ALL = [
     # --- SD3
     Preset("sd3:draft-50", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers",
            "DraftAttention 50%, first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
+    # --- issue 13 (i13-harness): Wan-derived models take Wan's settings (same blocks, same grids; no paper numbers
+    # of their own), Qwen-Image takes the image-DiT settings of FLUX / SD3 (ALGORITHMS.md §7)
+    Preset("wan-vace:draft-75", "wan-vace", "Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+           "DraftAttention 75% (Wan2.1 paper default), first 25% steps and main block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("wan-vace-14b:rectified-75", "wan-vace", "Wan-AI/Wan2.1-VACE-14B-diffusers",
+           "Rectified SpaAttn 75% (Wan2.1-14B setting), main blocks 0-1 and first 5 steps dense",
+           _rectified(0.75, dense_steps=5, dense_layers=(0, 1))),
+    Preset("wan-animate:rectified-85", "wan-animate", "Wan-AI/Wan2.2-Animate-14B-Diffusers",
+           "Rectified SpaAttn 85% (Wan2.2-A14B setting), blocks 0-1 and first 3 steps dense",
+           _rectified(0.85, dense_steps=3, dense_layers=(0, 1))),
+    Preset("wan-animate:draft-75", "wan-animate", "Wan-AI/Wan2.2-Animate-14B-Diffusers",
+           "DraftAttention 75%, first 25% steps and block 0 dense", _draft(0.75, dense_fraction=0.25,
+                                                                             dense_layers=(0,))),
+    Preset("skyreels-v2:draft-75", "skyreels-v2", "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
+           "DraftAttention 75% (Wan2.1 architecture), first 25% steps and block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("skyreels-v2:rectified-75", "skyreels-v2", "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
+           "Rectified SpaAttn 75% (Wan2.1-14B setting), blocks 0-1 and first 5 steps dense",
+           _rectified(0.75, dense_steps=5, dense_layers=(0, 1))),
+    Preset("qwenimage:neighborhood", "qwenimage", "Qwen/Qwen-Image",
+           "2-D window of 3x3 tiles (as FLUX), first 20% steps dense",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    Preset("qwenimage:draft-50", "qwenimage", "Qwen/Qwen-Image",
+           "DraftAttention 50% (as SD3), first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
 ]
 
 # --- issue 13, 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2): densities and dense warm-up follow

@@ -11,7 +11,6 @@ from harness import ALL_ON, DENSE, SPARSE, TOL, AdapterCase
 from tiny import generator, seeded, t5_encoder, t5_tokenizer
 
 import dit_sparse
-from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig
 
 # variant -> (transformer config, latent frames, text tokens, grid)
 #   "5b":  CogVideoX-5B style: RoPE on the video tokens, no patch embedding positions; 10 text tokens (not a
@@ -123,14 +122,3 @@ def test_pipeline_batched_cfg_and_padded_frames_grid():
     # diffusers resets stateful hooks when the pipeline ends: the runtime keeps a summary of the run
     assert rt.context.step == -1 and rt.last_run["steps"] == 2
     assert rt.last_run["calls"] == {"sparse": 2, "dense": 0} and rt.last_run["density"] < 1.0
-
-
-@torch.no_grad()
-def test_pipeline_dense_warmup_steps_run_stock_attention():
-    pipe = cog_pipeline()
-    cfg = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), block_size=16, backend="torch",
-                                dense=DensePolicy(dense_steps=1))
-    (rt,) = dit_sparse.apply(pipe, cfg)
-    run(pipe, steps=2)
-    # 1 layer, one batched call per step: step 0 dense, step 1 sparse
-    assert rt.last_run["calls"] == {"sparse": 1, "dense": 1}

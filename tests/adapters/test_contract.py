@@ -15,6 +15,7 @@ import torch
 from harness import ALL_ON, DENSE, SPARSE, TOL, AdapterCase, adapter_spec, text_row_diffs, tiny_preset_config
 
 import dit_sparse
+from dit_sparse import DensePolicy
 from dit_sparse.adapters.base import SparseProcessorBase
 from dit_sparse.integration import attn_processors
 
@@ -164,6 +165,19 @@ def test_pipeline_dense_bit_exact_sparse_end_to_end_and_remove(case):
         assert np.array_equal(case.run(pipe, 2), out)  # same seed, second generation: state was reset
         dit_sparse.remove(pipe)
         assert np.array_equal(case.run(pipe, 2), ref)
+
+
+@by_id(PIPELINE_CASES)
+def test_dense_warmup_step_runs_stock_attention(case):
+    """``dense_steps=1``: step 0 runs every targeted call with the stock attention, step 1 runs them sparse."""
+    pipe = case.pipeline()
+    cfg = dataclasses.replace(SPARSE, dense=DensePolicy(dense_steps=1))
+    with torch.no_grad():
+        runtimes = dit_sparse.apply(pipe, cfg)
+        case.run(pipe, 2)
+    for rt in runtimes:
+        calls = last_run(rt)["calls"]
+        assert calls["sparse"] == calls["dense"] > 0, calls
 
 
 @by_id([c for c in PIPELINE_CASES if c.preset is not None])

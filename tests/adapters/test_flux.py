@@ -60,7 +60,7 @@ def transformer_inputs(ids=None, batch=1):
 CASES = [AdapterCase(
     id="flux", transformer=flux_transformer, inputs=lambda tr: transformer_inputs(batch=2), grid=(1, ROWS, COLS),
     sparse=(DOUBLE, SINGLE), pipeline=flux_pipeline, run=lambda pipe, steps: run(pipe, steps=steps),
-    preset="flux:neighborhood", cp="ulysses",
+    preset="flux:neighborhood", cp="refuses",
 )]
 
 

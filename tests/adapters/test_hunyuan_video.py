@@ -107,7 +107,7 @@ def test_transformer_all_on_plan_matches_stock(valid):
 @torch.no_grad()
 def test_dense_layers_with_padding_are_bit_exact(monkeypatch):
     # the dense policy decides inside attend(), after truncation: ONE stock call must cover every row
-    import dit_sparse.adapters.hunyuan_video as adapter
+    import dit_sparse.adapters.base as adapter
 
     tr = hunyuan_transformer()
     ref = tr(**transformer_inputs())[0]

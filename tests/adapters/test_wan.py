@@ -9,7 +9,7 @@ from harness import AdapterCase
 from tiny import generator, seeded, t5_encoder, t5_tokenizer
 
 import dit_sparse
-from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
+from dit_sparse import DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
 
 SPARSE = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False), block_size=16, backend="torch")
 
@@ -100,14 +100,3 @@ def test_cfg_branches_keep_separate_reuse_state():
     rt.engine.reuse_cache.get = spy
     run(pipe, steps=3)
     assert set(seen) == {"cond", "uncond"}
-
-
-@torch.no_grad()
-def test_dense_warmup_steps_run_stock_attention():
-    pipe = wan_pipeline()
-    cfg = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), block_size=16, backend="torch",
-                                dense=DensePolicy(dense_steps=1))
-    (rt,) = dit_sparse.apply(pipe, cfg)
-    run(pipe, steps=2)
-    # 2 layers x (cond + uncond): step 0 dense, step 1 sparse
-    assert rt.last_run["calls"] == {"sparse": 4, "dense": 4}

@@ -52,9 +52,19 @@ def test_load_pipeline_needs_a_model():
         dit_sparse.load_pipeline()
 
 
-def test_unsupported_model_lists_supported_classes():
-    with pytest.raises(ValueError, match="Supported transformers: .*WanTransformer3DModel"):
+def test_unsupported_model_lists_supported_classes_and_points_to_the_recipe():
+    from pathlib import Path
+
+    from dit_sparse.adapters.base import ADAPTER_MODULES
+
+    with pytest.raises(ValueError, match="no adapter for Linear") as e:
         dit_sparse.apply(torch.nn.Linear(2, 2), SPARSE)
+    msg = str(e.value)
+    assert all(name in msg for name in ADAPTER_MODULES)  # every supported transformer is named
+    assert "'Adding a model' of ARCHITECTURE.md" in msg
+    # the section it points to exists
+    arch = (Path(__file__).resolve().parents[2] / "ARCHITECTURE.md").read_text()
+    assert "\n## Adding a model\n" in arch
     with pytest.raises(ValueError, match="pipeline with a .transformer"):
         dit_sparse.apply(object(), SPARSE)
 
