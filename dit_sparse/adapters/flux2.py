@@ -22,7 +22,6 @@ comes from a shard, the token counts disagree with it and every call runs the st
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
@@ -36,8 +35,7 @@ __all__ = ["Flux2SparseAttnProcessor", "Flux2SparseParallelSelfAttnProcessor", "
 class _TextFirst(SparseProcessorBase):
     def _run(self, query, key, value, attention_mask, text_tokens: int | None) -> torch.Tensor:
         def dense():
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                         backend=self._attention_backend, parallel_config=self._parallel_config)
+            return self.stock_attention(query, key, value, attention_mask)
 
         if attention_mask is not None or text_tokens is None:
             return dense()

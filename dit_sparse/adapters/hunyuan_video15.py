@@ -7,7 +7,7 @@ Every block is dual-stream: ``transformer_blocks.*.attn`` (``HunyuanVideo15AttnP
 The transformer reorders the text of each sample as ``[valid image, valid ByT5, valid MLLM, padding...]`` and passes
 the reordered ``[B, text]`` mask; the stock processor pads it with True for the video and builds the pairwise mask
 ``valid(query) & valid(key)``. So the valid keys of each sample are the video plus a prefix of the text, and padded
-text query rows see no key at all. Handled exactly, as in the HunyuanVideo adapter (same :meth:`_attention`):
+text query rows see no key at all. Handled exactly, as in the HunyuanVideo adapter (same ``_attention``):
 
 * every sample has the same valid length ``L``: sparse attention on the first ``L`` tokens (valid queries see
   exactly the valid keys, as in stock), and the padded query rows run the stock call on those rows only;
@@ -24,7 +24,6 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import AdapterSpec
@@ -55,17 +54,17 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
         self.runtime._hunyuan15_mask_cache = (weakref.ref(mask), key, n)
         return n
 
-    def _stock(self, query, key, value, attention_mask):
-        """The stock attention call for the LAST ``query.shape[1]`` query rows (all rows: the stock call itself)."""
+    def stock_attention(self, query, key, value, attn_mask=None):
+        """The stock attention call for the LAST ``query.shape[1]`` query rows (all rows: the stock call itself);
+        ``attn_mask`` is the ``[B, text]`` mask, expanded here exactly as the stock processor does."""
         batch_size, seq_len = key.shape[0], key.shape[1]
-        m = _joint_key_mask(attention_mask, seq_len)
+        m = _joint_key_mask(attn_mask, seq_len)
         self_attn_mask_1 = m.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
         self_attn_mask_2 = self_attn_mask_1.transpose(2, 3)
         mask = (self_attn_mask_1 & self_attn_mask_2).bool()
         if query.shape[1] != seq_len:
             mask = mask[:, :, seq_len - query.shape[1]:]
-        return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+        return super().stock_attention(query, key, value, mask)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,

@@ -15,11 +15,12 @@ and the token grid is ``ceil(size / patch)`` per axis (the model's ``prepare_vid
 from ``(num_frames, height, width, fps)``; otherwise (conditioning pipelines that
 prepend or move tokens) every call runs the stock attention.
 
-Context parallelism: refused (``NotImplementedError`` at ``apply`` after ``enable_parallelism``, or at the first call
-when parallelism is enabled after ``apply``). diffusers 0.42.1's own ``_cp_plan`` for this model does not run: it
-shards the video tokens and the output of ``rope`` but not the audio-video cross-attention RoPE
-(``cross_attn_rope``), so the stock model fails in ``audio_to_video_attn`` under Ulysses (checked on CPU with gloo),
-and it also requires ``encoder_attention_mask``, whose sharded use then fails in the cross-attention mask broadcast.
+Context parallelism: refused for sparse configs (``AdapterSpec.context_parallel``: ``NotImplementedError`` at
+``apply`` after ``enable_parallelism``, or at the first sparse call when parallelism is enabled after ``apply``).
+diffusers 0.42.1's own ``_cp_plan`` for this model does not run: it shards the video tokens and the output of
+``rope`` but not the audio-video cross-attention RoPE (``cross_attn_rope``), so the stock model fails in
+``audio_to_video_attn`` under Ulysses (checked on CPU with gloo); it also requires ``encoder_attention_mask``, whose
+sharded use then fails in the cross-attention mask broadcast.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase
@@ -35,18 +35,8 @@ from .base import AdapterSpec, SparseProcessorBase
 __all__ = ["LTX2SparseAttnProcessor", "SPEC"]
 
 
-CP_REFUSED = ("dit_sparse does not support context parallelism for LTX2VideoTransformer3DModel: diffusers 0.42.1's "
-              "own context-parallel plan for it fails (the audio-video cross-attention RoPE is not sharded with the "
-              "tokens). Run LTX-2 without enable_parallelism, or call dit_sparse.remove(...) first.")
-
-
 class LTX2SparseAttnProcessor(SparseProcessorBase):
     """Sparse video self-attention for ``LTX2Attention`` (``attn1``). Positional call, like the stock processors."""
-
-    def __init__(self, runtime, layer: int, name: str, stock=None):
-        if getattr(stock, "_parallel_config", None) is not None:
-            raise NotImplementedError(CP_REFUSED)
-        super().__init__(runtime, layer, name, stock)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -54,8 +44,6 @@ class LTX2SparseAttnProcessor(SparseProcessorBase):
                  key_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
                  perturbation_mask: torch.Tensor | None = None,
                  all_perturbed: bool | None = None) -> torch.Tensor:
-        if self._parallel_config is not None:  # enable_parallelism after apply
-            raise NotImplementedError(CP_REFUSED)
         cross = encoder_hidden_states is not None
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
@@ -103,9 +91,7 @@ class LTX2SparseAttnProcessor(SparseProcessorBase):
             value = value.unflatten(2, (attn.heads, -1))
 
             def dense() -> torch.Tensor:
-                return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                             is_causal=False, backend=self._attention_backend,
-                                             parallel_config=self._parallel_config)
+                return self.stock_attention(query, key, value, attention_mask)
 
             if cross or attention_mask is not None:
                 hidden_states = dense()  # a masked (or cross) call is never approximated
@@ -164,4 +150,6 @@ SPEC = AdapterSpec(
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".attn1." in name,
+    context_parallel="diffusers 0.42.1's own context-parallel plan for LTX-2 does not run (the audio-video "
+                     "cross-attention RoPE is not sharded with the tokens; the stock model fails under Ulysses)",
 )
