@@ -20,10 +20,10 @@ N_VIDEO = GRID[0] * GRID[1] * GRID[2]
 MLLM, BYT5, IMAGE = 12, 6, 5  # text tokens per stream; image tokens = image_embeds length
 
 
-def hv15_transformer():
+def hv15_transformer(in_channels=4):
     from diffusers import HunyuanVideo15Transformer3DModel
 
-    return seeded(HunyuanVideo15Transformer3DModel, in_channels=4, out_channels=4, num_attention_heads=2,
+    return seeded(HunyuanVideo15Transformer3DModel, in_channels=in_channels, out_channels=4, num_attention_heads=2,
                   attention_head_dim=16, num_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1,
                   text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
                   target_size=64)
@@ -44,12 +44,58 @@ def transformer_inputs(valid=((7, 4),), image=False):
                 image_embeds=image_embeds, return_dict=False)
 
 
+def hv15_pipeline():
+    """The real ``HunyuanVideo15Pipeline``, tiny: Qwen2.5-VL text model (3 layers, hidden 16) with a byte-level
+    tokenizer, ByT5 (a 1-layer T5) for quoted glyph text, a 3-level VAE (4x space and time), CFG guider.
+
+    The pipeline's prompt sizes are instance attributes: the system prompt is emptied and cropped off (as the real
+    template crop does), 16 MLLM tokens, 8 ByT5 tokens, 4 image tokens (zero embeddings for text-to-video).
+    """
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+    )
+    from test_flux2 import qwen_tokenizer
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tok = qwen_tokenizer()
+    text_encoder = seeded(Qwen2_5_VLTextModel, Qwen2_5_VLTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 3,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}))
+    tok_2 = ByT5Tokenizer()
+    text_encoder_2 = seeded(T5EncoderModel, T5Config(vocab_size=len(tok_2), d_model=8, d_ff=16, d_kv=4, num_heads=2,
+                                                     num_layers=1, relative_attention_num_buckets=8, pad_token_id=0,
+                                                     eos_token_id=1, decoder_start_token_id=0))
+    vae = seeded(AutoencoderKLHunyuanVideo15, latent_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1,
+                 spatial_compression_ratio=4, temporal_compression_ratio=4)
+    # in_channels: latents 4 + image-condition latents 4 + mask 1
+    pipe = HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tok, transformer=hv15_transformer(9), vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                                  tokenizer_2=tok_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.system_message = ""
+    prefix = tok.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": "x"}],
+                                     tokenize=False).split("x")[0]
+    pipe.prompt_template_encode_start_idx = len(tok(prefix)["input_ids"])
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length, pipe.vision_num_semantic_tokens = 16, 8, 4
+    return pipe
+
+
+def run(pipe, steps=2, seed=0):
+    # 9 frames x 32 x 32 px -> 3 x 8 x 8 latent tokens; the quoted text goes through ByT5
+    return pipe(prompt='a sign saying "hi"', negative_prompt="", num_inference_steps=steps, height=32, width=32,
+                num_frames=9, output_type="np", generator=generator(seed)).frames[0]
+
+
 SPARSE_PROCS = ("transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor")
 REFINER = "context_embedder.token_refiner.refiner_blocks.0.attn.processor"
 
 CASES = [
     AdapterCase(id="hunyuanvideo15", transformer=hv15_transformer, inputs=lambda tr: transformer_inputs(),
-                grid=GRID, sparse=SPARSE_PROCS, stock=(REFINER,), cp="no-plan"),
+                grid=GRID, sparse=SPARSE_PROCS, stock=(REFINER,), pipeline=hv15_pipeline, run=run,
+                preset="hunyuanvideo15:draft-90", cp="no-plan"),
     AdapterCase(id="hunyuanvideo15-i2v", transformer=hv15_transformer,
                 inputs=lambda tr: transformer_inputs(image=True), grid=GRID, sparse=SPARSE_PROCS, stock=(REFINER,),
                 cp="no-plan"),
