@@ -78,6 +78,7 @@ ADAPTER_MODULES = {
     "CosmosTransformer3DModel": "dit_sparse.adapters.cosmos",
     "MochiTransformer3DModel": "dit_sparse.adapters.mochi",
     "Flux2Transformer2DModel": "dit_sparse.adapters.flux2",
+    "Kandinsky6Transformer3DModel": "dit_sparse.adapters.kandinsky6",
     # --- issue 13 (i13-harness)
     "WanVACETransformer3DModel": "dit_sparse.adapters.wan_vace",
     "WanAnimateTransformer3DModel": "dit_sparse.adapters.wan_animate",

@@ -172,7 +172,7 @@ _ALL = [
            "DraftAttention 50% (as SD3), first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
 ]
 
-# --- issue 13, 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2): densities and dense warm-up follow
+# --- issue 13, 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities and dense warm-up follow
 # the family's peers (ALGORITHMS.md §7): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%, 25% steps and
 # blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan / LTX (Draft 75%,
 # 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream blocks dense).
@@ -182,6 +182,7 @@ FAMILY_TRANSFORMERS.update({
     "cosmos": "CosmosTransformer3DModel",
     "mochi": "MochiTransformer3DModel",
     "flux2": "Flux2Transformer2DModel",
+    "kandinsky6": "Kandinsky6Transformer3DModel",
 })
 _ALL += [
     Preset("hunyuanvideo15:draft-90", "hunyuanvideo15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
@@ -206,6 +207,9 @@ _ALL += [
            "2-D window of 3x3 tiles, first 20% steps dense (as FLUX.1)",
            SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
                                  dense=DensePolicy(dense_fraction=0.2))),
+    Preset("kandinsky6:draft-75", "kandinsky6", "kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers",
+           "DraftAttention 75% on video self-attention (text, audio and cross paths stock), first 25% steps and "
+           "block 0 dense (as Wan)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
 ]
 # --- end issue 13 block
 
