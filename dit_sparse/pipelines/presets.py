@@ -172,7 +172,8 @@ _ALL = [
            "DraftAttention 50% (as SD3), first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
 ]
 
-# --- issue 13, 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities and dense warm-up follow
+# --- issue 13 (i13-models), 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities
+# and dense warm-up follow
 # the family's peers (ALGORITHMS.md §7): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%, 25% steps and
 # blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan / LTX (Draft 75%,
 # 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream blocks dense).
