@@ -39,10 +39,34 @@ def transformer_inputs(valid=None, batch=1, shapes=None):
                 timestep=torch.tensor([0.5] * b), img_shapes=shapes, return_dict=False)
 
 
+def qwen_pipeline():
+    """The real QwenImagePipeline; no text encoder (prompt embeddings are given: its Qwen2.5-VL encoder has no tiny
+    offline recipe here), tiny Qwen-Image VAE (factor 8, 4 latent channels packed 2 x 2 into 16)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    vae = seeded(AutoencoderKLQwenImage, base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=qwen_transformer())
+
+
+def run(pipe, steps=2, seed=0):
+    """192 x 256 px -> latent 24 x 32 -> packed grid (1, 12, 16); true CFG with a negative prompt whose last 3 of 10
+    text tokens are padding (its calls take the valid-text-prefix path)."""
+    neg_mask = torch.ones(1, TEXT, dtype=torch.long)
+    neg_mask[:, 7:] = 0
+    return pipe(prompt_embeds=torch.randn(1, TEXT, 16, generator=generator(5)),
+                prompt_embeds_mask=torch.ones(1, TEXT, dtype=torch.long),
+                negative_prompt_embeds=torch.randn(1, TEXT, 16, generator=generator(6)),
+                negative_prompt_embeds_mask=neg_mask, true_cfg_scale=4.0, height=16 * ROWS, width=16 * COLS,
+                num_inference_steps=steps, output_type="np", generator=generator(seed)).images
+
+
 SPARSE_NAMES = ("transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor")
 CASES = [
     AdapterCase(id="qwenimage", transformer=qwen_transformer, inputs=lambda tr: transformer_inputs(),
-                grid=(1, ROWS, COLS), sparse=SPARSE_NAMES, cp="ulysses"),
+                grid=(1, ROWS, COLS), sparse=SPARSE_NAMES, pipeline=qwen_pipeline, run=run,
+                preset="qwenimage:draft-50", cp="ulysses"),
     # a padded batch with one common valid prefix: sparse on [valid text, image], padded rows stock
     AdapterCase(id="qwenimage-padded", transformer=qwen_transformer,
                 inputs=lambda tr: transformer_inputs(valid=(7, 7)), grid=(1, ROWS, COLS), sparse=SPARSE_NAMES,

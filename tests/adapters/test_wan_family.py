@@ -4,6 +4,8 @@ SkyReels' diffusion-forcing mask stays stock."""
 
 from __future__ import annotations
 
+import numpy as np
+import PIL.Image
 import torch
 from harness import ALL_ON, SPARSE, AdapterCase
 from tiny import generator, seeded, t5_encoder, t5_tokenizer
@@ -98,6 +100,35 @@ def animate_inputs():
                 face_pixel_values=torch.randn(1, 3, 5, 16, 16, generator=g))
 
 
+def animate_pipeline():
+    """The real WanAnimatePipeline with a tiny CLIP vision encoder (32 px, 8 px patches: 17 image tokens)."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    vision = seeded(CLIPVisionModel, CLIPVisionConfig(hidden_size=16, intermediate_size=37, num_attention_heads=2,
+                                                      num_hidden_layers=2, image_size=32, patch_size=8))
+    return WanAnimatePipeline(
+        tokenizer=t5_tokenizer(), text_encoder=t5_encoder("umt5"), vae=wan_vae(), transformer=animate_transformer(),
+        scheduler=UniPCMultistepScheduler(flow_shift=5.0, prediction_type="flow_prediction", use_flow_sigmas=True),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_encoder=vision)
+
+
+def animate_run(pipe, steps=2, seed=0):
+    """Character image, 5 pose frames and 5 face frames (random pixels, fixed seed) at 64 x 96: one segment of
+    2 latent frames + the reference frame, grid (3, 4, 6)."""
+    rng = np.random.default_rng(0)
+
+    def img(h, w):
+        return PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    return pipe(image=img(64, 96), pose_video=[img(64, 96) for _ in range(5)],
+                face_video=[img(16, 16) for _ in range(5)],
+                prompt_embeds=torch.randn(1, 16, 32, generator=generator(5)), height=64, width=96,
+                segment_frame_length=5, num_inference_steps=steps, guidance_scale=1.0, output_type="np",
+                generator=generator(seed)).frames[0]
+
+
 FACE = ("face_adapter.0.processor", "face_adapter.1.processor")
 
 CASES = [
@@ -106,7 +137,8 @@ CASES = [
                 sparse=(*ATTN1, "vace_blocks.0.attn1.processor"), stock=(*ATTN2, "vace_blocks.0.attn2.processor"),
                 pipeline=vace_pipeline, run=run, preset="wan-vace:draft-75", cp="no-plan"),
     AdapterCase(id="wan-animate", transformer=animate_transformer, inputs=lambda tr: animate_inputs(), grid=GRID,
-                sparse=ATTN1, stock=(*ATTN2, *FACE), cp="no-plan"),
+                sparse=ATTN1, stock=(*ATTN2, *FACE), pipeline=animate_pipeline, run=animate_run,
+                preset="wan-animate:draft-75", cp="no-plan"),
     AdapterCase(id="skyreels-v2", transformer=skyreels_transformer, inputs=lambda tr: skyreels_inputs(), grid=GRID,
                 sparse=ATTN1, stock=ATTN2, pipeline=skyreels_pipeline, run=run, preset="skyreels-v2:draft-75",
                 cp="no-plan"),
