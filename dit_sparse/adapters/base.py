@@ -310,6 +310,27 @@ class SparseProcessorBase:
         return rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
 
 
+def project_heads(attn, hidden_states: torch.Tensor, *, added: bool = False, heads_first: bool = False):
+    """``query, key, value`` of one stream as ``[B, S, H, D]`` (``heads_first``: ``[B, H, S, D]``, the layout of the
+    processors that call SDPA directly), with the module's q/k norms where it has them: the projection step
+    diffusers' joint-attention processors share (HunyuanVideo, Qwen-Image, SD3, CogVideoX). ``added=False``: the
+    latent stream (``to_q/to_k/to_v``, ``norm_q/norm_k``); ``added=True``: the text stream (``add_q_proj/add_k_proj/
+    add_v_proj``, ``norm_added_q/norm_added_k``). Same operations in the same order as those processors."""
+    if added:
+        projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), ("norm_added_q", "norm_added_k")
+    else:
+        projections, norms = (attn.to_q, attn.to_k, attn.to_v), ("norm_q", "norm_k")
+    query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in projections)
+    if heads_first:
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    norm_q, norm_k = (getattr(attn, n, None) for n in norms)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def patch_grid(module: torch.nn.Module, hidden_states: torch.Tensor, channels_first: bool = True):
     """``(frames, height, width)`` in patch tokens of a ``[B, C, F, H, W]`` (or ``[B, F, C, H, W]``) latent."""
     cfg = module.config

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .base import AdapterSpec, SparseProcessorBase
+from .base import AdapterSpec, SparseProcessorBase, project_heads
 
 
 def valid_text_prefix(mask: torch.Tensor, n_text: int) -> int | None:
@@ -56,19 +56,8 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
             attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
 
         seq_txt = encoder_hidden_states.shape[1]
-        head_dim = attn.inner_dim // attn.heads
-        img_query, img_key, img_value = (p(hidden_states).unflatten(-1, (-1, head_dim))
-                                         for p in (attn.to_q, attn.to_k, attn.to_v))
-        txt_query, txt_key, txt_value = (p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-                                         for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_q is not None:
-            img_query = attn.norm_q(img_query)
-        if attn.norm_k is not None:
-            img_key = attn.norm_k(img_key)
-        if attn.norm_added_q is not None:
-            txt_query = attn.norm_added_q(txt_query)
-        if attn.norm_added_k is not None:
-            txt_key = attn.norm_added_k(txt_key)
+        img_query, img_key, img_value = project_heads(attn, hidden_states)
+        txt_query, txt_key, txt_value = project_heads(attn, encoder_hidden_states, added=True)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)

@@ -30,7 +30,8 @@ tiny offline pipeline (``tests/tiny.py`` has the text stacks) and a seeded ``run
         sparse=("blocks.0.attn1.processor", "blocks.1.attn1.processor"),   # exactly the processors replaced
         stock=("blocks.0.attn2.processor",),          # processors that must stay stock (cross-attention, ...)
         grid=(5, 16, 16),                             # the (frames, rows, cols) the adapter must read
-        pipeline=wan_pipeline, run=run,               # optional: () -> pipeline; (pipe, steps) -> np output
+        pipeline=wan_pipeline,                        # optional: () -> the real pipeline class, tiny, offline
+        run=lambda pipe, steps: run(pipe, steps=steps),  # seeded (pipe, steps) -> np output
         preset="wan2.1-t2v-1.3b:draft-80",            # a preset of the family for the pipeline render
         cp="ulysses",                                 # "ulysses" | "no-plan" | "refuses"
     )]
