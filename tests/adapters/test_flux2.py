@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import SPARSE, AdapterCase
-from tiny import generator, seeded
+from tiny import generator, qwen_tokenizer, seeded
 
 import dit_sparse
 from dit_sparse.integration import attn_processors
@@ -45,23 +45,6 @@ def transformer_inputs(ids=None, batch=1, batched_ids=False):
     return dict(hidden_states=hidden_states,
                 encoder_hidden_states=torch.randn(batch, TEXT, 16, generator=g),
                 timestep=torch.tensor([0.5] * batch), img_ids=ids, txt_ids=txt_ids, return_dict=False)
-
-
-def qwen_tokenizer():
-    """Byte-level BPE over single bytes (no merges), with a ChatML template (the pipeline applies it)."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {}
-    for ch in bytes_to_unicode().values():
-        vocab.setdefault(ch, len(vocab))
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
 
 
 def flux2_pipeline():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import ALL_ON, SPARSE, TOL, AdapterCase
-from tiny import generator, seeded
+from tiny import generator, qwen_tokenizer, seeded
 
 import dit_sparse
 from dit_sparse.integration import attn_processors
@@ -57,7 +57,6 @@ def hv15_pipeline():
         FlowMatchEulerDiscreteScheduler,
         HunyuanVideo15Pipeline,
     )
-    from test_flux2 import qwen_tokenizer
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tok = qwen_tokenizer()
