@@ -72,6 +72,13 @@ ADAPTER_MODULES = {
     "LTXVideoTransformer3DModel": "dit_sparse.adapters.ltx",
     "FluxTransformer2DModel": "dit_sparse.adapters.flux",
     "SD3Transformer2DModel": "dit_sparse.adapters.sd3",
+    # --- issue 13 (i13-models)
+    "HunyuanVideo15Transformer3DModel": "dit_sparse.adapters.hunyuan_video15",
+    "LTX2VideoTransformer3DModel": "dit_sparse.adapters.ltx2",
+    "CosmosTransformer3DModel": "dit_sparse.adapters.cosmos",
+    "MochiTransformer3DModel": "dit_sparse.adapters.mochi",
+    "Flux2Transformer2DModel": "dit_sparse.adapters.flux2",
+    "Kandinsky6Transformer3DModel": "dit_sparse.adapters.kandinsky6",
     # --- issue 13 (i13-harness)
     "WanVACETransformer3DModel": "dit_sparse.adapters.wan_vace",
     "WanAnimateTransformer3DModel": "dit_sparse.adapters.wan_animate",

@@ -22,7 +22,7 @@ from ..methods import (
 )
 
 __all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "FAMILY_TRANSFORMERS", "TINY_PRESET_PREFIX",
-           "TINY_DEFAULT_PRESET"]
+           "TINY_DEFAULT_PRESET", "default_preset_for"]
 
 #: presets for the embedded tiny model (``dit_sparse.tiny_model``): 5 x 8 x 8 = 320 video tokens, so 16-token
 #: blocks (tile 1 x 4 x 4, 20 blocks) instead of 128. Their descriptions give the block density each one reaches on
@@ -70,19 +70,22 @@ def _rectified(sparsity, **dense):
 
 
 _TINY = dict(tile=(1, 4, 4), block_size=16)
+# The tiny draft presets turn the first-frame sink off: at 20 blocks per row (4 per latent frame) the sink (4 blocks)
+# plus the diagonal (1) already exceed the 80% budget (4), so the draft map would select nothing and the "draft"
+# preset would be one static mask (tests/pipelines/test_default_preset.py checks that masks follow the prompt).
 
 _ALL = [
     # --- the embedded tiny model (model_id "embedded": shipped inside the package)
     Preset("tiny-wan:draft-rect-80", "wan", "embedded",
            "Embedded model: draft 80% + per-row pooled rectification (combine='row', fused into the kernel), first "
-           "20% steps dense (the CLI default); measured density 0.24 on the embedded model",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8),
+           "20% steps dense (the CLI default); measured density 0.20 on the embedded model",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
                                  rectification=PooledRectificationConfig(combine="row"),
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:draft-75", "wan", "embedded",
            "Embedded model: DraftAttention 75%, first 20% steps dense; measured density 0.25",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75), dense=DensePolicy(dense_fraction=0.2),
-                                 **_TINY)),
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75, sink=False),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:rectified-80", "wan", "embedded",
            "Embedded model: Rectified SpaAttn 80% (own selection), first 20% steps dense; measured density 0.57 "
            "(the 3-D tile neighbours cover most of a 5x2x2-tile grid)",
@@ -94,8 +97,8 @@ _ALL = [
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:retention", "wan", "embedded",
            "Embedded model: draft 80% reused across steps with Re-ttention (cache step every 4), 20% dense steps; "
-           "measured density 0.24",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8),
+           "measured density 0.20",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
                                  reuse=TemporalReuseConfig(refresh_period=4, retention=True),
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     # --- Wan2.1 (DraftAttention code: 0.75, first 25-30% steps and block 0 dense; Rectified: blocks 0-1, 5 steps)
@@ -180,6 +183,48 @@ _ALL = [
            "DraftAttention 50% (as SD3), first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
 ]
 
+# --- issue 13 (i13-models), 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities
+# and dense warm-up follow
+# the family's peers (ALGORITHMS.md §7): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%, 25% steps and
+# blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan / LTX (Draft 75%,
+# 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream blocks dense).
+FAMILY_TRANSFORMERS.update({
+    "hunyuanvideo15": "HunyuanVideo15Transformer3DModel",
+    "ltx2": "LTX2VideoTransformer3DModel",
+    "cosmos": "CosmosTransformer3DModel",
+    "mochi": "MochiTransformer3DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "kandinsky6": "Kandinsky6Transformer3DModel",
+})
+_ALL += [
+    Preset("hunyuanvideo15:draft-90", "hunyuanvideo15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+           "DraftAttention 90%, first 25% steps and blocks 0-1 dense (as HunyuanVideo)",
+           _draft(0.9, dense_fraction=0.25, dense_layers=(0, 1))),
+    Preset("hunyuanvideo15:rectified-90-warmup", "hunyuanvideo15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+           "Rectified SpaAttn 90% with the first 20% steps dense (as HunyuanVideo)",
+           _rectified(0.9, dense_fraction=0.2)),
+    Preset("ltx2:draft-75", "ltx2", "Lightricks/LTX-2",
+           "DraftAttention 75% on video self-attention (audio and cross paths stock), first 25% steps and block 0 "
+           "dense (as LTX-Video)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("cosmos:draft-75", "cosmos", "nvidia/Cosmos-Predict2-2B-Video2World",
+           "DraftAttention 75%, first 25% steps and block 0 dense (as Wan: self-attention video, text in "
+           "cross-attention)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("mochi:draft-75", "mochi", "genmo/mochi-1-preview",
+           "DraftAttention 75%, first 25% steps and block 0 dense (as Wan / LTX-Video)",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("flux2:rectified-90", "flux2", "black-forest-labs/FLUX.2-dev",
+           "Rectified SpaAttn 90%, last 20 single-stream blocks dense (FLUX.2-dev layout: 8 double + 48 single)",
+           _rectified(0.9, dense_layers=tuple(range(36, 56)))),
+    Preset("flux2:neighborhood", "flux2", "black-forest-labs/FLUX.2-dev",
+           "2-D window of 3x3 tiles, first 20% steps dense (as FLUX.1)",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    Preset("kandinsky6:draft-75", "kandinsky6", "kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers",
+           "DraftAttention 75% on video self-attention (text, audio and cross paths stock), first 25% steps and "
+           "block 0 dense (as Wan)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+]
+# --- end issue 13 block
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 
 
@@ -196,3 +241,36 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)} "
                          "(see dit_sparse.list_presets()).") from None
+
+
+def default_preset_for(family: str | None, size_class: str, *, experts: int = 1, params: float | None = None,
+                       what: str = "the model") -> tuple[str, str]:
+    """The preset for a model given without ``--preset``: ``(name, why)``, from its family and size class.
+
+    ``size_class`` is ``"toy"`` (< 50 M parameters), ``"small"`` (< 3 B), ``"large"`` or ``"unknown"``
+    (:attr:`dit_sparse.jobs.ModelRules.size_class`). The embedded model's 16-token-block presets go to toy-sized Wan
+    models only, never to a real one. Raises ``LookupError`` when the family has no preset.
+    """
+    size = f"{params / 1e9:.1f} B" if params and params >= 1e8 else f"{params / 1e6:.1f} M" if params else None
+    of = f" ({size} parameters)" if size and "parameters" not in what else ""
+    if family == "wan":
+        if size_class == "toy":
+            return TINY_DEFAULT_PRESET, f"{what} is a toy-sized Wan model{of}, like the embedded one"
+        if experts > 1:
+            return "wan2.2-t2v-a14b:rectified-85", f"{what} is a two-expert Wan2.2 model{of}"
+        if size_class == "large":
+            return "wan2.1-t2v-14b:rectified-75", f"{what} is a large Wan model{of} (the 14B class)"
+        return "wan2.1-t2v-1.3b:draft-80", f"{what} is a Wan model of the 1.3B class{of}"
+    if family == "cogvideox":
+        if size_class in ("toy", "small"):
+            return "cogvideox-2b:retention", f"{what} is a CogVideoX model of the 2B class{of}"
+        return "cogvideox:rectified-85", f"{what} is a CogVideoX model of the 5B class{of}"
+    by_family = {"hunyuanvideo": "hunyuanvideo:rectified-90-warmup", "ltx": "ltx:draft-75",
+                 "flux": "flux:neighborhood", "sd3": "sd3:draft-50"}
+    if family in by_family:
+        return by_family[family], f"{what} is a {family} model (the family's general-purpose preset)"
+    own = [p.name for p in _ALL if p.family == family and not p.name.startswith(TINY_PRESET_PREFIX)]
+    if own:
+        return own[0], f"{what} is a {family} model (the family's first preset)"
+    raise LookupError(f"no preset for {what} (family {family or 'unknown'}); pass --preset (see "
+                      "`dit-sparse presets`) or --preset none")

@@ -52,6 +52,7 @@ import torch
 import dit_sparse
 from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig
 from dit_sparse.adapters.base import SparseProcessorBase, get_adapter
+from dit_sparse.integration import attn_processors
 
 DENSE = SparseAttentionConfig(dense=DensePolicy(force_dense=True))
 ALL_ON = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.0), block_size=16, backend="torch")
@@ -126,7 +127,7 @@ def record_attend(tr) -> list[dict]:
     """Wrap every dit_sparse processor's ``attend``: per call record name, q, text tokens, output and the stock
     output (``dense()``, the model's own attention call)."""
     calls = []
-    for name, proc in tr.attn_processors.items():
+    for name, proc in attn_processors(tr).items():
         if isinstance(proc, SparseProcessorBase):
             def attend(q, k, v, *, text_tokens, dense, scale=None, _p=proc, _n=name):
                 out = SparseProcessorBase.attend(_p, q, k, v, text_tokens=text_tokens, dense=dense, scale=scale)

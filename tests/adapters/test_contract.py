@@ -17,6 +17,7 @@ from harness import ALL_ON, DENSE, SPARSE, TOL, AdapterCase, adapter_spec, text_
 import dit_sparse
 from dit_sparse import DensePolicy
 from dit_sparse.adapters.base import SparseProcessorBase
+from dit_sparse.integration import attn_processors
 
 
 def all_cases() -> list[AdapterCase]:
@@ -74,10 +75,10 @@ def test_all_on_plan_matches_stock(case):
 def test_declared_processors_go_sparse_others_stay_stock_and_remove_restores(case):
     tr = case.transformer()
     ref = case.forward(tr)
-    original = dict(tr.attn_processors)
+    original = dict(attn_processors(tr))
     assert set(case.sparse) <= set(original) and set(case.stock) <= set(original), sorted(original)
     (rt,) = dit_sparse.apply(tr, SPARSE)
-    procs = tr.attn_processors
+    procs = attn_processors(tr)
     replaced = [n for n, p in procs.items() if isinstance(p, SparseProcessorBase)]
     assert replaced == list(case.sparse)
     assert [procs[n].layer for n in replaced] == list(range(len(replaced)))  # forward order
@@ -88,7 +89,7 @@ def test_declared_processors_go_sparse_others_stay_stock_and_remove_restores(cas
     assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
     assert rt.calls["sparse"] == case.n_sparse_calls and rt.density < 1.0
     dit_sparse.remove(tr)
-    assert all(tr.attn_processors[k] is v for k, v in original.items())
+    assert all(attn_processors(tr)[k] is v for k, v in original.items())
     assert torch.equal(case.forward(tr), ref)
     assert not dit_sparse.is_applied(tr)
 
@@ -134,7 +135,7 @@ def test_cp_refused_with_a_clear_error(case):
     from diffusers import ContextParallelConfig
 
     tr = case.transformer()
-    for p in tr.attn_processors.values():  # what enable_parallelism sets on every processor
+    for p in attn_processors(tr).values():  # what enable_parallelism sets on every processor
         p._parallel_config = ContextParallelConfig(ulysses_degree=2)
     with pytest.raises(NotImplementedError, match=type(tr).__name__):
         dit_sparse.apply(tr, SPARSE)

@@ -20,7 +20,7 @@ def test_presets_listed_and_valid():
     assert {p.family for p in presets} == set(FAMILY_TRANSFORMERS)
     for p in presets:
         assert isinstance(p.config, SparseAttentionConfig) and p.description
-    assert [p.name for p in dit_sparse.list_presets("flux")] == [n for n in PRESETS if n.startswith("flux")]
+    assert [p.name for p in dit_sparse.list_presets("flux")] == [n for n in PRESETS if n.startswith("flux:")]
     with pytest.raises(ValueError, match="Available presets"):
         dit_sparse.get_preset("wan:magic-99")
 
