@@ -21,7 +21,7 @@ def _dense_reasons(inputs: AttentionInputs) -> list[str]:
         reasons.append("return_lse=True: dense kernels here do not return the log-sum-exp")
     if not inputs.plan.known_dense:
         reasons.append("plan is not flagged all-dense (SparsePlan.dense sets known_dense=True)")
-    elif not inputs.plan.keys_all_valid:
+    elif not reasons and not inputs.plan.keys_all_valid:  # reads kv_block_valid: only when all else fits
         reasons.append("plan masks padding slots inside key blocks (kv_block_valid)")
     return reasons
 

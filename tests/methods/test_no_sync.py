@@ -1,0 +1,64 @@
+"""A sparse call after warm-up never forces a device-to-host sync (issue 15 item 1), checked on CPU with a
+``TorchDispatchMode`` (``tests/sync_guard.py``) over the engine's whole per-call path: permute, selection, plan
+build, dispatch, the op (torch backend), epilogues, merges, unpermute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_sparse import TokenLayout
+from dit_sparse.methods.composite import DensePolicy, SparseAttention, SparseAttentionConfig
+from dit_sparse.methods.draft_attention import DraftAttentionConfig
+from dit_sparse.methods.neighborhood import NeighborhoodConfig
+from dit_sparse.methods.pooled_rectification import PooledRectificationConfig
+from dit_sparse.methods.temporal_reuse import TemporalReuseConfig
+from tests.sync_guard import no_host_sync
+
+TINY = dict(tile=(1, 4, 4), block_size=16)
+LAYOUT = TokenLayout(frames=3, height=8, width=12, text_tokens=10, text_position="after", tile=(1, 4, 4))
+
+CONFIGS = {
+    "draft_row_topk": dict(draft=DraftAttentionConfig(sparsity=0.75, sink=False)),
+    "draft_row_topp": dict(draft=DraftAttentionConfig(sparsity=0.5, selection="row_topp", top_p=0.8)),
+    "draft_head_global": dict(draft=DraftAttentionConfig(sparsity=0.75, selection="head_global")),
+    "rect_block": dict(rectification=PooledRectificationConfig(sparsity=0.8)),
+    "rect_row": dict(rectification=PooledRectificationConfig(sparsity=0.8, combine="row")),
+    "draft_rect_block": dict(draft=DraftAttentionConfig(sparsity=0.8), rectification=PooledRectificationConfig()),
+    "draft_rect_row": dict(draft=DraftAttentionConfig(sparsity=0.8),
+                           rectification=PooledRectificationConfig(combine="row")),
+    "neighborhood_tiles": dict(neighborhood=NeighborhoodConfig(window=(1, 3, 3))),
+    "neighborhood_tokens": dict(neighborhood=NeighborhoodConfig(kernel_size=(3, 5, 5), stride=(1, 2, 2))),
+    "dense_heads": dict(draft=DraftAttentionConfig(sparsity=0.75), dense=DensePolicy(dense_heads=(1,))),
+    "reuse_retention": dict(draft=DraftAttentionConfig(sparsity=0.75),
+                            reuse=TemporalReuseConfig(refresh_period=2, retention=True)),
+    "reuse_rect": dict(rectification=PooledRectificationConfig(sparsity=0.8),
+                       reuse=TemporalReuseConfig(refresh_period=2, retention=False)),
+}
+
+
+def _qkv(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, LAYOUT.seq_len, 2, 16, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@torch.no_grad()
+def test_sparse_calls_do_not_sync(name):
+    engine = SparseAttention(SparseAttentionConfig(**CONFIGS[name], **TINY))
+    kw = dict(layout=LAYOUT, num_steps=10, layer=0, branch="cond")
+    engine(*_qkv(0), step=0, **kw)  # warm-up: layout index tensors, cached masks
+    # steps 1-4: with refresh_period=2 these are reuse steps (1, 3) and rebuild steps (2, 4)
+    for step in range(1, 5):
+        with no_host_sync(f"{name} at step {step}"):
+            out = engine(*_qkv(step), step=step, **kw)
+    assert out.shape == _qkv(0)[0].shape and torch.isfinite(out).all()
+
+
+def test_the_guard_catches_a_sync():
+    """The guard itself: reading a value, nonzero, or a boolean-mask index each fail."""
+    x = torch.randn(5)
+    for fn in (lambda: float(x.sum()), lambda: x.nonzero(), lambda: x[x > 0], lambda: bool((x > 0).any())):
+        with pytest.raises(AssertionError, match="sync"):
+            with no_host_sync():
+                fn()
