@@ -18,11 +18,12 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass, field
 
 import torch
+
+from ._cache import tensor_cache
 
 __all__ = ["TokenLayout", "pick_tile"]
 
@@ -198,7 +199,7 @@ class _LayoutIndices:
     slot_coords: torch.Tensor  # int64 [n_video_blocks * Bs, 3], -1 for padding
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _build_indices(grid, tile, text_tokens, text_position, device) -> _LayoutIndices:
     (T, Hg, Wg), (tt, th, tw) = grid, tile
     bs = tt * th * tw

@@ -34,12 +34,12 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
@@ -256,7 +256,7 @@ def gapr_reliable(stats: BlockStatistics) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- selection
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _neighbour_mask_cached(layout: TokenLayout, device: str) -> torch.Tensor:
     tc = layout.tile_coords(device)
     return ((tc.unsqueeze(1) - tc.unsqueeze(0)).abs() <= 1).all(-1)

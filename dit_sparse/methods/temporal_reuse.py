@@ -198,6 +198,8 @@ class TemporalReuseState:
         return _tensor_bytes(tensors)
 
     def _updated(self, config: TemporalReuseConfig) -> None:
+        if torch.compiler.is_compiling():  # storage accounting is host bookkeeping: eager calls only
+            return
         if self._owner is not None:
             self._owner._check_memory(config)
         elif config.warn_bytes is not None and self.nbytes > config.warn_bytes:

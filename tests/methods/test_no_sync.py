@@ -62,3 +62,25 @@ def test_the_guard_catches_a_sync():
         with pytest.raises(AssertionError, match="sync"):
             with no_host_sync():
                 fn()
+
+
+@pytest.mark.parametrize("name", ["draft_row_topk", "rect_block", "rect_row", "neighborhood_tokens", "dense_heads",
+                                  "reuse_retention", "reuse_rect"])
+@torch.no_grad()
+def test_engine_compiles_without_graph_breaks(name):
+    """The per-call path (torch backend) is one graph: ``fullgraph=True`` raises on any break. Warm-up runs
+    eagerly first (layout indices and static masks are cached then, and enter the graph as constants)."""
+    torch._dynamo.reset()
+    cfg = SparseAttentionConfig(**CONFIGS[name], **TINY, backend="torch")
+    eager, compiled_engine = SparseAttention(cfg), SparseAttention(cfg)
+    kw = dict(layout=LAYOUT, num_steps=10, layer=0, branch="cond")
+    for engine in (eager, compiled_engine):
+        engine(*_qkv(0), step=0, **kw)
+
+    def call(q, k, v, step):
+        return compiled_engine(q, k, v, step=step, **kw)
+
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    for step in (1, 2):  # a reuse step and a rebuild step with refresh_period=2
+        torch.testing.assert_close(compiled(*_qkv(step), step), eager(*_qkv(step), step=step, **kw),
+                                   rtol=1e-5, atol=1e-5)
