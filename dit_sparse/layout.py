@@ -89,15 +89,22 @@ class TokenLayout:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TokenLayout.{name} must be a positive int (patch tokens), got {v!r}.")
-        if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
+        if not isinstance(self.text_tokens, int) or isinstance(self.text_tokens, bool) or self.text_tokens < 0:
             raise ValueError(f"TokenLayout.text_tokens must be an int >= 0, got {self.text_tokens!r}.")
         if self.text_position not in ("before", "after"):
             raise ValueError(f"TokenLayout.text_position must be 'before' or 'after', got {self.text_position!r}.")
         if self.tile is None:
+            bs = self.block_size
+            if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1 or bs & (bs - 1):
+                raise ValueError(f"TokenLayout.block_size: got {bs!r}, expected a power of two (tokens per block) "
+                                 "when the tile is picked; fix: e.g. block_size=128, or give tile=(tT, tH, tW).")
             object.__setattr__(self, "tile", pick_tile(self.frames, self.height, self.width, self.block_size))
-        tile = tuple(int(t) for t in self.tile)
-        if len(tile) != 3 or min(tile) < 1:
-            raise ValueError(f"TokenLayout.tile must be three positive ints (tT, tH, tW), got {self.tile!r}.")
+        t = self.tile
+        if not (isinstance(t, (tuple, list)) and len(t) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)):
+            raise ValueError(f"TokenLayout.tile must be three positive ints (tT, tH, tW), got {t!r}; fix: e.g. "
+                             "tile=(1, 8, 16), or tile=None to pick one.")
+        tile = tuple(t)
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "block_size", tile[0] * tile[1] * tile[2])
 
