@@ -84,3 +84,16 @@ def test_engine_compiles_without_graph_breaks(name):
     for step in (1, 2):  # a reuse step and a rebuild step with refresh_period=2
         torch.testing.assert_close(compiled(*_qkv(step), step), eager(*_qkv(step), step=step, **kw),
                                    rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_drift_refresh_is_the_documented_sync():
+    """``drift_threshold`` decides on the host whether to rebuild: the one opt-in sync (TemporalReuseConfig doc)."""
+    cfg = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75),
+                                reuse=TemporalReuseConfig(refresh_period=4, drift_threshold=0.5), **TINY)
+    engine = SparseAttention(cfg)
+    kw = dict(layout=LAYOUT, num_steps=10, layer=0, branch="cond")
+    engine(*_qkv(0), step=0, **kw)
+    with pytest.raises(AssertionError, match="_local_scalar_dense"):
+        with no_host_sync("drift check"):
+            engine(*_qkv(1), step=1, **kw)
