@@ -171,16 +171,19 @@ def _block_sparse_attn_fwd(
         blk = it // SUB_TILES
         sub = it % SUB_TILES
         kv_block = tl.load(idx_ptr + blk * stride_iw)
-        # read only in-range entries above every entry read before (malformed plans: no out-of-bounds read)
-        use = (kv_block >= 0) & (kv_block < num_k_blocks) & (kv_block > prev)
+        # malformed plans: an out-of-range entry loads nothing (no out-of-bounds read); an entry not above every
+        # entry read before it (a duplicate, an unsorted repeat) is masked in the logits only, so the k/v
+        # addresses never wait on the previous iteration
+        in_range = (kv_block >= 0) & (kv_block < num_k_blocks)
+        use = in_range & (kv_block > prev)
         prev = tl.where(use & (sub == SUB_TILES - 1), kv_block, prev)
-        kv_block = tl.where(use, kv_block, 0)
+        kv_block = tl.where(in_range, kv_block, 0)
         block_start = kv_block * PLAN_BLOCK_K
         # real keys of this block are [block_start, block_start + n_real)
         n_real = tl.minimum(SEQ_K - block_start, PLAN_BLOCK_K)
         if HAS_KV_VALID:
             n_real = tl.minimum(n_real, tl.load(KvValid + kv_block))
-        n_real = tl.where(use, n_real, 0)
+        n_real = tl.where(in_range, n_real, 0)
         key_ok = offs_n < (n_real - sub * BLOCK_N)
         start_n = (block_start + sub * BLOCK_N).to(tl.int64)
 
@@ -200,7 +203,7 @@ def _block_sparse_attn_fwd(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        qk = tl.where(key_ok[None, :] & use, qk, float("-inf"))
 
         # -- online softmax update
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
