@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._cache import tensor_cache
 from ..backends import BACKENDS
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
@@ -226,6 +227,12 @@ def _check_heads(heads: int, head_offset: int, total_heads: int | None) -> int:
     return total
 
 
+@tensor_cache(maxsize=64)
+def _head_rows(dense_heads: tuple[int, ...], heads: int, device: str) -> torch.Tensor:
+    """Bool ``[heads]``: True for the heads whose plan rows are all on."""
+    return torch.isin(torch.arange(heads), torch.tensor(dense_heads)).to(device)
+
+
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
@@ -286,10 +293,10 @@ class SparseAttention:
             if rect_stats is None:
                 rect_stats = _RectStats(q_perm, k_perm, None, layout, scale)
             mask = select_critical_blocks(rect_stats()[1], layout, cfg.rectification)
-        dense_heads = [h - head_offset for h in cfg.dense.dense_heads if head_offset <= h < head_offset + heads]
-        if dense_heads:
-            mask = mask.expand(mask.shape[0], heads, *mask.shape[2:]).clone()
-            mask[:, dense_heads] = True
+        dense_heads = tuple(sorted(h - head_offset for h in cfg.dense.dense_heads
+                                   if head_offset <= h < head_offset + heads))
+        if dense_heads:  # a cached device tensor: no host-to-device index copy per call (CUDA-graph safe)
+            mask = mask | _head_rows(dense_heads, heads, str(mask.device)).view(1, heads, 1, 1)
         return mask
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
