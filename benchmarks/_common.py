@@ -70,10 +70,12 @@ def bench(fn, *, warmup: int = 3, rep: int = 10) -> float:
     return statistics.median(times)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+    """Write ``<folder>/<name>-<gpu>.json`` atomically (``folder`` defaults to ``benchmarks/results``)."""
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     gpu = (payload.get("environment", {}).get("gpu") or "cpu").replace(" ", "_")
-    path = RESULTS / f"{name}-{gpu}.json"
+    path = folder / f"{name}-{gpu}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)

@@ -1,18 +1,28 @@
 """Block-sparse attention op benchmark at real model shapes (ALGORITHMS.md §1; issue "Core engine" item 7).
 
 For Wan2.1 480p / 720p and HunyuanVideo 720p (head_dim 128, bf16) and densities 1.0 / 0.5 / 0.25 / 0.1 / 0.05,
-times (median ms): dense SDPA per backend (cuDNN, flash, efficient), xformers when installed, flex_attention
-(compiled) with the same plan, and ours (Triton). Ours runs on the tile-permuted, block-padded sequence (the
-padding slots are counted in its time); the permute + unpermute cost is timed separately. Prints a table and
-writes JSON to benchmarks/results/attention-<gpu>.json.
+times (median ms) with the same shapes and, for the sparse peers, the same block mask:
+
+* dense peers: SDPA per backend (cuDNN, flash, efficient), xformers, flash-attn-4 (``flash_attn.cute``) dense;
+* sparse peers: flex_attention (compiled) on the same plan, flash-attn-4 block-sparse on the same plan (its
+  ``block_sparse_tensors`` input, flex's BlockMask layout, where the installed version takes it), and the Sol-Attn
+  kernel of comfy-kitchen (its own block selection, asked for the same density);
+* ours (Triton) on the permuted sequence (the padding slots count in its time); permute + unpermute timed apart.
+
+Every peer is optional: one that is not installed, or whose API does not take the call, gives a row with the
+reason (``peers`` in the JSON), never a crash. Each row carries the real and the padded token counts
+(``tokens``, ``padded_tokens``, ``padding``) of the layout (``--packing packed|tiled``). Prints a table and writes
+JSON to benchmarks/results/attention-<gpu>.json (or ``--out DIR``).
 
     python benchmarks/attention.py                     # needs a CUDA GPU
+    python benchmarks/attention.py --out results_dir   # JSON into that folder
     python benchmarks/attention.py --smoke             # CPU dry run on tiny shapes (checks the script only)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -70,14 +80,88 @@ def xformers_time(q, k, v) -> float | None:
     return bench(lambda: xops.memory_efficient_attention(q, k, v))
 
 
+def _peer_status(module: str) -> str | None:
+    """None when ``module`` can be imported, else the row text ``"not installed (module)"``."""
+    try:
+        return None if importlib.util.find_spec(module) is not None else f"not installed ({module})"
+    except (ImportError, ValueError):
+        return f"not installed ({module})"
+
+
+def fa4_dense_time(q, k, v) -> tuple[float | None, str]:
+    """flash-attn-4 dense forward (``flash_attn.cute.flash_attn_func``, [B, S, H, D])."""
+    missing = _peer_status("flash_attn.cute")
+    if missing:
+        return None, missing
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        flash_attn_func(q, k, v)
+        return bench(lambda: flash_attn_func(q, k, v)), "ok"
+    except Exception as e:  # a peer that cannot run is a data point
+        return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def fa4_sparse_fn(plan: SparsePlan):
+    """flash-attn-4 block-sparse forward on our plan (CSR in flex's BlockMask layout), or the reason it cannot.
+
+    Every block of the plan is passed as a "full" block (no mask_mod): padding slots inside a key block (the
+    last video block and the last text block of a packed layout) are then not masked, so its numerics differ
+    from ours there; the work is the same. Its q/k tile must equal the plan's block size.
+    """
+    missing = _peer_status("flash_attn.cute")
+    if missing:
+        return None, missing
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except Exception as e:
+        return None, f"no block-sparse API in this flash-attn-4 ({type(e).__name__})"
+    num, idx = plan.kv_num_blocks, plan.kv_indices
+    zero_num, zero_idx = torch.zeros_like(num), torch.zeros_like(idx)
+    tensors = BlockSparseTensorsTorch(mask_block_cnt=zero_num, mask_block_idx=zero_idx, full_block_cnt=num,
+                                      full_block_idx=idx)
+
+    def call(q, k, v):
+        out = flash_attn_func(q, k, v, block_sparse_tensors=tensors)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call, "ok"
+
+
+def sol_attn_fn():
+    """comfy-kitchen's Sol-Attn kernel (``comfy_kitchen.sol_attn``, ``[B, T, H, 128]`` bf16/fp16, 64-token blocks in
+    sequence order) with its own top-k block selection at a requested density (``topk_ratio``, ``tail=False``:
+    softmax over the routed blocks only, like a plain block-sparse call), or the reason it cannot run."""
+    missing = _peer_status("comfy_kitchen")
+    if missing:
+        return None, missing
+    try:
+        import comfy_kitchen
+    except Exception as e:
+        return None, f"import failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    fn = getattr(comfy_kitchen, "sol_attn", None)
+    if fn is None:
+        return None, f"installed ({getattr(comfy_kitchen, '__version__', '?')}) without sol_attn"
+    available = getattr(comfy_kitchen, "sol_attn_is_available", None)
+    if available is not None and not available(torch.device("cuda")):
+        return None, "sol_attn_is_available() is False on this GPU"
+
+    def call(q, k, v, density):
+        return fn(q, k, v, topk_ratio=float(density), tail=False)
+
+    return call, "ok"
+
+
 def flex_fn():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
-def run_shape(shape: Shape, densities, dtype, device, smoke: bool) -> list[dict]:
-    layout = TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text)
+def run_shape(shape: Shape, densities, dtype, device, smoke: bool, packing: str = "packed") -> list[dict]:
+    layout = TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text,
+                         packing=packing)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, layout.seq_len, shape.heads, shape.head_dim, generator=g, device=device, dtype=dtype)
                for _ in range(3))
@@ -86,6 +170,9 @@ def run_shape(shape: Shape, densities, dtype, device, smoke: bool) -> list[dict]
         lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), rep=3)}
     best_dense = min((t for t in dense.values() if t is not None), default=None)
     xf = xformers_time(q, k, v) if device.type == "cuda" else None
+    peers = {"xformers": "ok" if xf is not None else (_peer_status("xformers") or "cuda only")}
+    fa4_ms, peers["fa4_dense"] = fa4_dense_time(q, k, v) if device.type == "cuda" else (None, "cuda only")
+    sol, peers["sol_attn"] = sol_attn_fn() if device.type == "cuda" else (None, "cuda only")
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     permute_ms = bench(lambda: [layout.permute(t) for t in (q, k, v)] + [layout.unpermute(qp)], rep=3)
     ours_backend = "triton" if device.type == "cuda" else "torch"
@@ -107,11 +194,33 @@ def run_shape(shape: Shape, densities, dtype, device, smoke: bool) -> list[dict]
             err = float(diff.norm() / ref.float()[:, valid_rows].norm())
         except Exception as e:  # flex failing is a data point, not a crash
             print(f"  flex at density {density}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-        row = {"shape": shape.name, "tokens": layout.seq_len, "padded_tokens": layout.padded_len,
+        fa4_sparse_ms = fa4_err = None
+        fa4_call, fa4_status = fa4_sparse_fn(plan) if device.type == "cuda" else (None, "cuda only")
+        if fa4_call is not None:
+            try:
+                ref4 = fa4_call(qp, kp, vp)
+                fa4_sparse_ms = bench(lambda c=fa4_call: c(qp, kp, vp), rep=10)
+                mine = block_sparse_attention(qp, kp, vp, plan, backend=ours_backend)
+                valid_rows = layout.indices(device).perm >= 0
+                fa4_err = float((mine - ref4).float()[:, valid_rows].norm() / mine.float()[:, valid_rows].norm())
+            except Exception as e:
+                fa4_status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        sol_ms = None
+        sol_status = peers["sol_attn"]
+        if sol is not None:
+            try:  # its own selection, asked for our density (model order: it does its own layout)
+                sol(q, k, v, density=density)
+                sol_ms = bench(lambda d=density: sol(q, k, v, density=d), rep=10)
+            except Exception as e:
+                sol_status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row = {"shape": shape.name, "packing": layout.packing, "tile": layout.tile, "tokens": layout.seq_len,
+               "padded_tokens": layout.padded_len, "padding": round(layout.padding_fraction, 5),
                "heads": shape.heads, "head_dim": shape.head_dim, "dtype": str(dtype).replace("torch.", ""),
                "density_requested": density, "density": round(plan.density, 4), **{f"sdpa_{n}_ms": t for n, t in
                                                                                    dense.items()},
-               "xformers_ms": xf, "flex_ms": flex_ms, "ours_ms": ours, "permute_ms": permute_ms,
+               "xformers_ms": xf, "fa4_dense_ms": fa4_ms, "flex_ms": flex_ms, "fa4_sparse_ms": fa4_sparse_ms,
+               "sol_attn_ms": sol_ms, "ours_ms": ours, "permute_ms": permute_ms,
+               "peers": {**peers, "fa4_sparse": fa4_status, "sol_attn": sol_status}, "rel_err_fa4_vs_ours": fa4_err,
                "speedup_vs_dense": None if best_dense is None else best_dense / ours,
                "speedup_vs_flex": None if flex_ms is None else flex_ms / ours, "rel_err_vs_flex": err}
         rows.append(row)
@@ -125,6 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--packing", default="packed", choices=["packed", "tiled", "both"],
+                    help="TokenLayout packing of ours (both: a row set for each)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny shapes (no numbers worth reporting)")
     args = ap.parse_args(argv)
     densities = [float(d) for d in args.densities.split(",")]
@@ -141,13 +253,16 @@ def main(argv=None) -> int:
     rows = []
     with torch.no_grad():
         for shape in shapes:
-            rows += run_shape(shape, densities, dtype, device, args.smoke)
-    cols = ["shape", "density", *[c for c in rows[0] if c.startswith("sdpa_")], "xformers_ms", "flex_ms",
-            "ours_ms", "speedup_vs_dense", "speedup_vs_flex", "rel_err_vs_flex"]
+            for packing in (["packed", "tiled"] if args.packing == "both" else [args.packing]):
+                rows += run_shape(shape, densities, dtype, device, args.smoke, packing)
+    cols = ["shape", "packing", "padded_tokens", "density", *[c for c in rows[0] if c.startswith("sdpa_")],
+            "xformers_ms", "fa4_dense_ms", "flex_ms", "fa4_sparse_ms", "sol_attn_ms", "ours_ms", "speedup_vs_dense",
+            "speedup_vs_flex", "rel_err_vs_flex"]
     print()
     print_table(rows, cols)
-    if not args.smoke:
-        path = write_json("attention", {"environment": environment(), "rows": rows})
+    print("\npeers:", {k: v for k, v in rows[0]["peers"].items()})
+    if not args.smoke or args.out is not None:  # smoke runs write only where asked (the suite's dry run)
+        path = write_json("attention", {"environment": environment(), "rows": rows}, folder=args.out)
         print(f"\nwrote {path}")
     return 0
 

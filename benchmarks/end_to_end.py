@@ -5,7 +5,11 @@ weights. For each model it times one transformer forward (one denoising call) de
 (warm-up switched off, so the sparse step itself is timed; dense *layers* stay dense), measures the attention
 share of a dense step (the step timed with every SDPA call returning its query, subtracted), and reports:
 
-* ``step_speedup``: dense step / sparse step;
+* ``step_speedup``: dense step / sparse step, the dense step as diffusers runs it (its masks and SDPA choice:
+  HunyuanVideo passes a key-padding mask, which keeps cuDNN and flash out);
+* ``step_speedup_vs_unmasked``: the same against the second denominator, a dense step whose every SDPA call drops
+  its mask (the inputs' masks are all-True, so the math is the same) and runs the fastest unmasked SDPA backend
+  at the model's shape (cuDNN, flash or efficient, timed first: ``best_unmasked_backend``);
 * ``run_speedup``: a 50-step run with the preset's dense warm-up steps, ``50 T_d / (w T_d + (50 - w) T_s)``;
 * ``amdahl_limit``: ``1 / (w + (1 - w) ((1 - a) + a d))`` with attention share ``a``, achieved density ``d`` and
   warm-up fraction ``w`` — and how close each result comes to it.
@@ -15,6 +19,7 @@ Wan2.1-1.3B 480p >= 2.0x with no warm-up.
 
     python benchmarks/end_to_end.py                       # needs a CUDA GPU
     python benchmarks/end_to_end.py --models hunyuan-720p --layers 8   # fewer layers if memory demands
+    python benchmarks/end_to_end.py --out results_dir     # JSON into that folder
     python benchmarks/end_to_end.py --smoke               # CPU dry run on tiny configs
 """
 
@@ -112,11 +117,17 @@ def inputs(model: Model, device, dtype, seed=0) -> dict:
     return kw
 
 
-def tokens(model: Model, cfg: dict) -> int:
+def grid(model: Model, cfg: dict) -> tuple[int, int, int]:
+    """Latent token grid (frames, height, width) after patching."""
     _, f, h, w = model.latent
     p = cfg["patch_size"]
     pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
-    return (f // pt) * (h // ph) * (w // pw)
+    return (f // pt, h // ph, w // pw)
+
+
+def tokens(model: Model, cfg: dict) -> int:
+    f, h, w = grid(model, cfg)
+    return f * h * w
 
 
 def attention_op_ms(model: Model, n_video: int, device, dtype) -> float:
@@ -132,6 +143,48 @@ def attention_removed():
     time *as diffusers runs it* (with its masks and backend choice), not an idealised op time."""
     real = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = lambda query, *args, **kwargs: query
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+_UNMASKED = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def best_unmasked_backend(model: Model, n_video: int, device, dtype) -> tuple[str | None, dict]:
+    """The fastest unmasked SDPA backend at the model's self-attention shape -> (name, {name: ms or None})."""
+    if torch.device(device).type != "cuda":
+        return None, {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s = n_video + model.text_in_self_attn
+    q, k, v = (torch.randn(1, model.heads, s, model.head_dim, device=device, dtype=dtype) for _ in range(3))
+    times = {}
+    for name, kind in _UNMASKED.items():
+        try:
+            with sdpa_kernel([getattr(SDPBackend, kind)]):
+                F.scaled_dot_product_attention(q, k, v)
+                times[name] = bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=5)
+        except RuntimeError:
+            times[name] = None
+    ok = {n: t for n, t in times.items() if t is not None}
+    return (min(ok, key=ok.get) if ok else None), times
+
+
+@contextlib.contextmanager
+def attention_unmasked(backend: str):
+    """Every SDPA call drops ``attn_mask`` and runs on ``backend`` (the benchmark's masks are all-True)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    real = F.scaled_dot_product_attention
+    kind = getattr(SDPBackend, _UNMASKED[backend])
+
+    def unmasked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        with sdpa_kernel([kind]):
+            return real(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+
+    F.scaled_dot_product_attention = unmasked
     try:
         yield
     finally:
@@ -156,6 +209,12 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
     attn_ms = max(dense_ms - no_attn_ms, 0.0)
     share = attn_ms / dense_ms
     op_ms = attention_op_ms(model, n_video, device, dtype)
+    best, backend_ms = best_unmasked_backend(model, n_video, device, dtype)
+    unmasked_ms = None
+    if best is not None:
+        with attention_unmasked(best):
+            unmasked_ms = bench(lambda: tr(**kw), rep=rep)
+        print(f"  dense step with every SDPA call unmasked on {best}: {unmasked_ms:.1f} ms (op times {backend_ms})")
     print(f"\n{model.name}: {n_video} video tokens, {n_attn} attention layers; dense step {dense_ms:.1f} ms, "
           f"without attention {no_attn_ms:.1f} ms -> attention {attn_ms:.1f} ms = {share:.1%} of the step "
           f"({attn_ms / n_attn:.1f} ms per layer as diffusers runs it; unmasked SDPA op {op_ms:.1f} ms)")
@@ -171,13 +230,21 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
         run_speedup = RUN_STEPS * dense_ms / (warm * dense_ms + (RUN_STEPS - warm) * sparse_ms)
         d = density if density is not None else 1.0
         limit = 1.0 / (w + (1 - w) * ((1 - share) + share * d))
+        layout = preset.config.layout(*grid(model, cfg), text_tokens=model.text_in_self_attn)
         rows.append({"model": model.name, "preset": name, "video_tokens": n_video, "layers": n_attn,
+                     "tokens": layout.seq_len, "padded_tokens": layout.padded_len, "tile": layout.tile,
+                     "packing": layout.packing,
                      "dense_step_ms": dense_ms, "no_attention_step_ms": no_attn_ms,
                      "attention_layer_ms": attn_ms / n_attn, "unmasked_sdpa_op_ms": op_ms,
                      "sparse_step_ms": sparse_ms, "attention_share": share,
                      "density": d, "warmup_steps": warm, "step_speedup": dense_ms / sparse_ms,
+                     "best_unmasked_backend": best, "unmasked_sdpa_backend_ms": backend_ms,
+                     "dense_unmasked_step_ms": unmasked_ms,
+                     "step_speedup_vs_unmasked": None if unmasked_ms is None else unmasked_ms / sparse_ms,
                      "run_speedup": run_speedup, "amdahl_limit": limit, "of_limit": run_speedup / limit})
-        print(f"  {name}: sparse step {sparse_ms:.1f} ms, density {d:.3f}, step x{dense_ms / sparse_ms:.2f}, "
+        vs_unmasked = "" if unmasked_ms is None else f" (x{unmasked_ms / sparse_ms:.2f} vs unmasked {best})"
+        print(f"  {name}: sparse step {sparse_ms:.1f} ms, density {d:.3f}, step x{dense_ms / sparse_ms:.2f}"
+              f"{vs_unmasked}, "
               f"50-step run x{run_speedup:.2f} (Amdahl limit x{limit:.2f}, {run_speedup / limit:.0%} of it)")
     share_limit = 1 / ((1 - share) + share * 0.1)
     print(f"  Amdahl: with attention share {share:.2f}, 90% sparsity cannot exceed x{share_limit:.2f} without "
@@ -190,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--layers", type=int, default=None, help="cap layers per stack (memory); attention share and "
                                                                "speedups are per-layer ratios, so they carry over")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny configs (no numbers worth reporting)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -205,11 +273,12 @@ def main(argv=None) -> int:
         for m in models:
             rows += run_model(m, args.layers, device, dtype, rep)
     print()
-    print_table(rows, ["model", "preset", "attention_share", "density", "step_speedup", "warmup_steps",
+    print_table(rows, ["model", "preset", "attention_share", "density", "step_speedup", "step_speedup_vs_unmasked",
+                       "warmup_steps",
                        "run_speedup", "amdahl_limit", "of_limit"])
-    if not args.smoke:
+    if not args.smoke or args.out is not None:  # smoke runs write only where asked (the suite's dry run)
         payload = {"environment": environment(), "layers": args.layers, "rows": rows}
-        print(f"\nwrote {write_json('end_to_end', payload)}")
+        print(f"\nwrote {write_json('end_to_end', payload, folder=args.out)}")
     return 0
 
 

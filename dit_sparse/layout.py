@@ -1,17 +1,26 @@
-"""``TokenLayout``: tile permutation of a latent video grid (plus text) for any grid size.
+"""``TokenLayout``: the token permutation of a latent video grid (plus text) into kernel blocks, for any grid.
 
 Every method needs "one kernel block = one spatially compact group of tokens". A layout cuts the latent grid
 ``(frames, height, width)`` (in patch tokens, raster order ``f*H*W + y*W + x``) into tiles ``(tT, tH, tW)`` of
-``block_size = tT*tH*tW`` tokens, pads every axis to whole tiles, and orders tokens so that every tile is one
-contiguous run of ``block_size`` slots. Inside a tile the real tokens come first (raster order inside the tile)
-and padding slots last, so a block's key validity is one count (``block_valid``). Text tokens always follow the
-video tiles in the permuted sequence, whatever the model's order, as ``ceil(text_tokens / block_size)`` blocks.
+``block_size = tT*tH*tW`` tokens. Two packings (ALGORITHMS.md §2.1):
+
+* ``"packed"`` (the default): every **complete** tile is one block, in raster tile order, as before. The real
+  tokens of the partial edge tiles (where an axis is not a tile multiple) follow, tile after tile in raster tile
+  order (raster order inside each tile), cut into full blocks of ``block_size``: only the last video block can
+  be partial. Video padding is below one block whatever the grid.
+* ``"tiled"``: every tile is one block, padded to ``block_size``; a partial edge tile holds its real tokens first
+  (raster order inside the tile) and padding slots last. Pads up to 13-24% on grids like 21x30x52.
+
+Both keep the real tokens of a block at its start, so a block's key validity is one count (``block_valid``).
+Text tokens always follow the video blocks in the permuted sequence, whatever the model's order, as
+``ceil(text_tokens / block_size)`` blocks. A block's coordinates are the bounding box of its tokens
+(``block_bbox``): a tile's own box for a complete tile, a wider box for a packed block.
 
 Shapes: S = ``seq_len`` (model order, video + text), P = ``padded_len`` (permuted, whole blocks).
 
 Example::
 
-    layout = TokenLayout(frames=21, height=30, width=52)          # Wan2.1 480p, tile picked: (1, 16, 8)
+    layout = TokenLayout(frames=21, height=30, width=52)          # Wan2.1 480p: tile (4, 4, 8), 256 blocks
     qp = layout.permute(q)                                      # [B, S, H, D] -> [B, P, H, D]
     q_back = layout.unpermute(qp)                               # exact inverse
 """
@@ -19,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,13 +46,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pick_tile(frames: int, height: int, width: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int, int]:
-    """The compact tile of volume ``block_size`` that pads the grid least.
+PACKINGS = ("packed", "tiled")
+
+
+def _check_packing(packing) -> None:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}.")
+
+
+def pick_tile(frames: int, height: int, width: int, block_size: int = DEFAULT_BLOCK_SIZE,
+              packing: str = "packed") -> tuple[int, int, int]:
+    """The compact tile of volume ``block_size`` that suits the grid best.
 
     Candidates are power-of-two sides with spatial aspect ratio <= ``MAX_ASPECT`` and ``tT <= 4``; images
-    (``frames == 1``) get ``tT = 1``. Ties go to the squarer tile, then to the shorter time side.
-    Wan2.1 480p (21x30x52): (1, 16, 8) pads 13% where Draft's (1, 8, 16) pads 24%.
+    (``frames == 1``) get ``tT = 1``. ``"tiled"`` picks the tile that pads least (Wan2.1 480p, 21x30x52:
+    (1, 16, 8) pads 13% where Draft's (1, 8, 16) pads 24%). ``"packed"`` pads less than one block with any tile,
+    so it picks the tile that leaves the fewest tokens to the packed edge blocks (the most tokens in complete,
+    compact tiles). Ties go to the squarer tile, then to the shorter time side.
     """
+    _check_packing(packing)
     if block_size & (block_size - 1):
         raise ValueError(f"pick_tile needs a power-of-two block_size, got {block_size}; pass tile=(tT, tH, tW).")
     pows = [2**i for i in range(block_size.bit_length())]
@@ -53,8 +75,11 @@ def pick_tile(frames: int, height: int, width: int, block_size: int = DEFAULT_BL
         tw = block_size // (tt * th)
         if tt > 4 or (frames == 1 and tt > 1) or max(th, tw) > MAX_ASPECT * min(th, tw):
             continue
-        padded = _cdiv(frames, tt) * tt * _cdiv(height, th) * th * _cdiv(width, tw) * tw
-        key = (padded, max(th, tw) / min(th, tw), tt)
+        if packing == "tiled":
+            cost = _cdiv(frames, tt) * tt * _cdiv(height, th) * th * _cdiv(width, tw) * tw
+        else:  # tokens outside complete tiles
+            cost = frames * height * width - (frames // tt) * tt * (height // th) * th * (width // tw) * tw
+        key = (cost, max(th, tw) / min(th, tw), tt)
         if best_key is None or key < best_key:
             best, best_key = (tt, th, tw), key
     if best is None:  # tiny block sizes: fall back to a flat spatial tile
@@ -74,6 +99,9 @@ class TokenLayout:
         tile (`tuple[int, int, int]`, *optional*): ``(tT, tH, tW)``; its volume is the block size. Defaults to
             :func:`pick_tile` for ``block_size``.
         block_size (`int`, defaults to 128): tokens per block when ``tile`` is picked.
+        packing (`str`, defaults to ``"packed"``): ``"packed"`` (complete tiles one block each, then the edge
+            tiles' tokens packed into full blocks: less than one block of video padding) or ``"tiled"`` (every
+            tile one block, partial edge tiles padded).
     """
 
     frames: int
@@ -83,8 +111,10 @@ class TokenLayout:
     text_position: str = "after"
     tile: tuple[int, int, int] | None = None
     block_size: int = field(default=DEFAULT_BLOCK_SIZE)
+    packing: str = "packed"
 
     def __post_init__(self) -> None:
+        _check_packing(self.packing)
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -98,7 +128,8 @@ class TokenLayout:
             if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1 or bs & (bs - 1):
                 raise ValueError(f"TokenLayout.block_size: got {bs!r}, expected a power of two (tokens per block) "
                                  "when the tile is picked; fix: e.g. block_size=128, or give tile=(tT, tH, tW).")
-            object.__setattr__(self, "tile", pick_tile(self.frames, self.height, self.width, self.block_size))
+            object.__setattr__(self, "tile", pick_tile(self.frames, self.height, self.width,
+                                                         self.block_size, self.packing))
         t = self.tile
         if not (isinstance(t, (tuple, list)) and len(t) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)):
@@ -123,9 +154,23 @@ class TokenLayout:
         return self.frames * self.height * self.width
 
     @property
+    def num_complete_tiles(self) -> int:
+        """Tiles with no padding slot (every tile of a tile-multiple grid)."""
+        (f, h, w), (a, b, c) = self.grid, self.tile
+        return (f // a) * (h // b) * (w // c)  # plain arithmetic: torch.compile traces it (not math.prod(genexpr))
+
+    @property
+    def num_packed_blocks(self) -> int:
+        """Video blocks that are not one complete tile: packed edge blocks (``"packed"``) or partial tiles."""
+        return self.num_video_blocks - self.num_complete_tiles
+
+    @property
     def num_video_blocks(self) -> int:
-        nt, nh, nw = self.tiles_per_axis
-        return nt * nh * nw
+        if self.packing == "tiled":
+            nt, nh, nw = self.tiles_per_axis
+            return nt * nh * nw
+        rest = self.num_video_tokens - self.num_complete_tiles * self.block_size
+        return self.num_complete_tiles + _cdiv(rest, self.block_size)
 
     @property
     def num_text_blocks(self) -> int:
@@ -147,6 +192,7 @@ class TokenLayout:
 
     @property
     def padding_fraction(self) -> float:
+        """Padding slots over all slots, ``1 - seq_len / padded_len`` (video and text padding)."""
         return 1.0 - self.seq_len / self.padded_len
 
     @property
@@ -157,15 +203,33 @@ class TokenLayout:
     # ------------------------------------------------------------------ cached index tensors
     def indices(self, device: torch.device | str = "cpu") -> _LayoutIndices:
         """Index tensors on ``device`` (cached per layout and device)."""
-        return _build_indices(self.grid, self.tile, self.text_tokens, self.text_position, str(torch.device(device)))
+        return _build_indices(self.grid, self.tile, self.text_tokens, self.text_position, self.packing,
+                              str(torch.device(device)))
 
     def block_valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """int32 ``[num_blocks]``: real tokens at the start of each block."""
         return self.indices(device).block_valid
 
     def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """int64 ``[num_video_blocks, 3]``: tile coordinates ``(a, b, c)`` of each video block."""
+        """int64 ``[num_video_blocks, 3]``: tile coordinates ``(a, b, c)`` of each video block.
+
+        Only for layouts where every video block is one tile (``"tiled"``, or a grid of whole tiles); packed
+        edge blocks have no tile, use :meth:`block_bbox`.
+        """
+        if self.num_video_blocks != math.prod(self.tiles_per_axis):
+            raise ValueError(f"{self!r} packs its partial edge tiles into {self.num_packed_blocks} blocks that are "
+                             f"not tiles; use layout.block_bbox() (token bounding boxes) or packing='tiled'.")
         return self.indices(device).tile_coords
+
+    def block_bbox(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int64 ``[num_video_blocks, 2, 3]``: inclusive bounding box of each video block's real tokens,
+        ``[:, 0] = (f, y, x)`` minimum and ``[:, 1]`` maximum. A complete tile's box is the tile itself."""
+        return self.indices(device).bbox
+
+    def block_is_tile(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """bool ``[num_video_blocks]``: the block holds exactly the real tokens of one tile (complete, or a
+        partial tile of a ``"tiled"`` layout), so coordinate rules on tiles are exact on it."""
+        return self.indices(device).is_tile
 
     def slot_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """int64 ``[num_video_blocks * block_size, 3]``: ``(f, y, x)`` of each video slot (-1 for padding)."""
@@ -193,7 +257,8 @@ class TokenLayout:
 
     def __repr__(self) -> str:
         text = f", text={self.text_tokens} {self.text_position}" if self.text_tokens else ""
-        return (f"TokenLayout(grid={self.frames}x{self.height}x{self.width}{text}, tile={self.tile}, "
+        pack = "" if self.packing == "packed" else ", tiled"
+        return (f"TokenLayout(grid={self.frames}x{self.height}x{self.width}{text}, tile={self.tile}{pack}, "
                 f"blocks={self.num_video_blocks}+{self.num_text_blocks}, padding={self.padding_fraction:.1%})")
 
 
@@ -202,12 +267,30 @@ class _LayoutIndices:
     perm: torch.Tensor  # int64 [P]: model-order index of each slot, -1 for padding
     inverse: torch.Tensor  # int64 [S]: slot of each model-order token
     block_valid: torch.Tensor  # int32 [num_blocks]
-    tile_coords: torch.Tensor  # int64 [n_video_blocks, 3]
+    tile_coords: torch.Tensor  # int64 [n_tiles, 3] (raster tile order; the video blocks of a tiled layout)
     slot_coords: torch.Tensor  # int64 [n_video_blocks * Bs, 3], -1 for padding
+    bbox: torch.Tensor  # int64 [n_video_blocks, 2, 3]: inclusive (min, max) of (f, y, x) over real tokens
+    is_tile: torch.Tensor  # bool [n_video_blocks]
+
+
+def _edge_order(a, b, c, partial, grid, tile) -> torch.Tensor:
+    """Order of the partial tiles (``partial`` [n_tiles] bool, tiles in raster order) along a path that keeps
+    consecutive tiles adjacent: slab by slab in time; inside a slab down the right edge column, then right to left
+    along the bottom edge row (an L), reversed in every other slab so that each slab starts where the previous
+    one ended; a slab of only partial tiles (a partial time edge) in boustrophedon raster order."""
+    nt, nh, nw = (-(-g // t) for g, t in zip(grid, tile))
+    a, b, c = (t.reshape(-1)[partial] for t in (a, b, c))
+    w_partial = grid[2] % tile[2] != 0
+    slab_all = (a == nt - 1) & (grid[0] % tile[0] != 0)
+    snake = b * nw + torch.where(b % 2 == 0, c, nw - 1 - c)
+    ell = torch.where(w_partial & (c == nw - 1), b, nh + (nw - 1 - c))
+    pos = torch.where(slab_all, snake, ell)
+    pos = torch.where(a % 2 == 1, -pos, pos)
+    return torch.argsort(a * (2 * nh * nw + 2) + pos, stable=True)
 
 
 @tensor_cache(maxsize=64)
-def _build_indices(grid, tile, text_tokens, text_position, device) -> _LayoutIndices:
+def _build_indices(grid, tile, text_tokens, text_position, packing, device) -> _LayoutIndices:
     (T, Hg, Wg), (tt, th, tw) = grid, tile
     bs = tt * th * tw
     nt, nh, nw = _cdiv(T, tt), _cdiv(Hg, th), _cdiv(Wg, tw)
@@ -217,11 +300,30 @@ def _build_indices(grid, tile, text_tokens, text_position, device) -> _LayoutInd
     f = (a.reshape(-1, 1) * tt + dt.reshape(1, -1))
     y = (b.reshape(-1, 1) * th + dy.reshape(1, -1))
     x = (c.reshape(-1, 1) * tw + dx.reshape(1, -1))
-    real = (f < T) & (y < Hg) & (x < Wg)  # [nb, bs]
+    real = (f < T) & (y < Hg) & (x < Wg)  # [n_tiles, bs]
     # valid-first inside each tile, keeping raster order among the real tokens
     order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
     real = real.gather(1, order)
     f, y, x = (t.gather(1, order) for t in (f, y, x))
+    is_tile = torch.ones(real.shape[0], dtype=torch.bool)
+    if packing == "packed":
+        complete = real.all(1)
+        part = torch.nonzero(~complete).squeeze(1)[_edge_order(a, b, c, ~complete, (T, Hg, Wg), tile)]
+        n_part = int(real[part].sum())  # the real tokens of the partial tiles, tile after tile
+        n_pb = _cdiv(n_part, bs)
+        pad = n_pb * bs - n_part
+
+        def packed(t: torch.Tensor) -> torch.Tensor:
+            flat = torch.cat([t[part][real[part]], t.new_zeros(pad)])  # partial tiles in path order
+            return torch.cat([t[complete], flat.view(n_pb, bs)])
+
+        f, y, x = packed(f), packed(y), packed(x)
+        tile_real = real.sum(1)
+        real = torch.cat([real[complete], (torch.arange(n_pb * bs) < n_part).view(n_pb, bs)])
+        # a block is one tile iff all its real tokens share the first one's tile and that tile has no others
+        tid = ((f // tt) * nh + y // th) * nw + x // tw
+        same = torch.where(real, tid == tid[:, :1], torch.ones_like(real)).all(1)
+        is_tile = same & (real.sum(1) == tile_real[tid[:, 0]])
     video_off = text_tokens if text_position == "before" else 0
     text_off = 0 if text_position == "before" else T * Hg * Wg
     vid = torch.where(real, video_off + f * Hg * Wg + y * Wg + x, torch.full_like(f, -1)).reshape(-1)
@@ -235,7 +337,12 @@ def _build_indices(grid, tile, text_tokens, text_position, device) -> _LayoutInd
     text_valid = torch.clamp(text_tokens - torch.arange(n_tb) * bs, max=bs)
     block_valid = torch.cat([real.sum(1), text_valid]).to(torch.int32)
     tile_coords = torch.stack([a.reshape(-1), b.reshape(-1), c.reshape(-1)], 1)
-    coords = torch.stack([f, y, x], -1).reshape(-1, 3)
-    coords = torch.where(real.reshape(-1, 1), coords, torch.full_like(coords, -1))
+    coords = torch.stack([f, y, x], -1)  # [nv, bs, 3]
+    big = max(T, Hg, Wg)
+    lo = torch.where(real.unsqueeze(-1), coords, torch.full_like(coords, big)).amin(1)
+    hi = torch.where(real.unsqueeze(-1), coords, torch.full_like(coords, -1)).amax(1)
+    bbox = torch.stack([lo, hi], 1)
+    coords = torch.where(real.reshape(-1, 1), coords.reshape(-1, 3), torch.full_like(coords.reshape(-1, 3), -1))
     dev = torch.device(device)
-    return _LayoutIndices(perm.to(dev), inverse.to(dev), block_valid.to(dev), tile_coords.to(dev), coords.to(dev))
+    return _LayoutIndices(perm.to(dev), inverse.to(dev), block_valid.to(dev), tile_coords.to(dev), coords.to(dev),
+                          bbox.to(dev), is_tile.to(dev))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -81,11 +79,8 @@ def test_loads_offline_through_from_pretrained(pipe):
 def test_default_prompt_renders_recognisably(pipe):
     prompt = tm.DEFAULT_PROMPTS[0]  # a red circle moving right
     call = {**tm.DEFAULT_CALL, "num_inference_steps": 10}
-    t0 = time.perf_counter()
     video = pipe(prompt, negative_prompt=tm.DEFAULT_NEGATIVE_PROMPT, generator=torch.Generator().manual_seed(0),
                  **call).frames[0]
-    seconds = time.perf_counter() - t0
-    assert seconds < 30, f"render took {seconds:.1f} s"
     assert video.shape == (17, 64, 64, 3)
     assert np.isfinite(video).all() and video.min() >= 0.0 and video.max() <= 1.0
     spec = syn.parse_prompt(prompt)

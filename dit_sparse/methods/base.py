@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..plan import SparsePlan
 
-__all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "video_block_count", "check_permuted"]
+__all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "video_block_count", "check_permuted", "frame0_blocks",
+           "has_temporal_sink", "frame_overlap_mask", "adjacent_blocks"]
 
 
 def check_permuted(x: torch.Tensor, layout: TokenLayout, name: str = "query") -> None:
@@ -42,14 +44,57 @@ def video_block_count(layout: TokenLayout) -> int:
     return layout.num_video_blocks
 
 
+# ------------------------------------------------------------------ block coordinate rules
+# A block's coordinates are the bounding box of its real tokens (``layout.block_bbox``). On a block that is one
+# tile these rules are the familiar tile-coordinate rules; on a packed edge block they follow its box.
+def frame0_blocks(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool ``[Nv]``: video blocks holding a token of latent frame 0 (the tiles of temporal tile index 0)."""
+    return layout.block_bbox(device)[:, 0, 0] == 0
+
+
+@tensor_cache(maxsize=64)
+def has_temporal_sink(layout: TokenLayout) -> bool:
+    """Whether some video block holds no frame-0 token (else a frame-0 sink would be every block). Decided once
+    per layout on its cached CPU indices (memoized: later calls read no tensor, and compiled code sees a constant)."""
+    return bool((layout.block_bbox("cpu")[:, 0, 0] > 0).any())
+
+
+@tensor_cache(maxsize=32)
+def _frame_overlap(layout: TokenLayout, device: str) -> torch.Tensor:
+    box = layout.block_bbox(device)
+    lo, hi = box[:, 0, 0], box[:, 1, 0]
+    return (lo.view(-1, 1) <= hi.view(1, -1)) & (lo.view(1, -1) <= hi.view(-1, 1))
+
+
+def frame_overlap_mask(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool ``[Nv, Nv]``: the two blocks' frame ranges overlap (same temporal tile row, for tiles). Cached."""
+    return _frame_overlap(layout, str(torch.device(device)))
+
+
+@tensor_cache(maxsize=32)
+def _adjacent(layout: TokenLayout, device: str) -> torch.Tensor:
+    box = layout.block_bbox(device)
+    lo, hi = box[:, 0], box[:, 1]  # [Nv, 3]
+    gap = torch.maximum(lo.unsqueeze(1) - hi.unsqueeze(0), lo.unsqueeze(0) - hi.unsqueeze(1)) - 1  # [Nv, Nv, 3]
+    tile = torch.tensor(layout.tile, device=box.device)
+    return (gap < tile).all(-1)
+
+
+def adjacent_blocks(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool ``[Nv, Nv]`` (self included): on every axis the gap between the two blocks' boxes is less than one
+    tile side. For two tiles this is "tile coordinates differ by <= 1 on every axis". Cached per (layout, device).
+    """
+    return _adjacent(layout, str(torch.device(device)))
+
+
 def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = False,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Blocks every method keeps, bool ``[N, N]``.
 
     * text columns are on for every row and text rows are dense (pooled text destroys the text sink);
     * ``diagonal``: every video query block reads its own block;
-    * ``sink``: every video query block reads the tiles of latent frame 0 (only with more than one temporal tile;
-      with one, the sink would be every block).
+    * ``sink``: every video query block reads the blocks holding latent frame 0 (:func:`frame0_blocks`; only when
+      some block holds no frame-0 token, else the sink would be every block).
     """
     n, nv = layout.num_blocks, layout.num_video_blocks
     m = torch.zeros(n, n, dtype=torch.bool, device=device)
@@ -58,9 +103,8 @@ def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = Fals
     if diagonal:
         idx = torch.arange(nv, device=device)
         m[idx, idx] = True
-    if sink and layout.tiles_per_axis[0] > 1:
-        first = layout.tile_coords(device)[:, 0] == 0
-        m[:nv, :nv] |= first.view(1, nv)
+    if sink and has_temporal_sink(layout):
+        m[:nv, :nv] |= frame0_blocks(layout, device).view(1, nv)
     return m
 
 

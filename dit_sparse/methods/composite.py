@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .._cache import tensor_cache
 from ..backends import BACKENDS
-from ..layout import TokenLayout
+from ..layout import PACKINGS, TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
 from .base import plan_from_mask
@@ -139,6 +139,8 @@ class SparseAttentionConfig:
     Other Parameters:
         tile (`tuple[int, int, int]`, *optional*): tile of the :class:`~dit_sparse.TokenLayout` (default: picked).
         block_size (`int`, defaults to 128): block size when the tile is picked.
+        packing (`str`, defaults to ``"packed"``): :class:`~dit_sparse.TokenLayout` packing: ``"packed"`` (edge
+            tiles packed into full blocks, under one block of padding) or ``"tiled"`` (one padded block per tile).
         backend (`str`, *optional*): attention backend (see :func:`dit_sparse.block_sparse_attention`).
     """
 
@@ -149,6 +151,7 @@ class SparseAttentionConfig:
     dense: DensePolicy = field(default_factory=DensePolicy)
     tile: tuple[int, int, int] | None = None
     block_size: int = 128
+    packing: str = "packed"
     backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +183,9 @@ class SparseAttentionConfig:
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
                 "runs (dit_sparse.methods.neighborhood.neighborhood_attention); the composite runs block plans. "
                 "Use exact=False here (block-rounded window, a superset of the token window).")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"SparseAttentionConfig.packing: got {self.packing!r}, expected one of {PACKINGS}; fix: "
+                             "packing='packed' (default) or 'tiled'.")
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"SparseAttentionConfig.block_size: got {self.block_size!r}, expected a power of two "
                              ">= 16 (tokens per kernel block); fix: e.g. block_size=128 (64 for small grids).")
@@ -206,7 +212,8 @@ class SparseAttentionConfig:
     def layout(self, frames: int, height: int, width: int, text_tokens: int = 0,
                text_position: str = "after") -> TokenLayout:
         return TokenLayout(frames=frames, height=height, width=width, text_tokens=text_tokens,
-                           text_position=text_position, tile=self.tile, block_size=self.block_size)
+                           text_position=text_position, tile=self.tile, block_size=self.block_size,
+                           packing=self.packing)
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

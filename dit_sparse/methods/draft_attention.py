@@ -39,7 +39,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..plan import SparsePlan
-from .base import check_permuted, forced_mask, plan_from_mask, pool_blocks
+from .base import check_permuted, forced_mask, frame_overlap_mask, plan_from_mask, pool_blocks
 
 __all__ = [
     "DRAFT_POOLINGS",
@@ -186,19 +186,18 @@ def forced_draft_mask(layout: TokenLayout, config: DraftAttentionConfig,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Blocks the selection always keeps, bool ``[N, N]`` (independent of the data).
 
-    Text rows and text columns always. For ``row_topk`` / ``row_topp`` also the diagonal, the sink (tiles with
-    temporal tile index 0, when there is more than one temporal tile and ``config.sink``) and, with
-    ``config.same_frame``, every block of the query's temporal tile row. ``head_global`` reproduces the
+    Text rows and text columns always. For ``row_topk`` / ``row_topp`` also the diagonal, the sink (blocks
+    holding latent frame 0, i.e. the tiles of temporal tile index 0, when some block holds none and
+    ``config.sink``) and, with ``config.same_frame``, every block whose frame range overlaps the query block's
+    (its temporal tile row, for tiles; packed edge blocks by their bounding boxes). ``head_global`` reproduces the
     reference, which forces no video block: only text.
     """
     if config.selection == "head_global":
         return forced_mask(layout, diagonal=False, sink=False, device=device)
-    n_temporal_tiles = layout.tiles_per_axis[0]
-    m = forced_mask(layout, diagonal=True, sink=config.sink and n_temporal_tiles > 1, device=device)
+    m = forced_mask(layout, diagonal=True, sink=config.sink, device=device)
     if config.same_frame:
         nv = layout.num_video_blocks
-        a = layout.tile_coords(device)[:, 0]
-        m[:nv, :nv] |= a.view(nv, 1) == a.view(1, nv)
+        m[:nv, :nv] |= frame_overlap_mask(layout, device)
     return m
 
 

@@ -11,19 +11,26 @@ Two ways to give the window (ALGORITHMS.md §6):
       start_a = clamp(g_a - W_a // 2, 0, max(n_a - W_a, 0))
       key tile g' is on  iff  start_a <= g'_a < start_a + min(W_a, n_a)   on every axis
 
-  Every (query tile, key tile) pair is fully on or fully off, so the block plan is **exact**: the Triton kernel
-  computes exactly this attention. On axes that are tile multiples this equals NATTEN with ``stride = tile``
-  and ``kernel_size = W * tile`` (odd ``W``). On a partial edge tile it does not: windows are counted in tiles,
-  so a query near a ragged border sees fewer real tokens than the token-exact NATTEN window.
+  A token's window is the window of its tile. Every (query tile, key tile) pair is fully on or fully off, so
+  where every block is one tile (a grid of whole tiles, or ``TokenLayout(packing="tiled")``) the block plan is
+  **exact**: the Triton kernel computes exactly this attention. On axes that are tile multiples this equals
+  NATTEN with ``stride = tile`` and ``kernel_size = W * tile`` (odd ``W``). On a partial edge tile it does not:
+  windows are counted in tiles, so a query near a ragged border sees fewer real tokens than the token-exact
+  NATTEN window. With the default ``"packed"`` layout the tokens of partial edge tiles share blocks with other
+  edge tiles: pairs involving such a packed block are **rounded up** like token windows (a superset: the
+  queries of a packed block see the union of their windows); ``exact=True`` restores exactness there.
 
 * **Token windows** (``kernel_size``, with ``stride``, ``dilation``, ``causal``): the per-axis NATTEN / GNA rule
   of §6.1 on tokens (:func:`dit_sparse.reference.neighborhood.natten_axis_allowed` is its brute-force form).
   Token windows do not line up with tiles, so the block plan is **rounded up to blocks**: it reads every block
-  that holds at least one (query, key) pair the rule allows, and no other. The Triton kernel executes that
-  block-rounded plan, which is a superset of the token window (queries also see the other keys of the blocks
-  their window cuts). ``exact=True`` restores token exactness with an element mask
+  pair whose token bounding boxes (``layout.block_bbox``) hold at least one (query, key) pair the rule allows.
+  On blocks that are tiles the box is the block's token set, so this is exactly "the blocks that hold an
+  allowed pair, and no other"; on packed edge blocks the box is wider and the plan a (slightly larger) superset.
+  The Triton kernel executes that block-rounded plan, which is a superset of the token window (queries also see
+  the other keys of the blocks their window cuts). ``exact=True`` restores token exactness with an element mask
   (:func:`neighborhood_token_mask`); the kernel contract has no element mask, so ``exact=True`` currently runs
   on the torch path only (:func:`neighborhood_attention_exact`, which visits only the blocks of the plan).
+  ``exact=True`` also applies to tile windows (only needed on packed edge blocks).
 
 Everything works on permuted tensors (``layout.permute``: ``[B, P, H, D]``, video tiles first, then text
 blocks) and block masks ``[B, H, N, N]`` over ``N = layout.num_blocks``; see :mod:`dit_sparse.methods.base`.
@@ -96,9 +103,10 @@ class NeighborhoodConfig:
             (token windows only). ``stride = tile`` and ``kernel_size = W * tile`` is the tile window.
         dilation (`int` or `tuple[int, int, int]`, defaults to 1): NATTEN dilation (token windows only).
         causal (`bool`, defaults to False): causal along the time axis only (token windows only).
-        exact (`bool`, defaults to False): token windows only. False runs the block-rounded plan (a superset
-            of the token window) on any backend; True applies the §6.1 token test as an element mask, which
-            runs on the torch path only (:func:`neighborhood_attention_exact`).
+        exact (`bool`, defaults to False): False runs the block plan (a superset of the token window where it
+            is rounded up to blocks) on any backend; True applies the token test (§6.1, or the tile window of
+            each token's tile) as an element mask, which runs on the torch path only
+            (:func:`neighborhood_attention_exact`). Tile windows need it only on packed edge blocks.
 
     Example::
 
@@ -139,9 +147,6 @@ class NeighborhoodConfig:
             object.__setattr__(self, "kernel_size", kernel)
             return
         # tile windows
-        if self.exact:
-            raise ValueError("NeighborhoodConfig(exact=True) needs a token window: tile windows are already "
-                             "block-exact. For the token-exact STA window use kernel_size=W*tile, stride=tile.")
         if stride != (1, 1, 1) or dilation != (1, 1, 1) or self.causal:
             raise ValueError(f"stride, dilation and causal apply to token windows (kernel_size) only, got "
                              f"stride={stride}, dilation={dilation}, causal={self.causal} with tile window "
@@ -161,7 +166,7 @@ class NeighborhoodConfig:
     # ------------------------------------------------------------------ views
     @property
     def mode(self) -> str:
-        """``"tile"`` (window in tiles, block-exact) or ``"token"`` (NATTEN window in tokens)."""
+        """``"tile"`` (window in tiles, block-exact on tiles) or ``"token"`` (NATTEN window in tokens)."""
         return "tile" if self.kernel_size is None else "token"
 
     @property
@@ -225,34 +230,40 @@ def _token_axes(layout: TokenLayout, config: NeighborhoodConfig, device: str) ->
             zip(layout.grid, config.kernel_size, config.stride, config.dilation, causal)]
 
 
-def _pool_axis(rule: torch.Tensor, tile: int, n: int) -> torch.Tensor:
-    """Token rule ``[L, L]`` -> tile rule ``[n, n]``: on iff any (query, key) token pair of the tiles is on."""
-    length = rule.shape[0]
-    pad = n * tile - length
-    rule = torch.nn.functional.pad(rule, (0, pad, 0, pad))
-    return rule.view(n, tile, n, tile).any(3).any(1)
+def _axis_rules(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> list[torch.Tensor]:
+    """Per-axis token rules bool ``[Hw, L_a, L_a]`` ``[query coordinate, key coordinate]``: the §6.1 rule
+    (token windows, ``Hw = 1``) or the tile window of each coordinate's tile (tile windows, one per head)."""
+    if config.mode == "token":
+        return [r[None] for r in _token_axes(layout, config, device)]
+    windows = torch.tensor(config.windows, dtype=torch.long)
+    rules = []
+    for a, (n, t, length) in enumerate(zip(layout.tiles_per_axis, layout.tile, layout.grid)):
+        tile_rule = _tile_axis(n, windows[:, a], torch.device(device))  # [Hw, n, n]
+        rules.append(tile_rule.repeat_interleave(t, 1).repeat_interleave(t, 2)[:, :length, :length])
+    return rules
 
 
-def _combine_axes(at: torch.Tensor, ah: torch.Tensor, aw: torch.Tensor) -> torch.Tensor:
-    """Per-axis tile rules ``[Hw, n_a, n_a]`` -> video block mask ``[Hw, Nv, Nv]`` (raster tile order)."""
-    hw = at.shape[0]
-    nt, nh, nw = at.shape[-1], ah.shape[-1], aw.shape[-1]
-    m = (at.view(hw, nt, 1, 1, nt, 1, 1) & ah.view(hw, 1, nh, 1, 1, nh, 1) & aw.view(hw, 1, 1, nw, 1, 1, nw))
-    nv = nt * nh * nw
-    return m.reshape(hw, nv, nv)
+def _box_axis(rule: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Token rule ``[Hw, L, L]`` -> block rule ``[Hw, Nv, Nv]``: on iff the rule allows some (query, key) pair
+    of coordinates in ``[lo_i, hi_i] x [lo_j, hi_j]`` (inclusive per-block ranges ``[Nv]``), by 2-D prefix sums.
+    """
+    hw, length = rule.shape[0], rule.shape[-1]
+    cum = torch.zeros(hw, length + 1, length + 1, dtype=torch.int32, device=rule.device)
+    cum[:, 1:, 1:] = rule.to(torch.int32).cumsum(1).cumsum(2)
+    q0, q1 = lo.view(-1, 1), hi.view(-1, 1) + 1
+    k0, k1 = lo.view(1, -1), hi.view(1, -1) + 1
+    return (cum[:, q1, k1] - cum[:, q0, k1] - cum[:, q1, k0] + cum[:, q0, k0]) > 0
 
 
 # ---------------------------------------------------------------------------------------------- block masks
 @tensor_cache(maxsize=64)
 def _cached_mask(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> torch.Tensor:
     dev = torch.device(device)
-    if config.mode == "tile":
-        windows = torch.tensor(config.windows, dtype=torch.long)  # [Hw, 3]
-        axes = [_tile_axis(n, windows[:, a], dev) for a, n in enumerate(layout.tiles_per_axis)]
-    else:
-        rules = _token_axes(layout, config, device)
-        axes = [_pool_axis(r, t, n)[None] for r, t, n in zip(rules, layout.tile, layout.tiles_per_axis)]
-    video = _combine_axes(*axes)  # [Hw, Nv, Nv]
+    box = layout.block_bbox(dev)  # [Nv, 2, 3]: blocks are tiles (the box is the tile) or packed edge blocks
+    video = None
+    for a, rule in enumerate(_axis_rules(layout, config, device)):
+        on = _box_axis(rule, box[:, 0, a], box[:, 1, a])  # [Hw, Nv, Nv]
+        video = on if video is None else video & on
     nv = layout.num_video_blocks
     mask = forced_mask(layout, diagonal=False, device=dev).unsqueeze(0).repeat(video.shape[0], 1, 1)
     mask[:, :nv, :nv] |= video
@@ -263,9 +274,10 @@ def neighborhood_mask(layout: TokenLayout, config: NeighborhoodConfig,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool block mask of the neighborhood window, ``[1, 1, N, N]`` (``[1, H, N, N]`` for per-head windows).
 
-    Video x video blocks follow the tile window (tile mode, exact) or the blocks a token window touches (token
-    mode, rounded up to blocks); text columns are on for every row and text rows are dense. The mask is static
-    per (layout, config, device) and built once (cached); this returns a fresh copy, so it is safe to modify.
+    Video x video blocks follow the tile window (tile mode; exact on blocks that are tiles) or the blocks a token
+    window touches (token mode, rounded up to blocks; packed edge blocks by their bounding boxes); text columns
+    are on for every row and text rows are dense. The mask is static per (layout, config, device) and built once
+    (cached); this returns a fresh copy, so it is safe to modify.
 
     Args:
         layout (`TokenLayout`): grid, tile and text of the attention call.
@@ -323,14 +335,7 @@ def _pair_mask(layout: TokenLayout, config: NeighborhoodConfig, q_slots: torch.T
     qc, kc = coords[q_slots], coords[k_slots]  # [..., 3]
     q_video, k_video = qc[..., 0] >= 0, kc[..., 0] >= 0
     q_text, k_text = qc[..., 0] == -2, kc[..., 0] == -2
-    if config.mode == "token":
-        rules = [r[None] for r in _token_axes(layout, config, device)]  # [1, L, L]
-    else:  # tile windows: the rule on tile coordinates, expanded to tokens
-        windows = torch.tensor(config.windows, dtype=torch.long)
-        rules = []
-        for a, (n, t) in enumerate(zip(layout.tiles_per_axis, layout.tile)):
-            tile_rule = _tile_axis(n, windows[:, a], torch.device(device))  # [Hw, n, n]
-            rules.append(tile_rule.repeat_interleave(t, 1).repeat_interleave(t, 2))
+    rules = _axis_rules(layout, config, device)  # [Hw, L, L] per axis
     hw = rules[0].shape[0]
     head = torch.arange(hw, device=device).view((hw,) + (1,) * (q_video.dim() - 1))
     on = q_video & k_video
@@ -469,7 +474,7 @@ def neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     """Neighborhood attention on permuted ``[B, P, H, D]`` tensors, dispatched on ``config.exact``.
 
     ``exact=False``: :func:`dit_sparse.block_sparse_attention` with :func:`neighborhood_plan` (any backend;
-    block-exact for tile windows, block-rounded for token windows). ``exact=True``:
+    block-exact for tile windows on tiles, block-rounded for token windows and packed edge blocks). ``exact=True``:
     :func:`neighborhood_attention_exact` (torch path; ``backend`` must be None or ``"torch"``).
 
     Returns ``out [B, P, H, D]``, or ``(out, lse [B, H, P])`` with ``return_lse``.

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
-from .base import check_permuted, forced_mask, plan_from_mask, pool_blocks
+from .base import adjacent_blocks, check_permuted, forced_mask, frame0_blocks, plan_from_mask, pool_blocks
 
 __all__ = [
     "BlockStatistics",
@@ -87,11 +86,12 @@ class PooledRectificationConfig:
             highest-``P̃`` entries whose cumulative mass exceeds ``top_p`` (then at least the top-k floor). In
             ``[0, 1]``.
         neighbours (`bool`, defaults to True): always keep the 3-D tile neighbours of each query tile (tile
-            coordinates differing by <= 1 on every axis; 27 including itself in the interior).
+            coordinates differing by <= 1 on every axis; 27 including itself in the interior; packed edge blocks by
+            their bounding boxes, see :func:`neighbour_mask`).
         gapr (`bool`, defaults to True): compensate a dropped block only where its pooled estimate is reliable
             (``G_ij > E_ij``). ``False`` is the paper's "naive" rectification: every dropped block is compensated.
-        first_frame_dense (`bool`, defaults to False): Wan rule ``mask[:ff, :ff] = True``: the tiles of latent
-            frame 0 read each other fully (only when ``frames > 1``; it is not a global sink).
+        first_frame_dense (`bool`, defaults to False): Wan rule ``mask[:ff, :ff] = True``: the blocks holding
+            latent frame 0 read each other fully (only when ``frames > 1``; it is not a global sink).
         rectify (`bool`, defaults to True): attach the epilogue ``(R, c)`` to the plan. ``False`` keeps only the
             selection (plain block-sparse attention on the same blocks).
         combine (`str`, defaults to ``"block"``): how the pooled estimate meets the sparse output.
@@ -256,22 +256,18 @@ def gapr_reliable(stats: BlockStatistics) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- selection
-@tensor_cache(maxsize=32)
-def _neighbour_mask_cached(layout: TokenLayout, device: str) -> torch.Tensor:
-    tc = layout.tile_coords(device)
-    return ((tc.unsqueeze(1) - tc.unsqueeze(0)).abs() <= 1).all(-1)
-
-
 def neighbour_mask(layout: TokenLayout, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool ``[Nv, Nv]``: video tiles whose tile coordinates differ by <= 1 on every axis (self included).
+    """Bool ``[Nv, Nv]``: the 3-D neighbours of each video block (self included).
 
-    Cached per (layout, device).
+    For tiles: tile coordinates differ by <= 1 on every axis. For any block (packed edge blocks included): the
+    gap between the two blocks' token bounding boxes is less than one tile side on every axis
+    (:func:`dit_sparse.methods.base.adjacent_blocks`, the same rule on tiles). Cached per (layout, device).
     """
-    return _neighbour_mask_cached(layout, str(torch.device(device)))
+    return adjacent_blocks(layout, device)
 
 
 def _first_frame_mask(layout: TokenLayout, device) -> torch.Tensor:
-    first = layout.tile_coords(device)[:, 0] == 0
+    first = frame0_blocks(layout, device)
     return first.view(-1, 1) & first.view(1, -1)
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..layout import TokenLayout
+from .layout import block_bbox_reference
 
 __all__ = ["draft_map_reference", "draft_mask_reference"]
 
@@ -40,23 +41,24 @@ def draft_map_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: Toke
     return out
 
 
-def _tile_time(layout: TokenLayout) -> list[int]:
-    """Temporal tile index of every video block (raster order over (nT, nH, nW))."""
-    _, nh, nw = layout.tiles_per_axis
-    return [tid // (nh * nw) for tid in range(layout.num_video_blocks)]
+def _frame_ranges(layout: TokenLayout) -> list[tuple[int, int]]:
+    """Inclusive latent-frame range of every video block's tokens (its temporal tile's frames, for a tile)."""
+    return [(lo[0], hi[0]) for lo, hi in block_bbox_reference(layout)]
 
 
 def _forced_video(layout: TokenLayout, config, i: int) -> set[int]:
-    """Forced video key blocks of video query block ``i`` (see ``forced_draft_mask``)."""
+    """Forced video key blocks of video query block ``i`` (see ``forced_draft_mask``): the diagonal; the sink,
+    blocks holding frame 0 (when some block holds none); with ``same_frame`` the blocks sharing a frame with ``i``.
+    """
     if config.selection == "head_global":
         return set()
-    a = _tile_time(layout)
-    nv = layout.num_video_blocks
+    fr = _frame_ranges(layout)
+    nv = len(fr)
     forced = {i}
-    if config.sink and layout.tiles_per_axis[0] > 1:
-        forced |= {j for j in range(nv) if a[j] == 0}
+    if config.sink and any(f0 > 0 for f0, _ in fr):
+        forced |= {j for j in range(nv) if fr[j][0] == 0}
     if config.same_frame:
-        forced |= {j for j in range(nv) if a[j] == a[i]}
+        forced |= {j for j in range(nv) if fr[j][0] <= fr[i][1] and fr[i][0] <= fr[j][1]}
     return forced
 
 

@@ -5,6 +5,8 @@
 * :func:`natten_token_mask_reference`: the 3-D token mask, video tokens in raster order.
 * :func:`tile_window_mask_reference`: the §6.2 tile-window rule, one (query tile, key tile) pair at a time.
 * :func:`neighborhood_token_mask_reference`: the full element mask in **model order** (video + text).
+* :func:`block_box_mask_reference`: the video block mask of any layout (packed edge blocks included): a block
+  pair is on iff the window allows some (query, key) pair of coordinates in the two blocks' bounding boxes.
 * :func:`masked_attention_reference`: dense float64 softmax attention under an element mask.
 
 An axis shorter than ``kernel * dilation`` (NATTEN raises there) is attended whole inside the dilation group,
@@ -22,6 +24,7 @@ __all__ = [
     "natten_token_mask_reference",
     "tile_window_mask_reference",
     "neighborhood_token_mask_reference",
+    "block_box_mask_reference",
     "masked_attention_reference",
 ]
 
@@ -97,6 +100,38 @@ def neighborhood_token_mask_reference(layout, config) -> torch.Tensor:
     v0 = layout.text_tokens if layout.text_position == "before" else 0
     m[:, v0:v0 + nv, v0:v0 + nv] = video
     return m[0] if m.shape[0] == 1 else m
+
+
+def _tile_axis_allowed(x: int, xk: int, length: int, tile: int, window: int) -> bool:
+    """Tile window on one axis (§6.2): the key's tile lies in the window of the query's tile."""
+    n = -(-length // tile)
+    g, gk = x // tile, xk // tile
+    start = min(max(g - window // 2, 0), max(n - window, 0))
+    return start <= gk < start + min(window, n)
+
+
+def block_box_mask_reference(layout, config) -> torch.Tensor:
+    """bool ``[Hw, Nv, Nv]`` video block mask by loops over bounding-box coordinates, one axis at a time."""
+    from .layout import block_bbox_reference
+
+    boxes = block_bbox_reference(layout)
+    if config.kernel_size is not None:
+        causal = (config.causal, False, False)
+        rules = [[lambda x, xk, a=a: natten_axis_allowed(x, xk, layout.grid[a], config.kernel_size[a],
+                                                         config.stride[a], config.dilation[a], causal[a])
+                  for a in range(3)]]
+    else:
+        windows = config.window if isinstance(config.window[0], tuple) else (config.window,)
+        rules = [[lambda x, xk, a=a, w=w: _tile_axis_allowed(x, xk, layout.grid[a], layout.tile[a], w[a])
+                  for a in range(3)] for w in windows]
+    nv = len(boxes)
+    m = torch.zeros(len(rules), nv, nv, dtype=torch.bool)
+    for h, rule in enumerate(rules):
+        for i, (lo_i, hi_i) in enumerate(boxes):
+            for j, (lo_j, hi_j) in enumerate(boxes):
+                m[h, i, j] = all(any(rule[a](x, xk) for x in range(lo_i[a], hi_i[a] + 1)
+                                     for xk in range(lo_j[a], hi_j[a] + 1)) for a in range(3))
+    return m
 
 
 def masked_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -1,8 +1,9 @@
 """Brute-force float64 oracle of pooled rectification (Rectified SpaAttn, ALGORITHMS.md §4). Tests only: loops.
 
 Works on **model-order** tensors ``[B, S, H, D]`` and recovers every block's tokens from the grid coordinates
-itself (tile ``(f // tT, y // tH, x // tW)`` in raster order, then text in chunks of ``block_size``), so it does
-not share the permutation, pooling or masking code of :mod:`dit_sparse.methods.pooled_rectification`.
+itself (:func:`dit_sparse.reference.layout.block_members_reference`, loops), so it does not share the
+permutation, pooling or masking code of :mod:`dit_sparse.methods.pooled_rectification`. Neighbours and the first
+frame follow the blocks' token bounding boxes (tiles: tile coordinates).
 
 Semantics (per batch b, head h, video query block i; ``n_j`` real tokens of block j)::
 
@@ -25,32 +26,21 @@ from decimal import Decimal
 import numpy as np
 import torch
 
+from .layout import block_bbox_reference, block_members_reference
+
 __all__ = ["block_members", "rectification_reference", "select_reference", "rectified_attention_reference",
            "row_rectified_attention_reference", "top_k_reference"]
 
 
 def block_members(layout) -> list[list[int]]:
-    """Model-order token indices of every block: video tiles in raster order, then text chunks."""
-    (T, Hg, Wg), (tt, th, tw) = layout.grid, layout.tile
-    nt, nh, nw = -(-T // tt), -(-Hg // th), -(-Wg // tw)
-    members: list[list[int]] = [[] for _ in range(nt * nh * nw)]
-    voff = layout.text_tokens if layout.text_position == "before" else 0
-    for f in range(T):
-        for y in range(Hg):
-            for x in range(Wg):
-                tid = ((f // tt) * nh + y // th) * nw + x // tw
-                members[tid].append(voff + f * Hg * Wg + y * Wg + x)
-    toff = 0 if layout.text_position == "before" else T * Hg * Wg
-    bs = layout.block_size
-    for start in range(0, layout.text_tokens, bs):
-        members.append([toff + t for t in range(start, min(start + bs, layout.text_tokens))])
-    return members
+    """Model-order token indices of every block: video blocks, then text chunks (:mod:`.layout`'s loop oracle)."""
+    return block_members_reference(layout)
 
 
-def _tile_coords(layout) -> list[tuple[int, int, int]]:
-    (T, Hg, Wg), (tt, th, tw) = layout.grid, layout.tile
-    nt, nh, nw = -(-T // tt), -(-Hg // th), -(-Wg // tw)
-    return [(a, b, c) for a in range(nt) for b in range(nh) for c in range(nw)]
+def _neighbours(box_i, box_j, tile) -> bool:
+    """On every axis the gap between the two boxes is less than one tile side (tiles: coordinates differ <= 1)."""
+    (lo_i, hi_i), (lo_j, hi_j) = box_i, box_j
+    return all(max(lo_j[a] - hi_i[a], lo_i[a] - hi_j[a]) - 1 < tile[a] for a in range(3))
 
 
 def top_k_reference(sparsity: float, num_video_blocks: int) -> int:
@@ -64,7 +54,7 @@ def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:
     nv, n = layout.num_video_blocks, layout.num_blocks
     B, H = p_tilde.shape[:2]
     top_k = top_k_reference(config.sparsity, nv)
-    coords = _tile_coords(layout)
+    boxes = block_bbox_reference(layout)
     pt = p_tilde.detach().to(torch.float64).cpu().tolist()
     mask = np.zeros((B, H, n, n), dtype=bool)
     for b in range(B):
@@ -82,9 +72,10 @@ def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:
                 for j in video_order[:n_video]:
                     mask[b, h, i, j] = True
                 for j in range(nv):
-                    if config.neighbours and all(abs(u - w) <= 1 for u, w in zip(coords[i], coords[j])):
+                    if config.neighbours and _neighbours(boxes[i], boxes[j], layout.tile):
                         mask[b, h, i, j] = True
-                    if config.first_frame_dense and layout.frames > 1 and coords[i][0] == 0 and coords[j][0] == 0:
+                    if (config.first_frame_dense and layout.frames > 1 and boxes[i][0][0] == 0
+                            and boxes[j][0][0] == 0):
                         mask[b, h, i, j] = True
                 for j in range(nv, n):
                     mask[b, h, i, j] = True

@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dit_sparse import TokenLayout, pick_tile
+from dit_sparse.reference.layout import block_bbox_reference, perm_reference
 
 AWKWARD = [(21, 30, 52), (13, 30, 45), (1, 64, 64), (5, 7, 9)]
 
 
 def brute_force_perm(layout: TokenLayout) -> list[int]:
-    """ALGORITHMS.md §2.1 sketch, with loops: model-order index of every slot (-1 = padding)."""
+    """ALGORITHMS.md §2.1 sketch (the tiled packing), with loops: model-order index of every slot (-1 = padding)."""
     T, Hg, Wg = layout.grid
     tt, th, tw = layout.tile
     nt, nh, nw = layout.tiles_per_axis
@@ -57,13 +58,18 @@ def test_round_trip_exact(grid, text):
 @pytest.mark.parametrize("grid,tile", [((5, 7, 9), (2, 4, 4)), ((3, 10, 13), (1, 4, 8)), ((21, 30, 52), (1, 16, 8))])
 @pytest.mark.parametrize("text", [(0, "after"), (19, "after"), (40, "before")])
 def test_permutation_matches_brute_force(grid, tile, text):
-    layout = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text[0],
+    tiled = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text[0],
+                        text_position=text[1], packing="tiled")
+    assert tiled.indices().perm.tolist() == brute_force_perm(tiled) == perm_reference(tiled)
+    packed = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text[0],
                          text_position=text[1])
-    assert layout.indices().perm.tolist() == brute_force_perm(layout)
+    assert packed.packing == "packed"
+    assert packed.indices().perm.tolist() == perm_reference(packed)
 
 
-def test_valid_first_counts():
-    layout = TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), text_tokens=40)
+@pytest.mark.parametrize("packing", ["packed", "tiled"])
+def test_valid_first_counts(packing):
+    layout = TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), text_tokens=40, packing=packing)
     valid = layout.block_valid()
     perm = layout.indices().perm.view(layout.num_blocks, layout.block_size)
     real = perm >= 0
@@ -72,6 +78,9 @@ def test_valid_first_counts():
     assert torch.equal(real, torch.arange(layout.block_size) < valid.view(-1, 1))
     assert int(valid.sum()) == layout.seq_len
     assert valid[-1] == 40 % 32 or valid[-1] == 32
+    nv = layout.num_video_blocks
+    if packing == "packed":  # only the last video block is partial; video padding below one block
+        assert bool((valid[: nv - 1] == layout.block_size).all()) and nv == -(-layout.num_video_tokens // 32)
 
 
 def test_draft_closed_form():
@@ -104,11 +113,52 @@ def test_tile_picker():
 @given(T=st.integers(1, 6), Hg=st.integers(1, 20), Wg=st.integers(1, 20), text=st.integers(0, 50),
        before=st.booleans(), tile=st.sampled_from([(1, 4, 4), (2, 4, 2), (1, 8, 16), (2, 2, 8), (1, 1, 16)]))
 def test_round_trip_fuzz(T, Hg, Wg, text, before, tile):
-    layout = TokenLayout(frames=T, height=Hg, width=Wg, text_tokens=text,
-                         text_position="before" if before else "after", tile=tile)
-    x = torch.randn(1, layout.seq_len, 2)
-    assert torch.equal(layout.unpermute(layout.permute(x)), x)
-    assert layout.indices().perm.tolist() == brute_force_perm(layout)
+    for packing in ("packed", "tiled"):
+        layout = TokenLayout(frames=T, height=Hg, width=Wg, text_tokens=text,
+                             text_position="before" if before else "after", tile=tile, packing=packing)
+        x = torch.randn(1, layout.seq_len, 2)
+        assert torch.equal(layout.unpermute(layout.permute(x)), x)
+        assert layout.indices().perm.tolist() == perm_reference(layout)
+        if packing == "tiled":
+            assert layout.indices().perm.tolist() == brute_force_perm(layout)
+        box = [tuple(map(tuple, b)) for b in layout.block_bbox().tolist()]
+        assert box == block_bbox_reference(layout)
+        assert layout.block_is_tile().tolist() == [
+            sorted(m) == sorted(t) for m, t in zip(_video_members(layout), _video_members(layout, tiles=True))]
+
+
+def _video_members(layout: TokenLayout, tiles: bool = False) -> list[list[int]]:
+    """Model-order tokens per video block; ``tiles``: the tile (by coordinates) of each block's first token."""
+    perm = layout.indices().perm.view(layout.num_blocks, layout.block_size)[: layout.num_video_blocks].tolist()
+    blocks = [[i for i in row if i >= 0] for row in perm]
+    if not tiles:
+        return blocks
+    T, Hg, Wg = layout.grid
+    voff = layout.text_tokens if layout.text_position == "before" else 0
+    tile_of = lambda i: ((i - voff) // (Hg * Wg) // layout.tile[0], (i - voff) // Wg % Hg // layout.tile[1],
+                         (i - voff) % Wg // layout.tile[2])
+    every = [i + voff for i in range(T * Hg * Wg)]
+    return [[i for i in every if tile_of(i) == tile_of(blk[0])] for blk in blocks]
+
+
+# every preset's target grid (ALGORITHMS.md §1; text in the self-attention call, block 128)
+PRESET_GRIDS = {
+    "wan2.1-480p": (21, 30, 52, 0, "after"), "wan2.1/2.2-720p": (21, 45, 80, 0, "after"),
+    "hunyuanvideo-720p": (33, 45, 80, 256, "after"), "hunyuanvideo-540p": (33, 34, 60, 256, "after"),
+    "cogvideox-2b": (13, 30, 45, 226, "before"), "cogvideox1.5": (11, 48, 80, 226, "before"),
+    "ltx-video-704x512x161": (21, 16, 22, 0, "after"), "flux-1024": (1, 64, 64, 512, "before"),
+    "sd3-1024": (1, 64, 64, 333, "after"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESET_GRIDS))
+def test_padding_at_most_2_percent_on_preset_grids(name):
+    T, Hg, Wg, text, pos = PRESET_GRIDS[name]
+    layout = TokenLayout(frames=T, height=Hg, width=Wg, text_tokens=text, text_position=pos)
+    assert layout.packing == "packed" and layout.block_size == 128
+    slots = layout.padded_len
+    assert slots == 128 * (-(-T * Hg * Wg // 128) + -(-text // 128))  # at most one partial block each
+    assert 1 - (T * Hg * Wg + text) / slots <= 0.02, layout
 
 
 def test_indices_cached_per_device():

@@ -33,9 +33,12 @@ from dit_sparse.reference.masks import draft_map_reference, draft_mask_reference
 
 SELECTIONS = ("row_topk", "row_topp", "head_global")
 
-# awkward grids: partial tiles on every axis, one frame, text before and after, a tile spanning two frames
+# awkward grids: partial tiles on every axis, one frame, text before and after, a tile spanning two frames; the
+# default packed layout (edge tiles packed into full blocks) and the tiled one (one block per tile)
 LAYOUTS = {
     "3x10x13_t148": TokenLayout(frames=3, height=10, width=13, tile=(1, 4, 8)),
+    "3x10x13_t148_tiled": TokenLayout(frames=3, height=10, width=13, tile=(1, 4, 8), packing="tiled"),
+    "5x7x9_t224_tiled": TokenLayout(frames=5, height=7, width=9, tile=(2, 2, 4), text_tokens=6, packing="tiled"),
     "1x9x9_t144": TokenLayout(frames=1, height=9, width=9, tile=(1, 4, 4)),
     "5x7x9_t124_text_before": TokenLayout(frames=5, height=7, width=9, tile=(1, 2, 4), text_tokens=5,
                                           text_position="before"),
@@ -121,13 +124,15 @@ def test_oracle_with_its_own_float64_map_agrees_on_structured_input():
 
 def test_ties_lower_block_index_wins():
     """Zero queries give a uniform draft row: the kept non-forced blocks are the lowest indices."""
-    layout = LAYOUTS["1x9x9_t144"]  # 9 video blocks, one frame: no sink
+    layout = LAYOUTS["1x9x9_t144"]  # one frame: no sink
+    nv = layout.num_video_blocks
     qp, kp, _ = _permuted(layout, batch=1, heads=1)
     qp = torch.zeros_like(qp)
-    cfg = DraftAttentionConfig(sparsity=0.6, k_min=1)  # budget ceil(0.4 * 9) = 4
+    cfg = DraftAttentionConfig(sparsity=0.6, k_min=1)  # budget ceil(0.4 * nv)
+    budget = math.ceil(0.4 * nv)
     mask = _video(draft_mask(qp, kp, layout, cfg), layout)[0, 0]
-    for i in range(9):
-        expect = {i} | set([j for j in range(9) if j != i][:3])
+    for i in range(nv):
+        expect = {i} | set([j for j in range(nv) if j != i][: budget - 1])
         assert set(torch.nonzero(mask[i]).flatten().tolist()) == expect
     # head_global on a uniform map: the threshold equals every value, ties kept -> everything
     hg = draft_mask(qp, kp, layout, dataclasses.replace(cfg, selection="head_global"))
@@ -218,7 +223,7 @@ def test_zero_sparsity_is_dense_and_equals_dense_attention(selection):
 
 @pytest.mark.parametrize("selection", ["row_topk", "row_topp"])
 def test_full_sparsity_keeps_forced_blocks_with_k_min_floor(selection):
-    layout = LAYOUTS["3x10x13_t148"]  # 3 frames: sink = 6 tiles of frame 0
+    layout = LAYOUTS["3x10x13_t148_tiled"]  # 3 frames: sink = 6 tiles of frame 0
     nv = layout.num_video_blocks
     qp, kp, _ = _permuted(layout)
     cfg = DraftAttentionConfig(sparsity=1.0, selection=selection, k_min=1)
@@ -265,10 +270,15 @@ def test_grid_smaller_than_one_tile():
         assert plan.is_dense
     # two frames, each smaller than one tile: 2 blocks; block 1 reads the sink (block 0) and itself, block 0
     # (its own sink) has budget 1 and keeps only itself
-    layout = TokenLayout(frames=2, height=3, width=3, tile=(1, 4, 8))
+    layout = TokenLayout(frames=2, height=3, width=3, tile=(1, 4, 8), packing="tiled")
     qp, kp, _ = _permuted(layout, batch=1)
     mask = draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, k_min=1))
     assert torch.equal(mask, torch.tensor([[True, False], [True, True]]).expand(1, 3, 2, 2))
+    # packed, both frames share one block: no block without frame 0, so no sink, and the plan is dense
+    packed = TokenLayout(frames=2, height=3, width=3, tile=(1, 4, 8))
+    assert packed.num_video_blocks == 1
+    qp, kp, _ = _permuted(packed, batch=1)
+    assert draft_plan(qp, kp, packed, DraftAttentionConfig(sparsity=0.9, k_min=1)).is_dense
 
 
 def test_one_frame_has_no_sink_and_same_frame_forces_the_frame():
@@ -281,10 +291,19 @@ def test_one_frame_has_no_sink_and_same_frame_forces_the_frame():
     f2 = forced_draft_mask(layout2, DraftAttentionConfig())
     assert torch.equal(f2[:4, :4], torch.eye(4, dtype=torch.bool))
     # same_frame: every block of the query's temporal tile row
-    layout3 = LAYOUTS["3x10x13_t148"]  # 6 tiles per frame
+    layout3 = LAYOUTS["3x10x13_t148_tiled"]  # 6 tiles per frame
     f3 = forced_draft_mask(layout3, DraftAttentionConfig(sink=False, same_frame=True))[:18, :18]
     frame = torch.arange(18) // 6
     assert torch.equal(f3, frame[:, None] == frame[None, :])
+    # packed edge blocks: the sink is every block holding a frame-0 token, same_frame overlaps frame ranges
+    packed = LAYOUTS["3x10x13_t148"]
+    frames = [sorted({int(i) // 130 for i in row if i >= 0}) for row in
+              packed.indices().perm.view(-1, packed.block_size)[: packed.num_video_blocks].tolist()]
+    nvp = packed.num_video_blocks
+    fp = forced_draft_mask(packed, DraftAttentionConfig(sink=True, same_frame=True))[:nvp, :nvp]
+    expect = torch.tensor([[i == j or 0 in frames[j] or bool(set(frames[i]) & set(frames[j])) for j in range(nvp)]
+                           for i in range(nvp)])
+    assert torch.equal(fp, expect) and any(len(f) > 1 for f in frames)
     # head_global forces nothing in video (reference behaviour), whatever sink says
     f4 = forced_draft_mask(layout3, DraftAttentionConfig(selection="head_global", same_frame=True))
     assert not bool(f4[:18, :18].any())
@@ -415,7 +434,7 @@ def test_pooling_registry_is_pluggable():
         qp, kp, _ = _permuted(layout, batch=1)
         cfg = DraftAttentionConfig(pooling="test_zero", sparsity=0.6, k_min=1)
         draft = draft_map(qp, kp, layout, pooling="test_zero")
-        torch.testing.assert_close(draft, torch.full_like(draft, 1 / 9))
+        torch.testing.assert_close(draft, torch.full_like(draft, 1 / layout.num_video_blocks))
         # uniform map: same selection as zero queries with mean pooling (lowest indices)
         ref = draft_mask(torch.zeros_like(qp), kp, layout, dataclasses.replace(cfg, pooling="mean"))
         assert torch.equal(draft_mask(qp, kp, layout, cfg), ref)

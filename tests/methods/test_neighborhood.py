@@ -26,6 +26,7 @@ from dit_sparse.methods.neighborhood import (
     neighborhood_token_mask,
 )
 from dit_sparse.reference.neighborhood import (
+    block_box_mask_reference,
     masked_attention_reference,
     natten_axis_allowed,
     natten_token_mask_reference,
@@ -35,14 +36,14 @@ from dit_sparse.reference.neighborhood import (
 from tests.utils import TOLERANCES, rel_error, structured_qkv
 
 LAYOUTS = {
-    "5x7x9": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4)),
-    "6x8x16": TokenLayout(frames=6, height=8, width=16, tile=(2, 4, 4)),
-    "5x7x9+text_after": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), text_tokens=7),
-    "5x7x9+text_before": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), text_tokens=40,
+    "5x7x9": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), packing="tiled"),
+    "6x8x16": TokenLayout(frames=6, height=8, width=16, tile=(2, 4, 4), packing="tiled"),
+    "5x7x9+text_after": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), packing="tiled", text_tokens=7),
+    "5x7x9+text_before": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), packing="tiled", text_tokens=40,
                                      text_position="before"),
-    "image_1x7x9": TokenLayout(frames=1, height=7, width=9, tile=(1, 4, 8)),
-    "tiny_2x3x3+text": TokenLayout(frames=2, height=3, width=3, tile=(2, 4, 4), text_tokens=3),
-    "one_token": TokenLayout(frames=1, height=1, width=1, tile=(1, 2, 2)),
+    "image_1x7x9": TokenLayout(frames=1, height=7, width=9, tile=(1, 4, 8), packing="tiled"),
+    "tiny_2x3x3+text": TokenLayout(frames=2, height=3, width=3, tile=(2, 4, 4), packing="tiled", text_tokens=3),
+    "one_token": TokenLayout(frames=1, height=1, width=1, tile=(1, 2, 2), packing="tiled"),
 }
 SMALL = ["5x7x9+text_after", "5x7x9+text_before", "image_1x7x9", "tiny_2x3x3+text"]
 
@@ -156,17 +157,34 @@ def test_vectorised_axis_rule_exhaustive():
        causal=st.booleans(), text=st.integers(0, 5), before=st.booleans())
 def test_token_mode_mask_and_plan_match_bruteforce(grid, tile, kernel, stride_frac, dilation, causal, text, before):
     stride = tuple(max(1, round(f * k)) for f, k in zip(stride_frac, kernel))
-    layout = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text,
-                         text_position="before" if before else "after")
     cfg = NeighborhoodConfig(kernel_size=kernel, stride=stride, dilation=dilation, causal=causal, exact=True)
-    ref_model = neighborhood_token_mask_reference(layout, cfg)
-    ref_slots = _slot_mask(layout, ref_model)
-    got = neighborhood_token_mask(layout, cfg)
-    assert torch.equal(got, ref_slots)
-    # the block plan reads exactly the blocks the token mask touches (superset of the tokens, no extra block)
-    blocks = neighborhood_plan(layout, cfg).validate().to_dense()[0, 0]
-    assert torch.equal(blocks, _pool(layout, ref_slots))
-    assert bool((_block_expand_model(layout, blocks) | ~ref_model).all())
+    for packing in ("tiled", "packed"):
+        layout = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text,
+                             text_position="before" if before else "after", packing=packing)
+        ref_model = neighborhood_token_mask_reference(layout, cfg)
+        ref_slots = _slot_mask(layout, ref_model)
+        got = neighborhood_token_mask(layout, cfg)
+        assert torch.equal(got, ref_slots)
+        blocks = neighborhood_plan(layout, cfg).validate().to_dense()[0, 0]
+        _check_block_plan(layout, cfg, blocks[None], ref_slots)
+        assert bool((_block_expand_model(layout, blocks) | ~ref_model).all())
+
+
+def _check_block_plan(layout: TokenLayout, cfg: NeighborhoodConfig, blocks: torch.Tensor,
+                      ref_slots: torch.Tensor) -> None:
+    """``blocks [Hw, N, N]``: the bounding-box oracle exactly; a superset of the blocks the token mask touches,
+    equal to them on pairs of blocks that are tiles (tiled layouts: everywhere)."""
+    nv = layout.num_video_blocks
+    assert torch.equal(blocks[:, :nv, :nv], block_box_mask_reference(layout, cfg))
+    touched = _pool(layout, ref_slots if ref_slots.dim() == 3 else ref_slots[None])
+    assert bool((blocks | ~touched).all())  # superset
+    tiles = layout.block_is_tile()
+    pair = torch.zeros(layout.num_blocks, layout.num_blocks, dtype=torch.bool)
+    pair[:nv, :nv] = tiles.view(-1, 1) & tiles.view(1, -1)
+    pair[nv:, :] = pair[:, nv:] = True  # text rows and columns: exact too
+    assert torch.equal(blocks[:, pair], touched[:, pair])
+    if layout.packing == "tiled":
+        assert torch.equal(blocks, touched)
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -270,11 +288,59 @@ def test_density_reported_is_product_of_window_fractions():
     per_head = NeighborhoodConfig(window=((1, 1, 1), (1, 1, 3)))
     assert neighborhood_plan(layout, per_head).density == pytest.approx((1 / 24 + 3 / 24) / 2, rel=1e-6)
     # ragged grid: the achieved density (real tokens) stays close to the nominal one
-    ragged = TokenLayout(frames=9, height=15, width=31, tile=(2, 4, 4))
-    cfg = NeighborhoodConfig(window=(3, 3, 3))
-    got, nominal = neighborhood_plan(ragged, cfg).density, cfg.nominal_density(ragged)
-    print(f"ragged 9x15x31 tile (2,4,4), window 3x3x3: density {got:.4f}, nominal {nominal:.4f}")
-    assert abs(got - nominal) < 0.25 * nominal
+    for packing in ("tiled", "packed"):
+        ragged = TokenLayout(frames=9, height=15, width=31, tile=(2, 4, 4), packing=packing)
+        cfg = NeighborhoodConfig(window=(3, 3, 3))
+        got, nominal = neighborhood_plan(ragged, cfg).density, cfg.nominal_density(ragged)
+        print(f"ragged 9x15x31 tile (2,4,4) {packing}, window 3x3x3: density {got:.4f}, nominal {nominal:.4f}")
+        # packed edge blocks round up: at most their rows and columns come on in addition
+        packed_share = 2 * ragged.num_packed_blocks / ragged.num_video_blocks if packing == "packed" else 0.0
+        assert abs(got - nominal) < 0.25 * nominal + packed_share
+
+
+# ---------------------------------------------------------------------------------------------- packed layouts
+PACKED = {
+    "5x7x9+text_after": TokenLayout(frames=5, height=7, width=9, tile=(2, 4, 4), text_tokens=7),
+    "5x6x11+text_before": TokenLayout(frames=5, height=6, width=11, tile=(1, 4, 4), text_tokens=20,
+                                      text_position="before"),
+    "image_1x7x9": TokenLayout(frames=1, height=7, width=9, tile=(1, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+@pytest.mark.parametrize("cfg", [NeighborhoodConfig(window=(1, 3, 1)), NeighborhoodConfig(window=(3, 1, 3)),
+                                 NeighborhoodConfig(window=((1, 1, 1), (3, 3, 3))),
+                                 NeighborhoodConfig(kernel_size=(3, 3, 5), stride=(1, 2, 2))],
+                         ids=["tile131", "tile313", "per_head", "token"])
+def test_packed_plan_is_box_superset_exact_on_tiles(name, cfg):
+    """Packed edge blocks: the plan follows the bounding boxes (oracle), covers every allowed token pair, and is
+    exact on pairs of blocks that are tiles; exact=True gives the token-exact attention."""
+    layout = PACKED[name]
+    assert layout.num_packed_blocks > 0
+    blocks = neighborhood_mask(layout, cfg)[0]
+    ref_model = neighborhood_token_mask_reference(layout, cfg)
+    ref_slots = _slot_mask(layout, ref_model)
+    assert torch.equal(neighborhood_token_mask(layout, cfg), ref_slots)
+    _check_block_plan(layout, cfg, blocks, ref_slots)
+    q, k, v = structured_qkv(layout, batch=1, heads=cfg.num_heads, dim=16, seed=4)
+    qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+    exact = layout.unpermute(neighborhood_attention(qp, kp, vp, layout, dataclasses.replace(cfg, exact=True)))
+    ref, _ = masked_attention_reference(q, k, v, ref_model)
+    atol, rtol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(exact, ref, atol=atol, rtol=rtol)
+
+
+def test_packed_tile_window_rounds_up_only_on_packed_blocks():
+    """The documented deviation: with packed edge blocks the tile plan is a strict superset of the window."""
+    layout = PACKED["5x7x9+text_after"]
+    cfg = NeighborhoodConfig(window=(1, 3, 1))
+    blocks = neighborhood_mask(layout, cfg)[0, 0]
+    touched = _pool(layout, _slot_mask(layout, neighborhood_token_mask_reference(layout, cfg)))
+    extra = blocks & ~touched
+    assert bool(extra.any())
+    tiles = layout.block_is_tile()
+    nv = layout.num_video_blocks
+    assert not bool(extra[:nv, :nv][tiles][:, tiles].any())  # only pairs with a packed block
 
 
 # ---------------------------------------------------------------------------------------------- per head
@@ -343,8 +409,7 @@ def test_config_validation():
         NeighborhoodConfig(window=(3, 3, 3), kernel_size=(3, 3, 3))
     with pytest.raises(ValueError, match="stride <= kernel_size"):
         NeighborhoodConfig(kernel_size=(3, 3, 3), stride=(1, 4, 1))
-    with pytest.raises(ValueError, match="token window"):
-        NeighborhoodConfig(window=(3, 3, 3), exact=True)
+    assert NeighborhoodConfig(window=(3, 3, 3), exact=True).exact  # tile windows: exact on packed edge blocks
     with pytest.raises(ValueError, match="token windows"):
         NeighborhoodConfig(window=(3, 3, 3), causal=True)
     with pytest.raises(ValueError, match="three ints"):

@@ -48,6 +48,9 @@ LAYOUTS = {
                                      tile=(2, 2, 2)),
     "5x3x3_notext": TokenLayout(frames=5, height=3, width=3, tile=(2, 2, 2)),
     "1x2x3_one_block": TokenLayout(frames=1, height=2, width=3, text_tokens=3, tile=(1, 4, 4)),
+    "3x5x7_text5_before_tiled": TokenLayout(frames=3, height=5, width=7, text_tokens=5, text_position="before",
+                                            tile=(1, 2, 4), packing="tiled"),
+    "5x6x7_packed_222": TokenLayout(frames=5, height=6, width=7, tile=(2, 2, 2)),
 }
 
 
@@ -125,14 +128,15 @@ def test_oracle_end_to_end_with_its_own_selection():
 
 
 def test_scale_reaches_pooled_logits():
-    layout = LAYOUTS["2x3x5_text9_after"]
+    layout = dataclasses.replace(LAYOUTS["2x3x5_text9_after"], packing="tiled")  # 6 video blocks
     q, k, v = _random_qkv(layout, batch=1, heads=2, dim=16, seed=1)
     qp, kp, vp = _permuted(layout, q, k, v)
     stats = block_statistics(qp, kp, vp, layout)
     cfg = PooledRectificationConfig(sparsity=0.5, neighbours=False)
     mask = torch.ones(layout.num_blocks, layout.num_blocks, dtype=torch.bool)
     mask[:2, 2:layout.num_video_blocks] = False
-    every = torch.ones(1, 1, 6, 6, dtype=torch.bool)  # compensate every dropped block
+    nv = layout.num_video_blocks
+    every = torch.ones(1, 1, nv, nv, dtype=torch.bool)  # compensate every dropped block
     r_default, _ = rectification_terms(qp, kp, vp, layout, mask, cfg, reliable=every)
     r_explicit, _ = rectification_terms(qp, kp, vp, layout, mask, cfg, 0.25, reliable=every)
     r_other, _ = rectification_terms(qp, kp, vp, layout, mask, cfg, 1.0, reliable=every)
@@ -184,7 +188,7 @@ def test_top_k_floor_is_round_off_safe():
 
 
 def test_neighbours_and_first_frame():
-    layout = TokenLayout(frames=5, height=5, width=5, tile=(2, 2, 2))  # 3x3x3 tiles
+    layout = TokenLayout(frames=5, height=5, width=5, tile=(2, 2, 2), packing="tiled")  # 3x3x3 tiles
     nb = neighbour_mask(layout)
     assert nb.shape == (27, 27) and nb.diagonal().all()
     assert int(nb[13].sum()) == 27  # the centre tile sees all 27
@@ -200,6 +204,20 @@ def test_neighbours_and_first_frame():
                                PooledRectificationConfig(sparsity=1.0, top_p=0.0, neighbours=False,
                                                          first_frame_dense=True))
     assert int(m.sum()) == 9  # one block per row (floor 0, n_need 1; ties -> lowest column)
+    # packed edge blocks: neighbours by bounding boxes (gap < one tile side per axis), the first-frame rule on the
+    # blocks holding frame 0; the same rules give the tile-coordinate ones on a tiled layout (checked above)
+    packed = TokenLayout(frames=5, height=5, width=5, tile=(2, 2, 2))
+    box = packed.block_bbox().tolist()
+    nv = packed.num_video_blocks
+    expect = torch.tensor([[all(max(box[j][0][a] - box[i][1][a], box[i][0][a] - box[j][1][a]) - 1 < 2
+                                for a in range(3)) for j in range(nv)] for i in range(nv)])
+    assert nv == 16 and torch.equal(neighbour_mask(packed), expect)
+    m = select_critical_blocks(torch.full((1, 1, nv, nv + 1), 1.0 / (nv + 1)), packed,
+                               PooledRectificationConfig(sparsity=1.0, top_p=0.0, neighbours=False,
+                                                         first_frame_dense=True))
+    first = torch.tensor([b[0][0] == 0 for b in box])
+    assert torch.equal(m[0, 0, :nv, :nv][first][:, first], torch.ones(int(first.sum()), int(first.sum()),
+                                                                        dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------------- invariants
