@@ -49,9 +49,10 @@ def _cdiv(a: int, b: int) -> int:
 PACKINGS = ("packed", "tiled")
 
 
-def _check_packing(packing) -> None:
-    if packing not in PACKINGS:
-        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}.")
+def _check_packing(packing, owner: str = "pick_tile") -> None:
+    if not isinstance(packing, str) or packing not in PACKINGS:
+        raise ValueError(f"{owner}.packing: got {packing!r}, expected one of {PACKINGS}; fix: packing='packed' "
+                         "(default) or 'tiled'.")
 
 
 def pick_tile(frames: int, height: int, width: int, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -114,7 +115,7 @@ class TokenLayout:
     packing: str = "packed"
 
     def __post_init__(self) -> None:
-        _check_packing(self.packing)
+        _check_packing(self.packing, "TokenLayout")
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -183,7 +183,7 @@ class SparseAttentionConfig:
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
                 "runs (dit_sparse.methods.neighborhood.neighborhood_attention); the composite runs block plans. "
                 "Use exact=False here (block-rounded window, a superset of the token window).")
-        if self.packing not in PACKINGS:
+        if not isinstance(self.packing, str) or self.packing not in PACKINGS:
             raise ValueError(f"SparseAttentionConfig.packing: got {self.packing!r}, expected one of {PACKINGS}; fix: "
                              "packing='packed' (default) or 'tiled'.")
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size & (self.block_size - 1):

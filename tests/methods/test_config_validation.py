@@ -47,6 +47,8 @@ BAD = [
     (TokenLayout, "tile", (0, 4, 4)), (TokenLayout, "tile", (1.5, 4, 4)), (TokenLayout, "tile", (1, 4)),
     (TokenLayout, "text_tokens", True), (TokenLayout, "text_tokens", -1), (TokenLayout, "text_position", "middle"),
     (TokenLayout, "block_size", 100), (TokenLayout, "block_size", 128.0), (TokenLayout, "frames", 0),
+    (TokenLayout, "packing", "dense"), (SparseAttentionConfig, "packing", "dense"),
+    (SparseAttentionConfig, "packing", ["packed"]),
 ]
 
 BASE = {SparseAttentionConfig: dict(draft=DRAFT), TokenLayout: dict(frames=2, height=8, width=8)}
