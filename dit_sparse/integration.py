@@ -19,7 +19,8 @@ from .context import ContextHook, install_context_hook, remove_context_hook
 from .methods.composite import SparseAttentionConfig
 from .parallel import carry_parallel_config
 
-__all__ = ["apply", "remove", "is_applied", "get_runtime", "sparse_processors", "transformers_of"]
+__all__ = ["apply", "remove", "is_applied", "get_runtime", "sparse_processors", "transformers_of", "attn_processors",
+           "set_attn_processors"]
 
 _ATTR = "_dit_sparse_runtime"
 _ORIGINAL = "_dit_sparse_original_processors"
@@ -35,6 +36,40 @@ def transformers_of(obj) -> list[tuple[str, torch.nn.Module]]:
         raise ValueError(f"dit_sparse.apply expects a diffusers pipeline with a .transformer or a transformer "
                          f"model, got {type(obj).__name__}.")
     return found
+
+
+def _attention_modules(transformer: torch.nn.Module) -> dict:
+    """``{"<path>.processor": module}`` for modules holding a processor: ``get_processor`` (diffusers' attention
+    classes) or a plain ``processor`` attribute (``MochiAttention``)."""
+    return {f"{name}.processor": m for name, m in transformer.named_modules()
+            if name and (hasattr(m, "get_processor") or "processor" in vars(m))}
+
+
+def attn_processors(transformer: torch.nn.Module) -> dict:
+    """``{"<module path>.processor": processor}`` of every attention module, like diffusers'
+    ``AttentionMixin.attn_processors``; also for transformers without that mixin (Cosmos, Mochi)."""
+    if hasattr(type(transformer), "attn_processors"):
+        return transformer.attn_processors
+    return {name: m.get_processor() if hasattr(m, "get_processor") else m.processor
+            for name, m in _attention_modules(transformer).items()}
+
+
+def set_attn_processors(transformer: torch.nn.Module, processors: dict) -> None:
+    """Install a FULL ``{name: processor}`` dict (every attention module), like ``set_attn_processor(dict)``."""
+    if hasattr(transformer, "set_attn_processor"):
+        transformer.set_attn_processor(processors)
+        return
+    modules = _attention_modules(transformer)
+    if set(modules) != set(processors):
+        raise ValueError(f"A full processor dict for {type(transformer).__name__} names exactly its "
+                         f"{len(modules)} attention modules; got {len(processors)} entries "
+                         f"(missing {sorted(set(modules) - set(processors))[:3]}, "
+                         f"unknown {sorted(set(processors) - set(modules))[:3]}).")
+    for name, module in modules.items():
+        if hasattr(module, "set_processor"):
+            module.set_processor(processors[name])
+        else:
+            module.processor = processors[name]
 
 
 def _resolve_config(config_or_preset, transformer) -> SparseAttentionConfig:
@@ -54,7 +89,8 @@ def _resolve_config(config_or_preset, transformer) -> SparseAttentionConfig:
 
 
 def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, scheduler=None) -> dict:
-    """dit_sparse processors for ``transformer``, for ``transformer.set_attn_processor(...)``.
+    """dit_sparse processors for ``transformer``, for ``transformer.set_attn_processor(...)`` (or
+    :func:`set_attn_processors` for transformers without it, e.g. Cosmos, Mochi).
 
     Installs the context hook (grid, step, CFG branch) the processors read, and returns a FULL processor dict:
     video self-attention processors replaced, every other processor kept as it is. ``dit_sparse.remove``
@@ -74,7 +110,7 @@ def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, schedul
     config = _resolve_config(config_or_preset, transformer)
     _clear_pending(transformer)
     runtime = SparseRuntime(config, adapter)
-    original = dict(transformer.attn_processors)
+    original = dict(attn_processors(transformer))
     # layer index = position in module registration order, which is forward order in diffusers transformers
     # (double-stream blocks before single-stream blocks, block 10 after block 9)
     candidates = [n for n, p in original.items()
@@ -123,7 +159,7 @@ def apply(pipe_or_transformer, config_or_preset, *, scheduler=None) -> list[Spar
         get_adapter(tr)
     runtimes = []
     for _, tr in targets:
-        tr.set_attn_processor(sparse_processors(tr, config_or_preset, scheduler=scheduler))
+        set_attn_processors(tr, sparse_processors(tr, config_or_preset, scheduler=scheduler))
         runtimes.append(getattr(tr, _ATTR))
     return runtimes
 
@@ -135,8 +171,8 @@ def remove(pipe_or_transformer) -> None:
         if not _installed(tr):
             _clear_pending(tr)
             continue
-        carry_parallel_config(tr.attn_processors, getattr(tr, _ORIGINAL))  # enable_parallelism after apply
-        tr.set_attn_processor(getattr(tr, _ORIGINAL))
+        carry_parallel_config(attn_processors(tr), getattr(tr, _ORIGINAL))  # enable_parallelism after apply
+        set_attn_processors(tr, getattr(tr, _ORIGINAL))
         remove_context_hook(tr)
         delattr(tr, _ATTR)
         delattr(tr, _ORIGINAL)
@@ -148,7 +184,7 @@ def _installed(tr: torch.nn.Module) -> bool:
     runtime = getattr(tr, _ATTR, None)
     if runtime is None:
         return False
-    return any(getattr(p, "runtime", None) is runtime for p in tr.attn_processors.values())
+    return any(getattr(p, "runtime", None) is runtime for p in attn_processors(tr).values())
 
 
 def _clear_pending(tr: torch.nn.Module) -> None:

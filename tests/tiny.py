@@ -74,5 +74,22 @@ def llama_encoder():
     return seeded(LlamaModel, cfg)
 
 
+def qwen_tokenizer():
+    """Byte-level BPE over single bytes (no merges), with a ChatML template (the pipeline applies it)."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)

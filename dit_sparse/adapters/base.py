@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .._env import checks_enabled
 from .._logging import warn_once
@@ -41,6 +42,8 @@ class AdapterSpec:
             only in cross-attention).
         is_sparse_candidate: ``(processor name) -> bool``: modules that may run sparse (video self-attention).
             Only these get a dit_sparse processor; cross-attention keeps its stock processor.
+        context_parallel: None when sparse calls work under diffusers' Ulysses context parallelism; otherwise why
+            not, and sparse configs then raise ``NotImplementedError`` with that reason (a dense config still runs).
     """
 
     name: str
@@ -50,6 +53,15 @@ class AdapterSpec:
     grid_fn: Callable
     text_position: str | None
     is_sparse_candidate: Callable[[str], bool] = lambda name: True
+    context_parallel: str | None = None
+
+    def check_context_parallel(self) -> None:
+        """Raise ``NotImplementedError`` when this model's sparse calls cannot run under context parallelism."""
+        if self.context_parallel is not None:
+            raise NotImplementedError(
+                f"dit_sparse: sparse attention on {', '.join(self.transformer_classes)} under context parallelism "
+                f"(enable_parallelism) is not supported: {self.context_parallel}. Use a dense config "
+                "(DensePolicy(force_dense=True)) under context parallelism, or run this model without it.")
 
 
 #: transformer class name -> module defining its ``SPEC`` (imported lazily: no diffusers models at import time)
@@ -60,7 +72,23 @@ ADAPTER_MODULES = {
     "LTXVideoTransformer3DModel": "dit_sparse.adapters.ltx",
     "FluxTransformer2DModel": "dit_sparse.adapters.flux",
     "SD3Transformer2DModel": "dit_sparse.adapters.sd3",
+    # --- issue 13 (i13-models)
+    "HunyuanVideo15Transformer3DModel": "dit_sparse.adapters.hunyuan_video15",
+    "LTX2VideoTransformer3DModel": "dit_sparse.adapters.ltx2",
+    "CosmosTransformer3DModel": "dit_sparse.adapters.cosmos",
+    "MochiTransformer3DModel": "dit_sparse.adapters.mochi",
+    "Flux2Transformer2DModel": "dit_sparse.adapters.flux2",
+    "Kandinsky6Transformer3DModel": "dit_sparse.adapters.kandinsky6",
+    # --- issue 13 (i13-harness)
+    "WanVACETransformer3DModel": "dit_sparse.adapters.wan_vace",
+    "WanAnimateTransformer3DModel": "dit_sparse.adapters.wan_animate",
+    "SkyReelsV2Transformer3DModel": "dit_sparse.adapters.skyreels_v2",
+    "QwenImageTransformer2DModel": "dit_sparse.adapters.qwenimage",
 }
+
+
+#: where the recipe for a new model lives (named by the unsupported-model error)
+ADDING_A_MODEL = "the section 'Adding a model' of ARCHITECTURE.md in the dit_sparse source tree"
 
 
 def supported_transformers() -> list[str]:
@@ -72,7 +100,9 @@ def get_adapter(transformer: torch.nn.Module) -> AdapterSpec:
     name = type(transformer).__name__
     if name not in ADAPTER_MODULES:
         raise ValueError(f"dit_sparse has no adapter for {name}. Supported transformers: "
-                         f"{', '.join(supported_transformers())}.")
+                         f"{', '.join(supported_transformers())}. To add {name}, follow the recipe in "
+                         f"{ADDING_A_MODEL}: one adapter file declaring the processors to replace, the text "
+                         "position and the grid, plus one test-table entry.")
     return importlib.import_module(ADAPTER_MODULES[name]).SPEC
 
 
@@ -159,7 +189,8 @@ class SparseProcessorBase:
         self._attention_backend = getattr(stock, "_attention_backend", None)
         self._parallel_config = getattr(stock, "_parallel_config", None)
         if self._parallel_config is not None and not runtime.config.dense.force_dense:
-            ulysses_group(self._parallel_config)  # apply() after enable_parallelism: refuse ring attention now
+            runtime.adapter.check_context_parallel()  # apply() after enable_parallelism: refuse now
+            ulysses_group(self._parallel_config)  # ... and ring attention
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, name={self.name!r})"
@@ -181,6 +212,7 @@ class SparseProcessorBase:
         rt = self.runtime
         ug = None
         if self._parallel_config is not None and not rt.config.dense.force_dense:
+            rt.adapter.check_context_parallel()  # enable_parallelism after apply()
             ug = ulysses_group(self._parallel_config)  # NotImplementedError for ring attention
         world = 1 if ug is None else ug.world
         layout = self._sparse_layout(query, key, text_tokens * world, world)
@@ -205,6 +237,55 @@ class SparseProcessorBase:
             err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
             rt.layer_errors.setdefault(self.layer, []).append(err)
         return out
+
+    def stock_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The stock processors' attention call on ``[B, S, H, D]``: diffusers' dispatcher with the backend and the
+        context-parallel config diffusers set on this processor (what every ``dispatch_attention_fn`` processor
+        runs; SD3 and CogVideoX call SDPA directly and keep their own call)."""
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def attend_valid_text(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, *, text_tokens: int, valid_text: int,
+                          text_position: str) -> torch.Tensor:
+        """Joint attention whose key mask leaves only the first ``valid_text`` of the ``text_tokens`` text tokens
+        valid (same count in every sample; the caller checked the mask), exactly as stock:
+
+        * sparse attention on the video plus the valid text (the padded keys dropped, which the mask zeroes in
+          stock); the padded text query rows run the stock call with the mask, restricted to those rows;
+        * when :meth:`attend` decides dense (warm-up, dense layer, no grid), ONE stock call covers every row, so
+          dense configs stay bit-exact.
+
+        ``text_position``: ``"before"`` (``[text, video]``) or ``"after"`` (``[video, text]``).
+        """
+        def stock():
+            return self.stock_attention(query, key, value, attention_mask)
+
+        if valid_text == text_tokens:  # nothing padded: the mask (if any) is all True
+            return self.attend(query, key, value, text_tokens=text_tokens, dense=stock)
+        if text_position == "before":
+            keep, pad = (slice(0, valid_text), slice(text_tokens, None)), slice(valid_text, text_tokens)
+        else:
+            n_valid = query.shape[1] - text_tokens + valid_text
+            keep, pad = (slice(0, n_valid),), slice(n_valid, None)
+
+        def select(x):
+            return torch.cat([x[:, s] for s in keep], dim=1) if len(keep) > 1 else x[:, keep[0]]
+
+        full = []  # the stock output, when attend() ran the dense call
+
+        def dense():
+            full.append(stock())
+            return select(full[0])
+
+        out = self.attend(select(query), select(key), select(value), text_tokens=valid_text, dense=dense)
+        if full:
+            return full[0]
+        rest = self.stock_attention(query[:, pad], key, value, attention_mask)
+        if text_position == "before":
+            return torch.cat([out[:, :valid_text], rest, out[:, valid_text:]], dim=1)
+        return torch.cat([out, rest], dim=1)
 
     def _num_steps(self) -> int | None:
         num_steps = self.runtime.context.num_steps
@@ -239,6 +320,27 @@ class SparseProcessorBase:
                                     video_tokens=n_video):
             return None
         return rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
+
+
+def project_heads(attn, hidden_states: torch.Tensor, *, added: bool = False, heads_first: bool = False):
+    """``query, key, value`` of one stream as ``[B, S, H, D]`` (``heads_first``: ``[B, H, S, D]``, the layout of the
+    processors that call SDPA directly), with the module's q/k norms where it has them: the projection step
+    diffusers' joint-attention processors share (HunyuanVideo, Qwen-Image, SD3, CogVideoX). ``added=False``: the
+    latent stream (``to_q/to_k/to_v``, ``norm_q/norm_k``); ``added=True``: the text stream (``add_q_proj/add_k_proj/
+    add_v_proj``, ``norm_added_q/norm_added_k``). Same operations in the same order as those processors."""
+    if added:
+        projections, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), ("norm_added_q", "norm_added_k")
+    else:
+        projections, norms = (attn.to_q, attn.to_k, attn.to_v), ("norm_q", "norm_k")
+    query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in projections)
+    if heads_first:
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    norm_q, norm_k = (getattr(attn, n, None) for n in norms)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
 
 
 def patch_grid(module: torch.nn.Module, hidden_states: torch.Tensor, channels_first: bool = True):

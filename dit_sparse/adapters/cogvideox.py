@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AdapterSpec, SparseProcessorBase, patch_grid
+from .base import AdapterSpec, SparseProcessorBase, patch_grid, project_heads
 
 __all__ = ["CogVideoXSparseAttnProcessor", "SPEC"]
 
@@ -52,23 +52,14 @@ class CogVideoXSparseAttnProcessor(SparseProcessorBase):
         if self.fused:
             qkv = attn.to_qkv(hidden_states)
             split_size = qkv.shape[-1] // 3
-            query, key, value = torch.split(qkv, split_size, dim=-1)
+            query, key, value = (t.view(batch_size, -1, attn.heads, split_size // attn.heads).transpose(1, 2)
+                                 for t in torch.split(qkv, split_size, dim=-1))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
         else:
-            query = attn.to_q(hidden_states)
-            key = attn.to_k(hidden_states)
-            value = attn.to_v(hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+            query, key, value = project_heads(attn, hidden_states, heads_first=True)
 
         if image_rotary_emb is not None:
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
@@ -85,7 +76,7 @@ class CogVideoXSparseAttnProcessor(SparseProcessorBase):
             hidden_states = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                         text_tokens=text_seq_length, dense=dense)
 
-        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * query.shape[-1])
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -15,7 +15,6 @@ The processor is diffusers 0.42's ``FluxAttnProcessor`` with only the attention 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -56,8 +55,7 @@ class FluxSparseAttnProcessor(SparseProcessorBase):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         def dense():
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                         backend=self._attention_backend, parallel_config=self._parallel_config)
+            return self.stock_attention(query, key, value, attention_mask)
 
         text_tokens = self._text_tokens(attn, query, encoder_hidden_states)
         if attention_mask is not None or text_tokens is None:
@@ -124,4 +122,6 @@ SPEC = AdapterSpec(
     grid_fn=image_grid,
     text_position="before",
     is_sparse_candidate=lambda name: name.endswith(".attn.processor"),
+    # FLUX's _cp_plan splits img_ids at the transformer's input, before the grid is read: no rank sees the grid
+    context_parallel="the grid comes from img_ids, which diffusers' FLUX plan shards before dit_sparse reads them",
 )

@@ -25,10 +25,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AdapterSpec, SparseProcessorBase
+from .base import AdapterSpec, SparseProcessorBase, project_heads
 
 __all__ = ["HunyuanVideoSparseAttnProcessor", "valid_prefix_length", "SPEC"]
 
@@ -84,20 +83,8 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        # 1. QKV projections
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        # 2. QK normalization
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        # 1. QKV projections, 2. QK normalization
+        query, key, value = project_heads(attn, hidden_states)
 
         # 3. Rotational positional embeddings applied to latent stream
         if image_rotary_emb is not None:
@@ -113,18 +100,7 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
 
         # 4. Encoder condition QKV projection and normalization
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
-            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
-            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
-
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = project_heads(attn, encoder_hidden_states, added=True)
 
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
@@ -151,37 +127,21 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
 
         return hidden_states, encoder_hidden_states
 
-    def _stock(self, query, key, value, attention_mask):
-        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-
     def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The stock attention call, or sparse attention on the valid ``[video, text prefix]`` (see module doc)."""
-        full = []  # the stock output, when attend() ran the dense call
-        tokens = valid = query.shape[1]
-
-        def dense():
-            full.append(self._stock(query, key, value, attention_mask))
-            return full[0] if valid == tokens else full[0][:, :valid]
-
+        tokens = query.shape[1]
         grid = self.runtime.context.grid
         n_video = None if grid is None else grid[0] * grid[1] * grid[2]
-        if n_video is None or tokens < n_video or key.shape[1] != tokens:
-            return self.attend(query, key, value, text_tokens=0, dense=dense)  # dense (unknown / mismatched grid)
+        if n_video is None or tokens < n_video or key.shape[1] != tokens:  # dense (unknown / mismatched grid)
+            return self.attend(query, key, value, text_tokens=0,
+                               dense=lambda: self.stock_attention(query, key, value, attention_mask))
         valid = self._valid_length(attention_mask, query.shape[0], tokens, n_video)
         if valid is None:  # a mask we cannot express as one common valid prefix: stock attention
             self.runtime.calls["dense"] += 1
-            return self._stock(query, key, value, attention_mask)
-        if valid == tokens:  # no padding: the mask (if any) is all True
-            return self.attend(query, key, value, text_tokens=tokens - n_video, dense=dense)
-        out = self.attend(query[:, :valid], key[:, :valid], value[:, :valid], text_tokens=valid - n_video,
-                          dense=dense)
-        if full:  # the dense policy ran the stock call on the whole sequence
-            return full[0]
-        # padded text query rows: the stock call on those rows only, keys masked like stock
-        rest = self._stock(query[:, valid:], key, value, attention_mask)
-        return torch.cat([out, rest], dim=1)
+            return self.stock_attention(query, key, value, attention_mask)
+        return self.attend_valid_text(query, key, value, attention_mask, text_tokens=tokens - n_video,
+                                      valid_text=valid - n_video, text_position="after")
 
 
 def _grid(module, args, kwargs):

@@ -19,7 +19,6 @@ The pipelines batch classifier-free guidance (batch 2, cache context ``"cond_unc
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase
@@ -65,8 +64,7 @@ class LTXSparseAttnProcessor(SparseProcessorBase):
         value = value.unflatten(2, (attn.heads, -1))
 
         def dense() -> torch.Tensor:
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend, parallel_config=self._parallel_config)
+            return self.stock_attention(query, key, value, attention_mask)
 
         if cross or attention_mask is not None:
             hidden_states = dense()  # the model passes neither to attn1; never approximated

@@ -3,12 +3,15 @@
 Self-attention ``attn1`` of every block runs sparse. Wan2.2 pipelines have ``transformer_2`` too; ``apply``
 handles both. The processor below is diffusers 0.42's ``WanAttnProcessor`` for self-attention, with only the
 attention call swapped (image-conditioning keys of I2V live in cross-attention and are untouched).
+
+The Wan-derived models reuse this processor and grid unchanged (their self-attention processors are copies of
+``WanAttnProcessor``: same projections, norms and RoPE): ``wan_vace.py``, ``wan_animate.py``, ``skyreels_v2.py``
+declare only their class names.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from .base import AdapterSpec, SparseProcessorBase, patch_grid
@@ -45,8 +48,7 @@ class WanSparseAttnProcessor(SparseProcessorBase):
             key = _apply_rotary_emb(key, *rotary_emb)
 
         def dense():
-            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend, parallel_config=self._parallel_config)
+            return self.stock_attention(query, key, value, attention_mask)
 
         if attention_mask is not None:
             hidden_states = dense()

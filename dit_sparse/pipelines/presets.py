@@ -37,6 +37,11 @@ FAMILY_TRANSFORMERS = {
     "ltx": "LTXVideoTransformer3DModel",
     "flux": "FluxTransformer2DModel",
     "sd3": "SD3Transformer2DModel",
+    # --- issue 13 (i13-harness)
+    "wan-vace": "WanVACETransformer3DModel",
+    "wan-animate": "WanAnimateTransformer3DModel",
+    "skyreels-v2": "SkyReelsV2Transformer3DModel",
+    "qwenimage": "QwenImageTransformer2DModel",
 }
 
 
@@ -139,7 +144,75 @@ _ALL = [
     # --- SD3
     Preset("sd3:draft-50", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers",
            "DraftAttention 50%, first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
+    # --- issue 13 (i13-harness): Wan-derived models take Wan's settings (same blocks, same grids; no paper numbers
+    # of their own), Qwen-Image takes the image-DiT settings of FLUX / SD3 (ALGORITHMS.md §7)
+    Preset("wan-vace:draft-75", "wan-vace", "Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+           "DraftAttention 75% (Wan2.1 paper default), first 25% steps and main block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("wan-vace-14b:rectified-75", "wan-vace", "Wan-AI/Wan2.1-VACE-14B-diffusers",
+           "Rectified SpaAttn 75% (Wan2.1-14B setting), main blocks 0-1 and first 5 steps dense",
+           _rectified(0.75, dense_steps=5, dense_layers=(0, 1))),
+    Preset("wan-animate:rectified-85", "wan-animate", "Wan-AI/Wan2.2-Animate-14B-Diffusers",
+           "Rectified SpaAttn 85% (Wan2.2-A14B setting), blocks 0-1 and first 3 steps dense",
+           _rectified(0.85, dense_steps=3, dense_layers=(0, 1))),
+    Preset("wan-animate:draft-75", "wan-animate", "Wan-AI/Wan2.2-Animate-14B-Diffusers",
+           "DraftAttention 75%, first 25% steps and block 0 dense", _draft(0.75, dense_fraction=0.25,
+                                                                             dense_layers=(0,))),
+    Preset("skyreels-v2:draft-75", "skyreels-v2", "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
+           "DraftAttention 75% (Wan2.1 architecture), first 25% steps and block 0 dense",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("skyreels-v2:rectified-75", "skyreels-v2", "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
+           "Rectified SpaAttn 75% (Wan2.1-14B setting), blocks 0-1 and first 5 steps dense",
+           _rectified(0.75, dense_steps=5, dense_layers=(0, 1))),
+    Preset("qwenimage:neighborhood", "qwenimage", "Qwen/Qwen-Image",
+           "2-D window of 3x3 tiles (as FLUX), first 20% steps dense",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    Preset("qwenimage:draft-50", "qwenimage", "Qwen/Qwen-Image",
+           "DraftAttention 50% (as SD3), first 25% steps dense", _draft(0.5, dense_fraction=0.25)),
 ]
+
+# --- issue 13 (i13-models), 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities
+# and dense warm-up follow
+# the family's peers (ALGORITHMS.md §7): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%, 25% steps and
+# blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan / LTX (Draft 75%,
+# 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream blocks dense).
+FAMILY_TRANSFORMERS.update({
+    "hunyuanvideo15": "HunyuanVideo15Transformer3DModel",
+    "ltx2": "LTX2VideoTransformer3DModel",
+    "cosmos": "CosmosTransformer3DModel",
+    "mochi": "MochiTransformer3DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "kandinsky6": "Kandinsky6Transformer3DModel",
+})
+_ALL += [
+    Preset("hunyuanvideo15:draft-90", "hunyuanvideo15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+           "DraftAttention 90%, first 25% steps and blocks 0-1 dense (as HunyuanVideo)",
+           _draft(0.9, dense_fraction=0.25, dense_layers=(0, 1))),
+    Preset("hunyuanvideo15:rectified-90-warmup", "hunyuanvideo15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+           "Rectified SpaAttn 90% with the first 20% steps dense (as HunyuanVideo)",
+           _rectified(0.9, dense_fraction=0.2)),
+    Preset("ltx2:draft-75", "ltx2", "Lightricks/LTX-2",
+           "DraftAttention 75% on video self-attention (audio and cross paths stock), first 25% steps and block 0 "
+           "dense (as LTX-Video)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("cosmos:draft-75", "cosmos", "nvidia/Cosmos-Predict2-2B-Video2World",
+           "DraftAttention 75%, first 25% steps and block 0 dense (as Wan: self-attention video, text in "
+           "cross-attention)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("mochi:draft-75", "mochi", "genmo/mochi-1-preview",
+           "DraftAttention 75%, first 25% steps and block 0 dense (as Wan / LTX-Video)",
+           _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+    Preset("flux2:rectified-90", "flux2", "black-forest-labs/FLUX.2-dev",
+           "Rectified SpaAttn 90%, last 20 single-stream blocks dense (FLUX.2-dev layout: 8 double + 48 single)",
+           _rectified(0.9, dense_layers=tuple(range(36, 56)))),
+    Preset("flux2:neighborhood", "flux2", "black-forest-labs/FLUX.2-dev",
+           "2-D window of 3x3 tiles, first 20% steps dense (as FLUX.1)",
+           SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
+                                 dense=DensePolicy(dense_fraction=0.2))),
+    Preset("kandinsky6:draft-75", "kandinsky6", "kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers",
+           "DraftAttention 75% on video self-attention (text, audio and cross paths stock), first 25% steps and "
+           "block 0 dense (as Wan)", _draft(0.75, dense_fraction=0.25, dense_layers=(0,))),
+]
+# --- end issue 13 block
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL}
 

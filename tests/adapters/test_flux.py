@@ -1,22 +1,17 @@
-"""FLUX adapter: dense parity, all-on exactness, text-first handling in double- and single-stream blocks,
-grid from img_ids, pipeline end to end (guidance-distilled and true CFG), lifecycle."""
+"""FLUX adapter: the table entry (generic contract in test_contract.py: parity, text first in double- and
+single-stream blocks, lifecycle, pipeline) and FLUX's own cases: grid from img_ids (Kontext, shifted, permuted
+ids run dense), layer order, true CFG branches."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from harness import SPARSE, AdapterCase
 from tiny import clip_encoder, clip_tokenizer, generator, seeded, t5_encoder, t5_tokenizer
 
 import dit_sparse
-from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
-from dit_sparse.adapters.base import SparseProcessorBase
-from dit_sparse.methods.composite import dense_attention
+from dit_sparse import DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
 
-DENSE = SparseAttentionConfig(dense=DensePolicy(force_dense=True))
-ALL_ON = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.0), block_size=16, backend="torch")
-SPARSE = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False), block_size=16, backend="torch")
 ROWS, COLS, TEXT = 16, 24, 10  # a non-square grid (catches a row/col swap) and text not a multiple of 16
 DOUBLE, SINGLE = "transformer_blocks.0.attn.processor", "single_transformer_blocks.0.attn.processor"
 
@@ -62,91 +57,11 @@ def transformer_inputs(ids=None, batch=1):
                 img_ids=ids, txt_ids=torch.zeros(TEXT, 3), return_dict=False)
 
 
-def record_attend(tr):
-    """Wrap every dit_sparse processor's attend(): record (name, q, k, v, text_tokens, output) per call."""
-    calls = []
-    for name, proc in tr.attn_processors.items():
-        if isinstance(proc, SparseProcessorBase):
-            def attend(q, k, v, *, text_tokens, dense, scale=None, _p=proc, _n=name):
-                out = SparseProcessorBase.attend(_p, q, k, v, text_tokens=text_tokens, dense=dense, scale=scale)
-                calls.append((_n, q, k, v, text_tokens, out))
-                return out
-            proc.attend = attend
-    return calls
-
-
-@torch.no_grad()
-def test_transformer_dense_config_is_bit_exact():
-    tr = flux_transformer()
-    ref = tr(**transformer_inputs())[0]
-    (rt,) = dit_sparse.apply(tr, DENSE)
-    assert torch.equal(tr(**transformer_inputs())[0], ref)
-    assert rt.calls == {"sparse": 0, "dense": 2} and rt.context.grid == (1, ROWS, COLS)
-
-
-@torch.no_grad()
-def test_transformer_all_on_plan_matches_stock():
-    tr = flux_transformer()
-    ref = tr(**transformer_inputs(batch=2))[0]
-    (rt,) = dit_sparse.apply(tr, ALL_ON)
-    out = tr(**transformer_inputs(batch=2))[0]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # fp32 round-off of a different summation order
-    assert rt.calls == {"sparse": 2, "dense": 0}  # the double- and the single-stream block both ran sparse
-
-
-@torch.no_grad()
-def test_transformer_sparse_differs_and_remove_restores():
-    tr = flux_transformer()
-    ref = tr(**transformer_inputs())[0]
-    original = dict(tr.attn_processors)
-    (rt,) = dit_sparse.apply(tr, SPARSE)
-    names = {k: type(v).__name__ for k, v in tr.attn_processors.items()}
-    assert names == {DOUBLE: "FluxSparseAttnProcessor", SINGLE: "FluxSparseAttnProcessor"}
-    out = tr(**transformer_inputs())[0]
-    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
-    assert rt.calls["sparse"] == 2 and rt.density < 1.0
-    dit_sparse.remove(tr)
-    assert all(tr.attn_processors[k] is v for k, v in original.items())
-    assert torch.equal(tr(**transformer_inputs())[0], ref)
-    assert not dit_sparse.is_applied(tr)
-
-
-def _text_rows_exact(tr, text_tokens):
-    """Run SPARSE, return per call: (name, text_tokens, max |diff| of text rows, max |diff| of image rows) vs dense.
-
-    Text rows (at the model's text positions) read every key, so they must equal dense attention; image rows
-    are sparse and must differ. Text counted on the wrong side puts image rows where the text is: they differ.
-    """
-    calls = record_attend(tr)
-    tr(**transformer_inputs())
-    res = []
-    for name, q, k, v, t, out in calls:
-        d = (out - dense_attention(q, k, v)).abs()
-        res.append((name, t, float(d[:, :text_tokens].max()), float(d[:, text_tokens:].max())))
-    return res
-
-
-@torch.no_grad()
-def test_text_first_in_double_and_single_stream_blocks():
-    tr = flux_transformer()
-    (rt,) = dit_sparse.apply(tr, SPARSE)
-    res = _text_rows_exact(tr, TEXT)
-    # the single-stream block sees [text, image] as one tensor: its text length is total - grid tokens
-    assert [(n, t) for n, t, _, _ in res] == [(DOUBLE, TEXT), (SINGLE, TEXT)]
-    for name, _, text_diff, img_diff in res:
-        assert text_diff < 1e-5 and img_diff > 1e-3, (name, text_diff, img_diff)
-
-
-@torch.no_grad()
-def test_text_on_the_wrong_side_is_caught():
-    """Negative control for the test above: declaring the text 'after' breaks the text-row exactness."""
-    from dit_sparse.adapters.flux import SPEC
-
-    tr = flux_transformer()
-    (rt,) = dit_sparse.apply(tr, SPARSE)
-    rt.adapter = dataclasses.replace(SPEC, text_position="after")
-    res = _text_rows_exact(tr, TEXT)
-    assert all(text_diff > 1e-3 for _, _, text_diff, _ in res), res
+CASES = [AdapterCase(
+    id="flux", transformer=flux_transformer, inputs=lambda tr: transformer_inputs(batch=2), grid=(1, ROWS, COLS),
+    sparse=(DOUBLE, SINGLE), pipeline=flux_pipeline, run=lambda pipe, steps: run(pipe, steps=steps),
+    preset="flux:neighborhood", cp="refuses",
+)]
 
 
 @pytest.mark.parametrize("ids", [
@@ -186,25 +101,6 @@ def test_layer_order_is_execution_order():
     names = [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
     names += [f"single_transformer_blocks.{i}.attn.processor" for i in range(11)]
     assert {n: p.layer for n, p in tr.attn_processors.items()} == {n: i for i, n in enumerate(names)}
-
-
-@torch.no_grad()
-def test_pipeline_dense_parity_and_sparse_end_to_end():
-    pipe = flux_pipeline()
-    ref = run(pipe)
-    (rt,) = dit_sparse.apply(pipe, DENSE)
-    assert (run(pipe) == ref).all()
-    assert rt.last_run["calls"] == {"sparse": 0, "dense": 4}
-    dit_sparse.remove(pipe)
-    (rt,) = dit_sparse.apply(pipe, SPARSE)
-    out = run(pipe)
-    assert out.shape == ref.shape and not (out == ref).all()
-    # diffusers resets stateful hooks when the pipeline ends: the runtime keeps a summary of the run
-    assert rt.context.step == -1 and rt.last_run["steps"] == 2
-    assert rt.last_run["calls"] == {"sparse": 4, "dense": 0} and rt.last_run["density"] < 1.0
-    assert (run(pipe) == out).all()  # same seed, second generation: state was reset
-    dit_sparse.remove(pipe)
-    assert (run(pipe) == ref).all()
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""HunyuanVideo adapter: dense parity, text LAST, padded-text masks, single-stream blocks, token refiner, pipeline.
+"""HunyuanVideo adapter: the table entry (generic contract in test_contract.py: parity with padded text, text
+last, token refiner stock, lifecycle, pipeline) and HunyuanVideo's own cases: padded-text masks, single-stream
+blocks, token-replace blocks, CFG branches.
 
 The tiny pipeline pads its text (``max_sequence_length=16`` with a short prompt, no template crop), so the
 transformer's bool key-padding mask ``[B, 1, 1, N]`` has padded text keys in every pipeline test here.
@@ -8,16 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import ALL_ON, SPARSE, TOL, AdapterCase
 from tiny import clip_encoder, clip_tokenizer, generator, llama_encoder, llama_tokenizer, seeded
 
 import dit_sparse
 from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig
-from dit_sparse.adapters.hunyuan_video import HunyuanVideoSparseAttnProcessor, valid_prefix_length
-
-DENSE = SparseAttentionConfig(dense=DensePolicy(force_dense=True))
-ALL_ON = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.0), block_size=16, backend="torch")
-SPARSE = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False), block_size=16, backend="torch")
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 round-off of a different summation order
+from dit_sparse.adapters.hunyuan_video import valid_prefix_length
 
 GRID = (3, 12, 12)  # latent frames, rows, cols (patch 1): 432 video tokens = 27 blocks of 16
 N_VIDEO = GRID[0] * GRID[1] * GRID[2]
@@ -64,6 +62,16 @@ def transformer_inputs(valid=(11,), batch=None):
                 return_dict=False)
 
 
+REFINER = "context_embedder.token_refiner.refiner_blocks.0.attn.processor"
+CASES = [AdapterCase(
+    id="hunyuanvideo", transformer=hunyuan_transformer, inputs=lambda tr: transformer_inputs(), grid=GRID,
+    sparse=("transformer_blocks.0.attn.processor", "single_transformer_blocks.0.attn.processor"),
+    stock=(REFINER,),  # the token refiner keeps AttnProcessor2_0
+    pipeline=hunyuan_pipeline, run=lambda pipe, steps: run(pipe, steps=steps), preset="hunyuanvideo:draft-90",
+    cp="no-plan",
+)]
+
+
 def spy_engine(rt):
     """Record the query length of every sparse engine call."""
     lengths = []
@@ -84,16 +92,6 @@ def spy_engine(rt):
 
 @torch.no_grad()
 @pytest.mark.parametrize("valid", [(11,), (TEXT,)], ids=["padded", "unpadded"])
-def test_transformer_dense_config_is_bit_exact(valid):
-    tr = hunyuan_transformer()
-    ref = tr(**transformer_inputs(valid))[0]
-    (rt,) = dit_sparse.apply(tr, DENSE)
-    assert torch.equal(tr(**transformer_inputs(valid))[0], ref)
-    assert rt.calls == {"sparse": 0, "dense": 2}
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("valid", [(11,), (TEXT,)], ids=["padded", "unpadded"])
 def test_transformer_all_on_plan_matches_stock(valid):
     tr = hunyuan_transformer()
     ref = tr(**transformer_inputs(valid))[0]
@@ -107,30 +105,9 @@ def test_transformer_all_on_plan_matches_stock(valid):
 
 
 @torch.no_grad()
-def test_transformer_sparse_differs_and_remove_restores():
-    tr = hunyuan_transformer()
-    ref = tr(**transformer_inputs())[0]
-    original = dict(tr.attn_processors)
-    (rt,) = dit_sparse.apply(tr, SPARSE)
-    procs = tr.attn_processors
-    assert type(procs["transformer_blocks.0.attn.processor"]) is HunyuanVideoSparseAttnProcessor
-    assert type(procs["single_transformer_blocks.0.attn.processor"]) is HunyuanVideoSparseAttnProcessor
-    # the token refiner keeps its stock processor object
-    refiner = "context_embedder.token_refiner.refiner_blocks.0.attn.processor"
-    assert procs[refiner] is original[refiner] and type(procs[refiner]).__name__ == "AttnProcessor2_0"
-    out = tr(**transformer_inputs())[0]
-    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
-    assert rt.calls == {"sparse": 2, "dense": 0} and rt.density < 1.0
-    dit_sparse.remove(tr)
-    assert all(tr.attn_processors[k] is v for k, v in original.items())
-    assert torch.equal(tr(**transformer_inputs())[0], ref)
-    assert not dit_sparse.is_applied(tr)
-
-
-@torch.no_grad()
 def test_dense_layers_with_padding_are_bit_exact(monkeypatch):
     # the dense policy decides inside attend(), after truncation: ONE stock call must cover every row
-    import dit_sparse.adapters.hunyuan_video as adapter
+    import dit_sparse.adapters.base as adapter
 
     tr = hunyuan_transformer()
     ref = tr(**transformer_inputs())[0]
@@ -284,27 +261,6 @@ def test_valid_prefix_length():
 
 
 @torch.no_grad()
-def test_pipeline_dense_parity_and_sparse_end_to_end():
-    pipe = hunyuan_pipeline()
-    ref = run(pipe)
-    dit_sparse.apply(pipe, DENSE)
-    assert (run(pipe) == ref).all()
-    dit_sparse.remove(pipe)
-    (rt,) = dit_sparse.apply(pipe, SPARSE)
-    lengths = spy_engine(rt)
-    out = run(pipe)
-    assert out.shape == ref.shape and not (out == ref).all()
-    assert rt.context.step == -1 and rt.last_run["steps"] == 2
-    # guidance-distilled: one call per step, 2 layers
-    assert rt.last_run["calls"] == {"sparse": 4, "dense": 0} and rt.last_run["density"] < 1.0
-    # the pipeline padded the text: sparse attention ran on video (3x8x8) + a strict prefix of the 16 text tokens
-    assert len(set(lengths)) == 1 and 3 * 8 * 8 < lengths[0] < 3 * 8 * 8 + TEXT
-    assert (run(pipe) == out).all()  # state was reset: same seed, same output
-    dit_sparse.remove(pipe)
-    assert (run(pipe) == ref).all()
-
-
-@torch.no_grad()
 def test_pipeline_all_on_plan_matches_stock():
     pipe = hunyuan_pipeline()
     ref = run(pipe)
@@ -317,11 +273,14 @@ def test_pipeline_all_on_plan_matches_stock():
 def test_pipeline_branches_cond_and_true_cfg_uncond():
     pipe = hunyuan_pipeline()
     (rt,) = dit_sparse.apply(pipe, SPARSE)
+    lengths = spy_engine(rt)
     branches = []
     orig = rt.engine.build_mask
     rt.engine.build_mask = lambda *a, **k: branches.append(rt.context.branch) or orig(*a, **k)
     run(pipe)
     assert set(branches) == {"cond"}
+    # the pipeline padded the text: sparse attention ran on video (3x8x8) + a strict prefix of the 16 text tokens
+    assert len(set(lengths)) == 1 and 3 * 8 * 8 < lengths[0] < 3 * 8 * 8 + TEXT
     branches.clear()
     run(pipe, negative_prompt="blur", true_cfg_scale=2.0)
     assert set(branches) == {"cond", "uncond"} and rt.last_run["calls"]["sparse"] == 8

@@ -1,16 +1,16 @@
-"""Wan2.1 / Wan2.2 adapter: dense parity, sparse end to end, both experts, lifecycle, CFG branches."""
+"""Wan2.1 / Wan2.2 adapter: the table entry (generic contract in test_contract.py) and Wan's own cases: both
+experts, double apply, the set_attn_processor path, CFG branches, dense warm-up."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from harness import AdapterCase
 from tiny import generator, seeded, t5_encoder, t5_tokenizer
 
 import dit_sparse
-from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
+from dit_sparse import DraftAttentionConfig, SparseAttentionConfig, TemporalReuseConfig
 
-DENSE = SparseAttentionConfig(dense=DensePolicy(force_dense=True))
-ALL_ON = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.0), block_size=16, backend="torch")
 SPARSE = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False), block_size=16, backend="torch")
 
 
@@ -46,40 +46,13 @@ def transformer_inputs():
                 encoder_hidden_states=torch.randn(1, 10, 32, generator=g), return_dict=False)
 
 
-@torch.no_grad()
-def test_transformer_dense_config_is_bit_exact():
-    tr = wan_transformer()
-    ref = tr(**transformer_inputs())[0]
-    dit_sparse.apply(tr, DENSE)
-    assert torch.equal(tr(**transformer_inputs())[0], ref)
-
-
-@torch.no_grad()
-def test_transformer_all_on_plan_matches_stock():
-    tr = wan_transformer()
-    ref = tr(**transformer_inputs())[0]
-    (rt,) = dit_sparse.apply(tr, ALL_ON)
-    out = tr(**transformer_inputs())[0]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # fp32 round-off of a different summation order
-    assert rt.calls["sparse"] == 2 and rt.context.grid == (5, 16, 16)
-
-
-@torch.no_grad()
-def test_transformer_sparse_differs_and_remove_restores():
-    tr = wan_transformer()
-    ref = tr(**transformer_inputs())[0]
-    original = dict(tr.attn_processors)
-    (rt,) = dit_sparse.apply(tr, SPARSE)
-    names = {k: type(v).__name__ for k, v in tr.attn_processors.items()}
-    assert names["blocks.0.attn1.processor"] == "WanSparseAttnProcessor"
-    assert names["blocks.0.attn2.processor"] == "WanAttnProcessor"  # cross-attention stays stock
-    out = tr(**transformer_inputs())[0]
-    assert torch.isfinite(out).all() and not torch.allclose(out, ref, atol=1e-4)
-    assert rt.density < 1.0
-    dit_sparse.remove(tr)
-    assert all(tr.attn_processors[k] is v for k, v in original.items())
-    assert torch.equal(tr(**transformer_inputs())[0], ref)
-    assert not dit_sparse.is_applied(tr)
+CASES = [AdapterCase(
+    id="wan", transformer=wan_transformer, inputs=lambda tr: transformer_inputs(), grid=(5, 16, 16),
+    sparse=("blocks.0.attn1.processor", "blocks.1.attn1.processor"),
+    stock=("blocks.0.attn2.processor", "blocks.1.attn2.processor"),  # cross-attention
+    pipeline=wan_pipeline, run=lambda pipe, steps: run(pipe, steps=steps), preset="wan2.1-t2v-1.3b:draft-80",
+    cp="ulysses",
+)]
 
 
 def test_double_apply_raises_and_names_config():
@@ -96,23 +69,6 @@ def test_set_attn_processor_path():
         tr.set_attn_processor(dit_sparse.sparse_processors(tr, SPARSE))
         out = tr(**transformer_inputs())[0]
     assert dit_sparse.is_applied(tr) and not torch.allclose(out, ref, atol=1e-4)
-
-
-@torch.no_grad()
-def test_pipeline_dense_parity_and_sparse_end_to_end():
-    pipe = wan_pipeline()
-    ref = run(pipe)
-    dit_sparse.apply(pipe, DENSE)
-    assert (run(pipe) == ref).all()
-    dit_sparse.remove(pipe)
-    (rt,) = dit_sparse.apply(pipe, SPARSE)
-    out = run(pipe)
-    assert out.shape == ref.shape and not (out == ref).all()
-    # diffusers resets stateful hooks when the pipeline ends: the runtime keeps a summary of the run
-    assert rt.context.step == -1 and rt.last_run["steps"] == 2
-    assert rt.last_run["calls"] == {"sparse": 8, "dense": 0} and rt.last_run["density"] < 1.0
-    # same seed, second generation: state was reset, output identical
-    assert (run(pipe) == out).all()
 
 
 @torch.no_grad()
@@ -144,14 +100,3 @@ def test_cfg_branches_keep_separate_reuse_state():
     rt.engine.reuse_cache.get = spy
     run(pipe, steps=3)
     assert set(seen) == {"cond", "uncond"}
-
-
-@torch.no_grad()
-def test_dense_warmup_steps_run_stock_attention():
-    pipe = wan_pipeline()
-    cfg = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), block_size=16, backend="torch",
-                                dense=DensePolicy(dense_steps=1))
-    (rt,) = dit_sparse.apply(pipe, cfg)
-    run(pipe, steps=2)
-    # 2 layers x (cond + uncond): step 0 dense, step 1 sparse
-    assert rt.last_run["calls"] == {"sparse": 4, "dense": 4}

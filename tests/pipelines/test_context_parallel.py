@@ -121,22 +121,28 @@ def _worker(rank: int, out_dir: str) -> None:  # noqa: C901 - one script, many s
     dit_sparse.remove(tr)
     res["cp_apply_first/removed"] = fwd(tr)
 
-    # LTX (its CP plan splits the packed hidden_states at the root; the grid comes from num_frames/height/width).
-    # No cross-attention mask: diffusers 0.42.1's own Ulysses attention fails on LTX's per-head [B, H, 1, T] mask
-    # in the stock attn2 (it shards q/k/v by head but not the mask), with or without dit_sparse.
-    from test_ltx import SPARSE as LTX_SPARSE
+    # every cp="ulysses" entry of the adapter table (tests/adapters/harness.py): sparse under Ulysses equals sparse
+    # in one process, the stock model under Ulysses equals stock (the plan shards this model at all)
+    from harness import SPARSE as CASE_SPARSE
+    from test_contract import ULYSSES_CASES
+
+    for case in ULYSSES_CASES:
+        cp_in = case.cp_inputs or case.inputs
+        res[f"case/{case.id}/stock"] = case.forward(case.transformer(), cp_in)
+        tr = case.transformer()
+        dit_sparse.apply(tr, CASE_SPARSE)
+        res[f"case/{case.id}/single"] = case.forward(tr, cp_in)
+        tr = _enable(case.transformer(), ulysses_degree=WORLD)
+        res[f"case/{case.id}/cp_stock"] = case.forward(tr, cp_in)
+        (rt,) = dit_sparse.apply(tr, CASE_SPARSE)
+        res[f"case/{case.id}/cp"], res[f"case/{case.id}/calls"] = case.forward(tr, cp_in), dict(rt.calls)
+
+    # LTX, apply first, then enable_parallelism (the table entry above covers the recommended order)
     from test_ltx import ltx_transformer
     from test_ltx import transformer_inputs as ltx_inputs
 
-    res["ltx/single"] = ltx_transformer()(**ltx_inputs(encoder_attention_mask=None))[0]
     tr = ltx_transformer()
-    dit_sparse.apply(tr, LTX_SPARSE)
-    res["ltx/single_sparse"] = tr(**ltx_inputs(encoder_attention_mask=None))[0]
-    tr = _enable(ltx_transformer(), ulysses_degree=WORLD)
-    (rt,) = dit_sparse.apply(tr, LTX_SPARSE)
-    res["ltx/cp_sparse"], res["ltx/cp_calls"] = tr(**ltx_inputs(encoder_attention_mask=None))[0], dict(rt.calls)
-    tr = ltx_transformer()
-    dit_sparse.apply(tr, LTX_SPARSE)
+    dit_sparse.apply(tr, CASE_SPARSE)
     _enable(tr, ulysses_degree=WORLD)
     res["ltx/cp_apply_first"] = tr(**ltx_inputs(encoder_attention_mask=None))[0]
 
@@ -282,12 +288,28 @@ def test_apply_before_enable_parallelism_and_remove(cp_results):
         torch.testing.assert_close(res["cp_apply_first/removed"], res["single/stock"], **TOL)
 
 
-def test_ltx_under_cp_both_orders(cp_results):
+def test_ltx_apply_before_enable_parallelism(cp_results):
     for res in cp_results:
-        assert res["ltx/cp_calls"] == {"sparse": 2, "dense": 0}
-        torch.testing.assert_close(res["ltx/cp_sparse"], res["ltx/single_sparse"], **TOL)
-        torch.testing.assert_close(res["ltx/cp_apply_first"], res["ltx/single_sparse"], **TOL)
-        assert _max_diff(res["ltx/single_sparse"], res["ltx/single"]) > 1e-3
+        torch.testing.assert_close(res["ltx/cp_apply_first"], res["case/ltx/single"], **TOL)
+
+
+def _ulysses_ids():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "adapters"))
+    from test_contract import ULYSSES_CASES
+
+    return [c.id for c in ULYSSES_CASES]
+
+
+@pytest.mark.parametrize("case_id", _ulysses_ids())
+def test_adapter_table_entries_under_ulysses(cp_results, case_id):
+    """Every ``cp="ulysses"`` entry of the adapter table: the stock model really runs under Ulysses, and the sparse
+    config under Ulysses equals the sparse config in one process (and differs from stock)."""
+    for res in cp_results:
+        k = f"case/{case_id}/"
+        torch.testing.assert_close(res[k + "cp_stock"], res[k + "stock"], **TOL)
+        torch.testing.assert_close(res[k + "cp"], res[k + "single"], **TOL)
+        assert res[k + "calls"]["sparse"] > 0 and res[k + "calls"]["dense"] == 0
+        assert _max_diff(res[k + "single"], res[k + "stock"]) > 1e-3
 
 
 def test_consistency_checks(cp_results):

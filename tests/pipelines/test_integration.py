@@ -20,7 +20,7 @@ def test_presets_listed_and_valid():
     assert {p.family for p in presets} == set(FAMILY_TRANSFORMERS)
     for p in presets:
         assert isinstance(p.config, SparseAttentionConfig) and p.description
-    assert [p.name for p in dit_sparse.list_presets("flux")] == [n for n in PRESETS if n.startswith("flux")]
+    assert [p.name for p in dit_sparse.list_presets("flux")] == [n for n in PRESETS if n.startswith("flux:")]
     with pytest.raises(ValueError, match="Available presets"):
         dit_sparse.get_preset("wan:magic-99")
 
@@ -52,9 +52,19 @@ def test_load_pipeline_needs_a_model():
         dit_sparse.load_pipeline()
 
 
-def test_unsupported_model_lists_supported_classes():
-    with pytest.raises(ValueError, match="Supported transformers: .*WanTransformer3DModel"):
+def test_unsupported_model_lists_supported_classes_and_points_to_the_recipe():
+    from pathlib import Path
+
+    from dit_sparse.adapters.base import ADAPTER_MODULES
+
+    with pytest.raises(ValueError, match="no adapter for Linear") as e:
         dit_sparse.apply(torch.nn.Linear(2, 2), SPARSE)
+    msg = str(e.value)
+    assert all(name in msg for name in ADAPTER_MODULES)  # every supported transformer is named
+    assert "'Adding a model' of ARCHITECTURE.md" in msg
+    # the section it points to exists
+    arch = (Path(__file__).resolve().parents[2] / "ARCHITECTURE.md").read_text()
+    assert "\n## Adding a model\n" in arch
     with pytest.raises(ValueError, match="pipeline with a .transformer"):
         dit_sparse.apply(object(), SPARSE)
 
