@@ -1,1 +1,4 @@
-"""Gradio demo of dit_sparse: dense vs sparse side by side, with a picture of what was skipped."""
+"""``python -m app`` from the repository root: the demo now lives in :mod:`dit_sparse.app` (packaged, so
+``dit-sparse demo`` works from any folder); this shim keeps the old command working."""
+
+from dit_sparse.app import *  # noqa: F401,F403

@@ -1,12 +1,6 @@
-"""``python -m app``: launch the demo on http://127.0.0.1:7860 (``--port``, ``--host``)."""
+"""``python -m app`` (repository root): same as ``python -m dit_sparse.app`` and ``dit-sparse demo``."""
 
-import argparse
-
-from app.ui import launch
+from dit_sparse.app.__main__ import main
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    ap.add_argument("--port", type=int, default=7860)
-    ap.add_argument("--host", default="127.0.0.1")
-    args = ap.parse_args()
-    launch(host=args.host, port=args.port, block=True)
+    main()

@@ -6,24 +6,24 @@ each query block reads, plus an output correction) and one op, :func:`block_spar
 
 from __future__ import annotations
 
-from .backends import use_backend
-from .layout import TokenLayout, pick_tile
-from .methods import (
-    DensePolicy,
-    DraftAttentionConfig,
-    NeighborhoodConfig,
-    PooledRectificationConfig,
-    SparseAttention,
-    SparseAttentionConfig,
-    TemporalReuseConfig,
-)
-from .ops import block_sparse_attention, dense_attention_lse
-from .plan import SparsePlan
-
 __version__ = "0.1.0"
 
-# diffusers-facing names load lazily: `import dit_sparse` stays light (no diffusers models, no pipelines)
+# every public name loads lazily (PEP 562): `import dit_sparse` imports neither torch nor diffusers, so the
+# `dit-sparse` console script answers --help at once; the first use of a name imports its module
 _LAZY = {
+    "use_backend": "dit_sparse.backends",
+    "TokenLayout": "dit_sparse.layout",
+    "pick_tile": "dit_sparse.layout",
+    "DensePolicy": "dit_sparse.methods",
+    "DraftAttentionConfig": "dit_sparse.methods",
+    "NeighborhoodConfig": "dit_sparse.methods",
+    "PooledRectificationConfig": "dit_sparse.methods",
+    "SparseAttention": "dit_sparse.methods",
+    "SparseAttentionConfig": "dit_sparse.methods",
+    "TemporalReuseConfig": "dit_sparse.methods",
+    "block_sparse_attention": "dit_sparse.ops",
+    "dense_attention_lse": "dit_sparse.ops",
+    "SparsePlan": "dit_sparse.plan",
     "apply": "dit_sparse.integration",
     "remove": "dit_sparse.integration",
     "is_applied": "dit_sparse.integration",
@@ -42,20 +42,8 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dit_sparse' has no attribute {name!r}")
 
-__all__ = [
-    "DensePolicy",
-    "DraftAttentionConfig",
-    "NeighborhoodConfig",
-    "PooledRectificationConfig",
-    "SparseAttention",
-    "SparseAttentionConfig",
-    "TemporalReuseConfig",
-    "SparsePlan",
-    "TokenLayout",
-    "block_sparse_attention",
-    "dense_attention_lse",
-    "pick_tile",
-    "use_backend",
-    "__version__",
-    *_LAZY,
-]
+__all__ = ["__version__", *_LAZY]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

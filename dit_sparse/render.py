@@ -9,95 +9,23 @@ failing job is recorded in ``run_summary.json`` with its error; the others conti
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 import os
 import platform
-import re
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .jobs import Job, ModelRules, load_jobs
+
 __all__ = ["Job", "load_jobs", "Renderer", "write_atomic", "side_by_side", "library_versions", "render_jobs",
            "render_job", "is_rendered", "media_suffix", "model_default_preset"]
 
 DEFAULT_MODEL = "embedded"
-
-
-@dataclass
-class Job:
-    """One render. ``None`` fields take the model's defaults."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int = 0
-    steps: int | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance_scale: float | None = None
-    preset: str | None = None
-    name: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError(f"job prompt must be a non-empty string, got {self.prompt!r}")
-        if self.name is None:
-            slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:60] or "job"
-            self.name = f"{slug}-s{self.seed}" + (f"-{self.preset.replace(':', '_')}" if self.preset else "")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
-            raise ValueError(f"job name {self.name!r} may only use letters, digits, '.', '_' and '-'")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Job:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        aliases = {"output": "name", "output_name": "name", "num_frames": "frames", "num_inference_steps": "steps",
-                   "size": None}
-        kwargs, extra = {}, {}
-        for k, v in d.items():
-            if k == "size" and v is not None:  # "WxH" or [W, H]
-                w, h = (v.lower().split("x") if isinstance(v, str) else v)
-                kwargs["width"], kwargs["height"] = int(w), int(h)
-            elif k in known:
-                kwargs[k] = v
-            elif aliases.get(k):
-                kwargs[aliases[k]] = v
-            else:
-                extra[k] = v
-        return cls(**kwargs, extra=extra)
-
-
-def load_jobs(path: str | Path) -> list[Job]:
-    """Jobs from a JSONL file (one object per line) or a YAML file (a list, or ``{jobs: [...]}``)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-        items = data.get("jobs", data) if isinstance(data, dict) else data
-    else:
-        items = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); a job file has one JSON object "
-                                     "per line") from None
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path} holds no jobs; expected a list of objects with at least a 'prompt'")
-    jobs = [Job.from_dict(d) for d in items]
-    names = [j.name for j in jobs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"{path}: jobs share output names {dupes}; give them distinct 'name' fields")
-    return jobs
 
 
 def write_atomic(path: Path, write) -> None:
@@ -170,22 +98,47 @@ def media_suffix(model: str) -> str | None:
     return ".mp4" if _is_video(str(index.get("_class_name", "")), vae_class) else ".png"
 
 
-def model_default_preset(renderer: Renderer) -> str:
-    """The preset used when none is requested: the tiny model's tuned one, else the first preset of the loaded
-    transformer's family. Raises ``LookupError`` when the family has none."""
+def model_default_preset(renderer: Renderer, *, with_reason: bool = False):
+    """The preset used when none is requested: the embedded model's tuned one, else one chosen from the loaded
+    transformer's family and size class (:func:`~dit_sparse.pipelines.presets.default_preset_for`; never a toy
+    preset for a real model). ``with_reason`` returns ``(name, why)``. Raises ``LookupError`` when the family
+    has none."""
+    from .pipelines.presets import TINY_DEFAULT_PRESET, default_preset_for
+
     if renderer.model == DEFAULT_MODEL:
-        from .pipelines.presets import TINY_DEFAULT_PRESET
+        name, why = TINY_DEFAULT_PRESET, "the embedded model's default preset"
+    else:
+        r = renderer.rules
+        name, why = default_preset_for(r.family, r.size_class, experts=r.experts, params=r.params,
+                                       what=r.describe())
+    return (name, why) if with_reason else name
 
-        return TINY_DEFAULT_PRESET
-    from .integration import transformers_of
-    from .pipelines.presets import FAMILY_TRANSFORMERS, list_presets
 
-    cls = type(transformers_of(renderer.pipe)[0][1]).__name__
-    family = next((f for f, c in FAMILY_TRANSFORMERS.items() if c == cls), None)
-    options = list_presets(family) if family else []
-    if not options:
-        raise LookupError(f"no preset for {cls}; pass --preset (see `dit-sparse presets`) or --preset none")
-    return options[0].name
+def rules_of_pipeline(pipe, defaults: dict | None = None) -> ModelRules:
+    """:class:`~dit_sparse.jobs.ModelRules` of a loaded pipeline (its components' configs)."""
+    tr = getattr(pipe, "transformer", None)
+    tr2 = getattr(pipe, "transformer_2", None)
+    vae = getattr(pipe, "vae", None)
+    tcfg = dict(tr.config) if tr is not None else {}
+    vcfg = {**dict(vae.config), "_class_name": type(vae).__name__} if vae is not None else {}
+    return ModelRules.from_configs(type(pipe).__name__, type(tr).__name__ if tr is not None else None, tcfg, vcfg,
+                                   experts=2 if tr2 is not None else 1,
+                                   defaults=defaults if defaults is not None else call_defaults(type(pipe)))
+
+
+def call_defaults(pipeline_cls) -> dict:
+    """The pipeline's own ``__call__`` defaults for steps, frames, size and guidance (None where it has none)."""
+    try:
+        params = inspect.signature(pipeline_cls.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for key, name in (("steps", "num_inference_steps"), ("frames", "num_frames"), ("height", "height"),
+                      ("width", "width"), ("guidance_scale", "guidance_scale")):
+        p = params.get(name)
+        if p is not None and isinstance(p.default, (int, float)) and not isinstance(p.default, bool):
+            out[key] = p.default
+    return out
 
 
 class Renderer:
@@ -204,10 +157,13 @@ class Renderer:
         self._apply, self._remove, self._runtime, self._transformers = apply, remove, get_runtime, transformers_of
         self.model = model
         self.device = device
-        if model == DEFAULT_MODEL:
+        self.dtype = dtype
+        from .jobs import is_embedded_folder
+
+        if model == DEFAULT_MODEL or is_embedded_folder(model):  # its own folder given as --model: same defaults
             from .tiny_model import DEFAULT_CALL, DEFAULT_NEGATIVE_PROMPT, build_pipeline
 
-            self.pipe = build_pipeline()
+            self.pipe = build_pipeline(torch_dtype=dtype)  # --dtype is honoured on the embedded model too
             c = DEFAULT_CALL
             self.defaults = {"steps": c["num_inference_steps"], "frames": c["num_frames"], "height": c["height"],
                              "width": c["width"], "guidance_scale": c["guidance_scale"],
@@ -217,11 +173,13 @@ class Renderer:
             from .pipelines import load_pipeline
 
             self.pipe = load_pipeline(model, torch_dtype=dtype)
-            self.defaults = {}
+            self.defaults = call_defaults(type(self.pipe))
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.is_video = _is_video(type(self.pipe).__name__,
                                   type(self.pipe.vae).__name__ if hasattr(self.pipe, "vae") else None)
+        self.rules = rules_of_pipeline(self.pipe, {k: v for k, v in self.defaults.items()
+                                                  if k in ("steps", "frames", "height", "width", "guidance_scale")})
 
     @property
     def suffix(self) -> str:
@@ -229,14 +187,14 @@ class Renderer:
 
     def _call_kwargs(self, job: Job) -> dict:
         d = self.defaults
-        kw = {"prompt": job.prompt, "num_inference_steps": job.steps or d.get("steps", 20),
+        kw = {"prompt": job.prompt, "num_inference_steps": job.steps if job.steps is not None else d.get("steps", 20),
               "generator": torch.Generator("cpu").manual_seed(job.seed), "output_type": "np"}
         for key, attr in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale")):
             val = getattr(job, attr) if getattr(job, attr) is not None else d.get(attr)
             if val is not None:
                 kw[key] = val
         if self.is_video:
-            frames = job.frames or d.get("frames")
+            frames = job.frames if job.frames is not None else d.get("frames")
             if frames is not None:
                 kw["num_frames"] = frames
         neg = job.negative_prompt if job.negative_prompt is not None else d.get("negative_prompt")
@@ -261,8 +219,10 @@ class Renderer:
         """Run one job with ``preset`` (a preset name or a ``SparseAttentionConfig``; None = stock attention).
 
         Returns ``(frames, seconds, summary, call_kwargs)``; ``summary`` has the measured density and attention
-        call counts (None for stock attention).
+        call counts (None for stock attention). The job is checked against the model's rules first
+        (:meth:`dit_sparse.jobs.ModelRules.check`): nothing is rounded or replaced silently.
         """
+        self.rules.check(job)
         if preset is not None:
             for rt in self._apply(self.pipe, preset):
                 rt.record_masks = record_masks
@@ -281,7 +241,7 @@ class Renderer:
                 runtimes = [self._runtime(tr) for _, tr in self._transformers(self.pipe)]
                 runs = [rt.last_run or rt.summary() for rt in runtimes if rt is not None]
                 dens = [r["density"] for r in runs if r.get("density") is not None]
-                summary = {"density": sum(dens) / len(dens) if dens else None,
+                summary = {"density": round(sum(dens) / len(dens), 4) if dens else None,
                            "attention_calls": {k: sum(r["calls"][k] for r in runs) for k in ("sparse", "dense")},
                            "layer_density": runs[0]["layer_density"] if runs else {}}
                 if record_masks:
@@ -292,14 +252,20 @@ class Renderer:
         frames = out.frames[0] if hasattr(out, "frames") else np.asarray(out.images[0])[None]
         return np.asarray(frames), seconds, summary, kw
 
-    def sidecar(self, job: Job, preset, kw: dict, seconds: float, summary, wall: float) -> dict:
+    def sidecar(self, job: Job, preset, kw: dict, seconds: float, summary, wall: float, frames=None) -> dict:
+        """The JSON sidecar: what was rendered (frames, size and steps of the output, dtype, device, preset)."""
         from .pipelines.presets import PRESETS
 
         cfg = PRESETS[preset].config if isinstance(preset, str) and preset in PRESETS else preset
+        shape = None if frames is None else np.asarray(frames).shape  # [F, H, W, 3]
         return {
             "name": job.name, "prompt": job.prompt, "negative_prompt": kw.get("negative_prompt"), "seed": job.seed,
-            "steps": kw["num_inference_steps"], "frames": kw.get("num_frames"), "height": kw.get("height"),
-            "width": kw.get("width"), "guidance_scale": kw.get("guidance_scale"),
+            "steps": kw["num_inference_steps"],
+            "frames": (int(shape[0]) if shape is not None else kw.get("num_frames")) if self.is_video else None,
+            "height": int(shape[1]) if shape is not None else kw.get("height"),
+            "width": int(shape[2]) if shape is not None else kw.get("width"),
+            "guidance_scale": kw.get("guidance_scale"),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model, "pipeline": type(self.pipe).__name__,
             "preset": preset if isinstance(preset, str) or preset is None else "custom",
             "config": repr(cfg) if cfg is not None else None,
@@ -365,7 +331,7 @@ def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_pre
     try:
         frames, seconds, stats, kw = renderer.generate(job, preset)
         save_media(frames, media, fps=fps)
-        _write_json(side, renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0))
+        _write_json(side, renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0, frames))
         return {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
     except Exception as e:  # one bad job must not stop the batch; the error is recorded
         return {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
@@ -378,6 +344,8 @@ def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, def
 
     Finished jobs (sidecar present) are skipped; a failing job is recorded with its error and the run goes on.
     ``default_preset`` applies to jobs without their own ``preset`` (None: stock attention).
+    On ``KeyboardInterrupt`` (Ctrl-C) the summary is written with ``"interrupted": true`` and the names of the
+    jobs not finished under ``"pending"``, then the interrupt propagates.
     :func:`dit_sparse.distributed.render_jobs_ray` does the same over a Ray cluster.
     """
     from tqdm.auto import tqdm
@@ -386,26 +354,35 @@ def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, def
     results = []
     summary_path = out_dir / "run_summary.json"
     bar = tqdm(jobs, desc="jobs", unit="job", disable=not progress)
-    for job in bar:
-        bar.set_postfix_str(job.name[:40])
-        if is_rendered(job, out_dir, renderer.suffix):
-            results.append(skipped_entry(job, default_preset, renderer.suffix))
-            continue
-        results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
-        write_summary(summary_path, results, jobs)
+    try:
+        for job in bar:
+            bar.set_postfix_str(job.name[:40])
+            if is_rendered(job, out_dir, renderer.suffix):
+                results.append(skipped_entry(job, default_preset, renderer.suffix))
+                continue
+            results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
+            write_summary(summary_path, results, jobs)
+    except KeyboardInterrupt:
+        bar.close()
+        finished = {r["name"] for r in results}
+        write_summary(summary_path, results, jobs, pending=[j.name for j in jobs if j.name not in finished])
+        raise
     return write_summary(summary_path, results, jobs)
 
 
-def write_summary(path: Path, results: list[dict], jobs: list[Job]) -> dict:
-    """Write ``run_summary.json`` atomically; returns the summary."""
+def write_summary(path: Path, results: list[dict], jobs: list[Job], pending: list[str] | None = None) -> dict:
+    """Write ``run_summary.json`` atomically; returns the summary. ``pending`` (names of the jobs left when the
+    run was interrupted) marks the run ``"interrupted": true``."""
     summary = _summary(results, jobs)
+    if pending is not None:
+        summary.update(interrupted=True, pending=pending)
     _write_json(path, summary)
     return summary
 
 
 def _summary(results: list[dict], jobs: list[Job]) -> dict:
     count = {s: sum(r["status"].startswith(s) for r in results) for s in ("done", "skipped", "failed")}
-    return {"jobs": len(jobs), **count, "results": results}
+    return {"jobs": len(jobs), **count, "interrupted": False, "results": results}
 
 
 def compare(renderer: Renderer, job: Job, preset: str, out_dir: str | Path, *, fps: int = 8) -> dict:
@@ -421,10 +398,13 @@ def compare(renderer: Renderer, job: Job, preset: str, out_dir: str | Path, *, f
     save_media(side_by_side(dense, sparse), media, fps=fps)
     report = {"name": job.name, "prompt": job.prompt, "seed": job.seed, "preset": preset,
               "steps": kw["num_inference_steps"], "dense_s": round(t_dense, 3), "sparse_s": round(t_sparse, 3),
-              "speedup": t_dense / t_sparse, "measured_density": None if stats is None else stats["density"],
+              "speedup": round(t_dense / t_sparse, 3),
+              "measured_density": None if stats is None else stats["density"],
               **metrics, "lpips_note": None if metrics["lpips"] is not None else
               "LPIPS skipped: the lpips package or its weights are not available locally",
               "side_by_side": media.name, "layout": "left: dense, right: sparse", "model": renderer.model,
+              "frames": int(dense.shape[0]) if renderer.is_video else None, "height": int(dense.shape[1]),
+              "width": int(dense.shape[2]), "dtype": str(renderer.dtype).removeprefix("torch."),
               "device": renderer.device, "versions": library_versions()}
     _write_json(out_dir / f"{job.name}-compare.json", report)
     return report

@@ -30,7 +30,10 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
         **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (e.g. ``local_files_only``).
 
     Raises:
-        ValueError: unknown preset, no model given, or a preset for another model family than the one loaded.
+        ValueError: unknown preset, no model given, a preset for another model family than the one loaded, or a
+            folder that is not a diffusers pipeline (no ``model_index.json``).
+        FileNotFoundError: a path (``./x``, ``/x``, ``~/x``, or anything that is not ``owner/name``) that does
+            not exist.
     """
     from diffusers import DiffusionPipeline
 
@@ -43,15 +46,35 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
             raise ValueError("load_pipeline needs a model id or path, or a preset (which names its model).")
         model_id_or_path = preset.model_id
     if torch_dtype is not None:
-        from_pretrained_kwargs["torch_dtype"] = torch_dtype
+        from_pretrained_kwargs["dtype"] = torch_dtype  # diffusers 0.42 name (torch_dtype is deprecated there)
     if model_id_or_path == "embedded":  # the tiny model shipped in the package (from_pretrained on its folder)
         from ..tiny_model import ASSET_DIR
 
         model_id_or_path = str(ASSET_DIR)
         from_pretrained_kwargs.setdefault("local_files_only", True)
+    else:
+        _check_model_path(str(model_id_or_path))
     pipe = DiffusionPipeline.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
     if device is not None:
         pipe = pipe.to(device)
     if preset is not None:
         apply(pipe, preset.name)
     return pipe
+
+
+def _check_model_path(model: str) -> None:
+    """A local path must be a diffusers pipeline folder; anything else must look like a hub id (``owner/name``)."""
+    from pathlib import Path
+
+    from ..jobs import looks_like_hub_id
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"{model!r} is not a diffusers pipeline folder: it has no model_index.json; save one "
+                             "with pipe.save_pretrained(folder), or pass a hub id such as "
+                             "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'.")
+    elif folder.exists():
+        raise ValueError(f"{model!r} is a file; pass the diffusers pipeline folder that holds model_index.json.")
+    elif not looks_like_hub_id(model):
+        raise FileNotFoundError(f"{model!r}: no such folder, and not a hub id (owner/name); check the path.")

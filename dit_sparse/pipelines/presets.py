@@ -22,7 +22,7 @@ from ..methods import (
 )
 
 __all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "FAMILY_TRANSFORMERS", "TINY_PRESET_PREFIX",
-           "TINY_DEFAULT_PRESET"]
+           "TINY_DEFAULT_PRESET", "default_preset_for"]
 
 #: presets for the embedded tiny model (``dit_sparse.tiny_model``): 5 x 8 x 8 = 320 video tokens, so 16-token
 #: blocks (tile 1 x 4 x 4, 20 blocks) instead of 128
@@ -68,16 +68,20 @@ def _rectified(sparsity, **dense):
 
 
 _TINY = dict(tile=(1, 4, 4), block_size=16)
+# The tiny draft presets turn the first-frame sink off: at 20 blocks per row (4 per latent frame) the sink (4 blocks)
+# plus the diagonal (1) already exceed the 80% budget (4), so the draft map would select nothing and the "draft"
+# preset would be one static mask (tests/pipelines/test_default_preset.py checks that masks follow the prompt).
 
 _ALL = [
     # --- the embedded tiny model (model_id "embedded": shipped inside the package)
     Preset("tiny-wan:draft-rect-80", "wan", "embedded",
            "Embedded model: draft 80% + pooled rectification, first 20% steps dense (the CLI default)",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), rectification=PooledRectificationConfig(),
-                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
-    Preset("tiny-wan:draft-75", "wan", "embedded", "Embedded model: DraftAttention 75%, first 20% steps dense",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75), dense=DensePolicy(dense_fraction=0.2),
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
+                                 rectification=PooledRectificationConfig(), dense=DensePolicy(dense_fraction=0.2),
                                  **_TINY)),
+    Preset("tiny-wan:draft-75", "wan", "embedded", "Embedded model: DraftAttention 75%, first 20% steps dense",
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75, sink=False),
+                                 dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:rectified-80", "wan", "embedded",
            "Embedded model: Rectified SpaAttn 80% (own selection), first 20% steps dense",
            SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8),
@@ -87,7 +91,7 @@ _ALL = [
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     Preset("tiny-wan:retention", "wan", "embedded",
            "Embedded model: draft 80% reused across steps with Re-ttention (cache step every 4), 20% dense steps",
-           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8),
+           SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
                                  reuse=TemporalReuseConfig(refresh_period=4, retention=True),
                                  dense=DensePolicy(dense_fraction=0.2), **_TINY)),
     # --- Wan2.1 (DraftAttention code: 0.75, first 25-30% steps and block 0 dense; Rectified: blocks 0-1, 5 steps)
@@ -230,3 +234,36 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)} "
                          "(see dit_sparse.list_presets()).") from None
+
+
+def default_preset_for(family: str | None, size_class: str, *, experts: int = 1, params: float | None = None,
+                       what: str = "the model") -> tuple[str, str]:
+    """The preset for a model given without ``--preset``: ``(name, why)``, from its family and size class.
+
+    ``size_class`` is ``"toy"`` (< 50 M parameters), ``"small"`` (< 3 B), ``"large"`` or ``"unknown"``
+    (:attr:`dit_sparse.jobs.ModelRules.size_class`). The embedded model's 16-token-block presets go to toy-sized Wan
+    models only, never to a real one. Raises ``LookupError`` when the family has no preset.
+    """
+    size = f"{params / 1e9:.1f} B" if params and params >= 1e8 else f"{params / 1e6:.1f} M" if params else None
+    of = f" ({size} parameters)" if size and "parameters" not in what else ""
+    if family == "wan":
+        if size_class == "toy":
+            return TINY_DEFAULT_PRESET, f"{what} is a toy-sized Wan model{of}, like the embedded one"
+        if experts > 1:
+            return "wan2.2-t2v-a14b:rectified-85", f"{what} is a two-expert Wan2.2 model{of}"
+        if size_class == "large":
+            return "wan2.1-t2v-14b:rectified-75", f"{what} is a large Wan model{of} (the 14B class)"
+        return "wan2.1-t2v-1.3b:draft-80", f"{what} is a Wan model of the 1.3B class{of}"
+    if family == "cogvideox":
+        if size_class in ("toy", "small"):
+            return "cogvideox-2b:retention", f"{what} is a CogVideoX model of the 2B class{of}"
+        return "cogvideox:rectified-85", f"{what} is a CogVideoX model of the 5B class{of}"
+    by_family = {"hunyuanvideo": "hunyuanvideo:rectified-90-warmup", "ltx": "ltx:draft-75",
+                 "flux": "flux:neighborhood", "sd3": "sd3:draft-50"}
+    if family in by_family:
+        return by_family[family], f"{what} is a {family} model (the family's general-purpose preset)"
+    own = [p.name for p in _ALL if p.family == family and not p.name.startswith(TINY_PRESET_PREFIX)]
+    if own:
+        return own[0], f"{what} is a {family} model (the family's first preset)"
+    raise LookupError(f"no preset for {what} (family {family or 'unknown'}); pass --preset (see "
+                      "`dit-sparse presets`) or --preset none")

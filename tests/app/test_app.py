@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs the [app] extra: pip install 'dit_sparse[app]'")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds app/
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -27,7 +26,7 @@ def server(tmp_path_factory):
     import os
 
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    from app.ui import launch
+    from dit_sparse.app.ui import launch
 
     port = free_port()
     demo = launch(host="127.0.0.1", port=port)
@@ -61,6 +60,24 @@ def test_bad_input_shows_a_message_not_a_trace(server):
         client.predict("  ", "custom (methods below)", ["draft"], 0.75, 0, 3, 1, 0, api_name="/render")
 
 
+@pytest.mark.parametrize("layer, head, seed, expect", [
+    (-5, 0, 0, "Plan: layer must be a whole number between 0 and 3"),
+    (4, 0, 0, "Plan: layer must be"),
+    (1, -5, 0, "Plan: head must be a whole number between 0 and 3"),
+    (1, 0, 2**70, "Seed must be a whole number between 0 and 18446744073709551615"),
+])
+def test_inputs_checked_before_rendering(server, monkeypatch, layer, head, seed, expect):
+    from gradio_client import Client
+
+    import dit_sparse.app.ui as ui
+
+    monkeypatch.setattr(ui, "renderer", lambda: (_ for _ in ()).throw(AssertionError("rendered before checking")))
+    client = Client(server, verbose=False)
+    with pytest.raises(Exception, match=expect.replace("(", r"\(")):
+        client.predict("a red circle moving right", ui.CUSTOM, ["draft"], 0.75, seed, 3, layer, head,
+                       api_name="/render")
+
+
 def test_page_config_has_the_title(server):
     import json
     import urllib.request
@@ -84,3 +101,37 @@ def test_headless_screenshot_renders_the_page(server, tmp_path):
     img = np.asarray(Image.open(shot).convert("RGB")).astype(float)
     # a rendered page has text and widgets: many distinct colours and real contrast, not a blank or spinner
     assert img.std() > 10 and len(np.unique(img.reshape(-1, 3)[::97], axis=0)) > 50
+
+
+def test_dit_sparse_demo_command_answers_a_request(tmp_path):
+    """`dit-sparse demo` as a user types it, started from another folder, answers one request."""
+    import os
+    import time
+    import urllib.request
+
+    from gradio_client import Client
+
+    exe = Path(sys.executable).with_name("dit-sparse")
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([str(exe), "demo", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(url + "config", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "the demo did not start in 240 s"
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        dense, sparse, report, plan, density = client.predict(
+            "a blue square moving left", "tiny-wan:draft-rect-80", ["draft"], 0.75, 1, 2, 1, 0, api_name="/render")
+        assert "PSNR" in report and ("faster" in report or "slower" in report)
+        assert Path(plan).exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -47,6 +47,10 @@ def test_render_default_writes_video_and_sidecar(tmp_path):
         assert key in meta, key
     assert meta["model"] == "embedded" and meta["steps"] == 3 and meta["preset"].startswith("tiny-wan:")
     assert 0 < meta["measured_density"] < 1 and meta["attention_calls"]["sparse"] > 0
+    assert meta["measured_density"] == round(meta["measured_density"], 4)
+    # what was rendered, read back from the file: frames, size; and dtype, device
+    assert (meta["frames"], meta["height"], meta["width"]) == (frames_of(video), 64, 64) == (17, 64, 64)
+    assert (meta["dtype"], meta["device"]) == ("float32", "cpu")
     assert {"torch", "diffusers", "dit_sparse"} <= set(meta["versions"])
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["done"] == 1 and summary["failed"] == 0
@@ -61,7 +65,9 @@ def test_bad_job_does_not_stop_the_batch(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(j) for j in [
         {"prompt": "a red circle moving right", "seed": 1, "name": "ok-1", "steps": 2},
-        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2, "preset": "no-such:preset"},
+        # passes every up-front check, fails inside the pipeline call
+        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2,
+         "pipeline_kwargs": {"bogus_kwarg": 1}},
         {"prompt": "a green triangle bouncing", "seed": 3, "name": "ok-2", "steps": 2, "preset": "none"},
     ]) + "\n")
     rc = main(["render", "--jobs", str(jobs), "--out", str(tmp_path / "out"), "--quiet"])
@@ -70,7 +76,7 @@ def test_bad_job_does_not_stop_the_batch(tmp_path):
     status = {r["name"]: r["status"] for r in summary["results"]}
     assert status == {"ok-1": "done", "bad": "failed", "ok-2": "done"}
     bad = next(r for r in summary["results"] if r["name"] == "bad")
-    assert "Unknown preset" in bad["error"]
+    assert "bogus_kwarg" in bad["error"]
     assert not (tmp_path / "out" / "bad.mp4").exists() and not (tmp_path / "out" / "bad.json").exists()
     assert json.loads((tmp_path / "out" / "ok-2.json").read_text())["preset"] is None  # stock attention
 
@@ -86,7 +92,7 @@ def test_yaml_jobs_and_errors(tmp_path):
     bad.write_text('{"prompt": "x"}\n{not json}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         load_jobs(bad)
-    assert main(["render", "--jobs", str(bad), "--out", str(tmp_path)]) == 2
+    assert main(["render", "--jobs", str(bad), "--out", str(tmp_path / "o")]) == 2
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
@@ -134,3 +140,57 @@ def test_compare_reports_speed_and_fidelity(tmp_path, capsys):
     assert report["psnr"] > 10 and 0 < report["ssim"] <= 1 and report["speedup"] > 0
     assert frames_of(tmp_path / "cmp-compare.mp4") > 1
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_dtype_is_honoured_on_the_embedded_model(tmp_path):
+    """--dtype bfloat16 changes the computation (not ignored) and the sidecar says so."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    for dtype in ("float32", "bfloat16"):
+        assert main(["render", "--out", str(tmp_path), "--steps", "2", "--quiet", "--dtype", dtype,
+                     "--name", dtype]) == 0
+        assert json.loads((tmp_path / f"{dtype}.json").read_text())["dtype"] == dtype
+    a, b = (iio.imread(tmp_path / f"{d}.mp4").astype(float) for d in ("float32", "bfloat16"))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 0.01
+
+
+def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 6}) for i, p in
+                              enumerate(["a red circle moving right", "a blue square moving left",
+                                         "a yellow circle moving down"])) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dit_sparse.cli", "render", "--jobs", str(jobs), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "job-0.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the first job never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while job-1 renders
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err
+    assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["interrupted"] is True and summary["done"] >= 1
+    assert "job-2" in summary["pending"] and "job-0" not in summary["pending"]
+    assert not [f for f in out.iterdir() if ".partial" in f.name]
+
+
+def test_compare_prints_faster_or_slower(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path), "--steps", "2", "--quiet", "--name", "c2"]) == 0
+    out = capsys.readouterr().out
+    assert ("x faster" in out) != ("x slower" in out)
+    report = json.loads((tmp_path / "c2-compare.json").read_text())
+    assert f"density {report['measured_density']:.2f}," in out
+
+
+def test_compare_with_a_model_folder_and_prompt(tmp_path, capsys):
+    """`compare --model <folder> --prompt ...` (the default prompt used to be looked up first and refused)."""
+    from dit_sparse.tiny_model import ASSET_DIR
+
+    assert main(["compare", "--model", str(ASSET_DIR), "--prompt", "a green circle moving up", "--steps", "2",
+                 "--quiet", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "a-green-circle-moving-up-s0-compare.json").read_text())
+    assert report["prompt"] == "a green circle moving up" and report["frames"] == 17

@@ -122,7 +122,9 @@ def test_bad_job_fails_alone_and_sets_the_exit_code(local_ray, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(j) for j in [
         {"prompt": "a red circle moving right", "seed": 1, "name": "ok-1", "steps": 2},
-        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2, "preset": "no-such:preset"},
+        # passes every up-front check, fails inside the pipeline call
+        {"prompt": "a blue square moving left", "seed": 2, "name": "bad", "steps": 2,
+         "pipeline_kwargs": {"bogus_kwarg": 1}},
         {"prompt": "a green triangle bouncing", "seed": 3, "name": "ok-2", "steps": 2, "preset": "none"},
     ]) + "\n")
     out = tmp_path / "out"
@@ -130,7 +132,7 @@ def test_bad_job_fails_alone_and_sets_the_exit_code(local_ray, tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert {r["name"]: r["status"] for r in summary["results"]} == {"ok-1": "done", "bad": "failed", "ok-2": "done"}
     bad = next(r for r in summary["results"] if r["name"] == "bad")
-    assert "Unknown preset" in bad["error"] and "attempts" not in bad  # raised in the job: recorded, not retried
+    assert "bogus_kwarg" in bad["error"] and "attempts" not in bad  # raised in the job: recorded, not retried
     assert not (out / "bad.mp4").exists() and not (out / "bad.json").exists()
     assert frames_of(out / "ok-1.mp4") > 1 and json.loads((out / "ok-2.json").read_text())["preset"] is None
 
@@ -170,8 +172,8 @@ def test_killed_actor_loses_no_job_and_renders_none_twice(local_ray, tmp_path):
 
 def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(SystemExit) as e:
-        main(["render", "--out", str(tmp_path), "--ray", "--quiet"])
-    assert "pip install 'dit_sparse[ray]'" in str(e.value)
-    with pytest.raises(SystemExit, match="--ray-actors needs --ray"):
-        main(["render", "--out", str(tmp_path), "--ray-actors", "2"])
+    assert main(["render", "--out", str(tmp_path), "--ray", "--quiet"]) == 2  # set-up error: one line, exit 2
+    err = capsys.readouterr().err
+    assert "pip install 'dit_sparse[ray]'" in err and err.strip().count("\n") == 0
+    assert main(["render", "--out", str(tmp_path), "--ray-actors", "2"]) == 2
+    assert "--ray-actors needs --ray" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The Gradio UI: prompt, preset or custom methods, sparsity, seed, steps -> dense and sparse renders side by side,
 timings and fidelity, and pictures of the sparse plan (block mask of one layer and head, density per layer).
 
-Only UI code lives here; rendering is ``dit_sparse.render.Renderer`` on the embedded tiny model.
+Only UI code lives here; rendering is ``dit_sparse.render.Renderer`` on the embedded tiny model. Inputs (prompt,
+preset, seed, steps, layer and head of the plan picture) are checked before anything renders.
 """
 
 from __future__ import annotations
@@ -69,13 +70,15 @@ def plan_picture(masks: dict, layer: int, head: int):
 
     if not masks:
         raise ValueError("This run recorded no sparse plan (every call was dense: warm-up steps or dense layers).")
-    layers = sorted(masks)
-    layer = layer if layer in masks else layers[min(max(layer, 0), len(layers) - 1)]
+    if layer not in masks:
+        raise ValueError(f"Layer {layer} ran dense in this run (no sparse plan); pick one of {sorted(masks)}.")
     m = masks[layer][0]
-    m = m[min(head, m.shape[0] - 1)].float().numpy()
+    if not 0 <= head < m.shape[0]:
+        raise ValueError(f"Head {head} does not exist; pick 0 .. {m.shape[0] - 1}.")
+    m = m[head].float().numpy()
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=100)
     ax.imshow(m, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(f"layer {layer}, head {min(head, masks[layer].shape[1] - 1)}: {m.mean():.0%} of blocks read")
+    ax.set_title(f"layer {layer}, head {head}: {m.mean():.0%} of blocks read")
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
     fig.tight_layout()
@@ -110,22 +113,49 @@ def _to_array(fig):
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
+def _whole(value, what: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``, else a message that says the range (checked before rendering)."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a whole number between {lo} and {hi}, got {value!r}.") from None
+    if not as_float.is_integer() or not lo <= as_float <= hi:
+        raise ValueError(f"{what} must be a whole number between {lo} and {hi}, got {value!r}.")
+    return value if isinstance(value, int) and not isinstance(value, bool) else int(as_float)
+
+
+def check_inputs(prompt, preset, seed, steps, layer, head) -> tuple[int, int, int, int]:
+    """Every input checked before anything renders: ``(seed, steps, layer, head)``."""
+    from dit_sparse.jobs import SEED_MAX
+    from dit_sparse.tiny_model import TRANSFORMER_CONFIG
+
+    if not prompt or not str(prompt).strip():
+        raise ValueError("Type a prompt, e.g. 'a red circle moving right'.")
+    if preset not in preset_choices():
+        raise ValueError(f"Unknown preset {preset!r}; pick one from the list.")
+    seed = _whole(seed, "Seed", 0, SEED_MAX)
+    steps = _whole(steps, "Steps", 1, 50)
+    layer = _whole(layer, "Plan: layer", 0, TRANSFORMER_CONFIG["num_layers"] - 1)
+    head = _whole(head, "Plan: head", 0, TRANSFORMER_CONFIG["num_attention_heads"] - 1)
+    return seed, steps, layer, head
+
+
 def run(prompt: str, preset: str, methods: list[str], sparsity: float, seed: int, steps: int, layer: int,
         head: int):
     """Dense and sparse renders plus the report; every problem becomes a readable message."""
     import gradio as gr
 
+    from dit_sparse.cli import speed_words
     from dit_sparse.eval import compare_frames
 
     try:
-        if not prompt or not prompt.strip():
-            raise ValueError("Type a prompt, e.g. 'a red circle moving right'.")
-        steps = int(steps)
-        if not 1 <= steps <= 50:
-            raise ValueError(f"Steps must be between 1 and 50, got {steps}.")
+        seed, steps, layer, head = check_inputs(prompt, preset, seed, steps, layer, head)
         config = custom_config(methods, float(sparsity)) if preset == CUSTOM else preset
+        cfg = config if preset == CUSTOM else dit_sparse.get_preset(preset).config
+        if layer in cfg.dense.dense_layers:
+            raise ValueError(f"Layer {layer} always runs dense under {preset}; pick another layer.")
         r = renderer()
-        job = Job(prompt=prompt.strip(), seed=int(seed), steps=steps)
+        job = Job(prompt=prompt.strip(), seed=seed, steps=steps)
         with _lock:
             dense, t_dense, _, _ = r.generate(job, None)
             sparse, t_sparse, stats, _ = r.generate(job, config, record_masks=True)
@@ -136,11 +166,12 @@ def run(prompt: str, preset: str, methods: list[str], sparsity: float, seed: int
             save_media(frames, path)
             paths.append(str(path))
         m = compare_frames(sparse, dense)
-        report = (f"**dense** {t_dense:.2f} s · **sparse** {t_sparse:.2f} s · **speedup {t_dense / t_sparse:.2f}x** "
-                  f"(CPU, tiny model: attention is a small share here)  \n"
+        report = (f"**dense** {t_dense:.2f} s · **sparse** {t_sparse:.2f} s · **sparse is "
+                  f"{speed_words(t_dense / t_sparse)}** (speedup {t_dense / t_sparse:.2f}; CPU, tiny model: "
+                  f"attention is a small share here)  \n"
                   f"measured density **{stats['density']:.2f}** · PSNR **{m['psnr']:.2f} dB** · "
                   f"SSIM **{m['ssim']:.4f}** · attention calls {stats['attention_calls']}")
-        return (paths[0], paths[1], report, plan_picture(stats.get("masks", {}), int(layer), int(head)),
+        return (paths[0], paths[1], report, plan_picture(stats.get("masks", {}), layer, head),
                 density_picture(stats["layer_density"]))
     except (ValueError, NotImplementedError) as e:
         raise gr.Error(str(e)) from None
