@@ -98,12 +98,17 @@ def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, schedul
 
         procs = dit_sparse.sparse_processors(pipe.transformer, "wan2.1-t2v-1.3b:draft-80")
         pipe.transformer.set_attn_processor(procs)
+
+    The transformer counts as applied (:func:`is_applied`) only once these processors are installed. Processors
+    that are never installed leave a pending runtime and hook, which the next ``sparse_processors``, ``apply``
+    or ``remove`` clears.
     """
     if is_applied(transformer):
         raise ValueError(f"dit_sparse is already applied to this {type(transformer).__name__} with "
                          f"{getattr(transformer, _ATTR).config!r}; call dit_sparse.remove(...) first.")
     adapter = get_adapter(transformer)
     config = _resolve_config(config_or_preset, transformer)
+    _clear_pending(transformer)
     runtime = SparseRuntime(config, adapter)
     original = dict(attn_processors(transformer))
     # layer index = position in module registration order, which is forward order in diffusers transformers
@@ -160,9 +165,11 @@ def apply(pipe_or_transformer, config_or_preset, *, scheduler=None) -> list[Spar
 
 
 def remove(pipe_or_transformer) -> None:
-    """Restore the original processors (the very same objects) and remove the hook. No-op if not applied."""
+    """Restore the original processors (the very same objects) and remove the hook. No-op if not applied (a
+    pending :func:`sparse_processors` call whose processors were never installed is cleared)."""
     for _, tr in transformers_of(pipe_or_transformer):
-        if not is_applied(tr):
+        if not _installed(tr):
+            _clear_pending(tr)
             continue
         carry_parallel_config(attn_processors(tr), getattr(tr, _ORIGINAL))  # enable_parallelism after apply
         set_attn_processors(tr, getattr(tr, _ORIGINAL))
@@ -171,8 +178,26 @@ def remove(pipe_or_transformer) -> None:
         delattr(tr, _ORIGINAL)
 
 
+def _installed(tr: torch.nn.Module) -> bool:
+    """True when ``tr`` runs processors of its own dit_sparse runtime (not merely prepared by
+    :func:`sparse_processors`)."""
+    runtime = getattr(tr, _ATTR, None)
+    if runtime is None:
+        return False
+    return any(getattr(p, "runtime", None) is runtime for p in attn_processors(tr).values())
+
+
+def _clear_pending(tr: torch.nn.Module) -> None:
+    """Drop the runtime and hook of a :func:`sparse_processors` call whose processors were never installed."""
+    if hasattr(tr, _ATTR) and not _installed(tr):
+        remove_context_hook(tr)
+        delattr(tr, _ATTR)
+        delattr(tr, _ORIGINAL)
+
+
 def is_applied(pipe_or_transformer) -> bool:
-    return any(hasattr(tr, _ATTR) for _, tr in transformers_of(pipe_or_transformer))
+    """True when dit_sparse processors are installed on the transformer (or any transformer of the pipeline)."""
+    return any(_installed(tr) for _, tr in transformers_of(pipe_or_transformer))
 
 
 def get_runtime(transformer: torch.nn.Module) -> SparseRuntime | None:

@@ -27,12 +27,13 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass, field
 
 import torch
+
+from ._cache import tensor_cache
 
 __all__ = ["TokenLayout", "pick_tile"]
 
@@ -48,9 +49,10 @@ def _cdiv(a: int, b: int) -> int:
 PACKINGS = ("packed", "tiled")
 
 
-def _check_packing(packing) -> None:
-    if packing not in PACKINGS:
-        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}.")
+def _check_packing(packing, owner: str = "pick_tile") -> None:
+    if not isinstance(packing, str) or packing not in PACKINGS:
+        raise ValueError(f"{owner}.packing: got {packing!r}, expected one of {PACKINGS}; fix: packing='packed' "
+                         "(default) or 'tiled'.")
 
 
 def pick_tile(frames: int, height: int, width: int, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -113,21 +115,28 @@ class TokenLayout:
     packing: str = "packed"
 
     def __post_init__(self) -> None:
-        _check_packing(self.packing)
+        _check_packing(self.packing, "TokenLayout")
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TokenLayout.{name} must be a positive int (patch tokens), got {v!r}.")
-        if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
+        if not isinstance(self.text_tokens, int) or isinstance(self.text_tokens, bool) or self.text_tokens < 0:
             raise ValueError(f"TokenLayout.text_tokens must be an int >= 0, got {self.text_tokens!r}.")
         if self.text_position not in ("before", "after"):
             raise ValueError(f"TokenLayout.text_position must be 'before' or 'after', got {self.text_position!r}.")
         if self.tile is None:
+            bs = self.block_size
+            if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1 or bs & (bs - 1):
+                raise ValueError(f"TokenLayout.block_size: got {bs!r}, expected a power of two (tokens per block) "
+                                 "when the tile is picked; fix: e.g. block_size=128, or give tile=(tT, tH, tW).")
             object.__setattr__(self, "tile", pick_tile(self.frames, self.height, self.width,
                                                          self.block_size, self.packing))
-        tile = tuple(int(t) for t in self.tile)
-        if len(tile) != 3 or min(tile) < 1:
-            raise ValueError(f"TokenLayout.tile must be three positive ints (tT, tH, tW), got {self.tile!r}.")
+        t = self.tile
+        if not (isinstance(t, (tuple, list)) and len(t) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)):
+            raise ValueError(f"TokenLayout.tile must be three positive ints (tT, tH, tW), got {t!r}; fix: e.g. "
+                             "tile=(1, 8, 16), or tile=None to pick one.")
+        tile = tuple(t)
         object.__setattr__(self, "tile", tile)
         object.__setattr__(self, "block_size", tile[0] * tile[1] * tile[2])
 
@@ -148,7 +157,8 @@ class TokenLayout:
     @property
     def num_complete_tiles(self) -> int:
         """Tiles with no padding slot (every tile of a tile-multiple grid)."""
-        return math.prod(g // t for g, t in zip(self.grid, self.tile))
+        (f, h, w), (a, b, c) = self.grid, self.tile
+        return (f // a) * (h // b) * (w // c)  # plain arithmetic: torch.compile traces it (not math.prod(genexpr))
 
     @property
     def num_packed_blocks(self) -> int:
@@ -158,7 +168,8 @@ class TokenLayout:
     @property
     def num_video_blocks(self) -> int:
         if self.packing == "tiled":
-            return math.prod(self.tiles_per_axis)
+            nt, nh, nw = self.tiles_per_axis
+            return nt * nh * nw
         rest = self.num_video_tokens - self.num_complete_tiles * self.block_size
         return self.num_complete_tiles + _cdiv(rest, self.block_size)
 
@@ -279,7 +290,7 @@ def _edge_order(a, b, c, partial, grid, tile) -> torch.Tensor:
     return torch.argsort(a * (2 * nh * nw + 2) + pos, stable=True)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _build_indices(grid, tile, text_tokens, text_position, packing, device) -> _LayoutIndices:
     (T, Hg, Wg), (tt, th, tw) = grid, tile
     bs = tt * th * tw

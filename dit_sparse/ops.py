@@ -64,7 +64,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``out = out_scale * softmax(query @ key.T * scale, restricted to the plan) @ value + out_bias``
 
     Args:
-        query (`torch.Tensor`): ``[B, S_q, H, D]`` (diffusers processor layout; any strides, last dim contiguous).
+        query (`torch.Tensor`): ``[B, S_q, H, D]`` (diffusers processor layout; any strides: the Triton backend
+            copies an input whose last dim is not unit-stride).
         key (`torch.Tensor`): ``[B, S_k, H, D]``.
         value (`torch.Tensor`): ``[B, S_k, H, D]``.
         plan (`SparsePlan`): built for ``seq_q = S_q`` and ``seq_k = S_k``; batch/head dims 1 or B/H.
@@ -81,6 +82,11 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         ``out [B, S_q, H, D]`` in the input dtype, or ``(out, lse)``.
 
     Rows that read no key return exactly ``out_bias`` (zero without one) and ``lse = -inf``, never NaN.
+
+    Checks: shapes, dtypes, devices and the plan's table widths on every call (no device sync); the plan's
+    values (:meth:`SparsePlan.validate`) only with ``DIT_SPARSE_CHECKS=1``. Without them a malformed plan is read
+    by the rule of :mod:`dit_sparse.plan` (clamped counts, out-of-range and repeated indices skipped) on every
+    backend, never out of bounds.
 
     Example::
 

@@ -5,9 +5,10 @@ A plan is the one currency between the four methods and the attention op, in the
 
 * the sequence of queries is cut into query blocks of ``block_q`` tokens and the keys into key blocks of
   ``block_k`` tokens (the last block of each may be partial: ``seq_q`` / ``seq_k`` give the true lengths);
-* for every (batch, head, query block) the plan lists the key blocks to read as a compact CSR row:
+* for every (batch, head, query block) the plan lists the key blocks to read as a CSR row:
   ``kv_num_blocks[b, h, m]`` entries of ``kv_indices[b, h, m, :]``, sorted ascending (entries past the count
-  are padding and never read);
+  are padding and never read). The width of ``kv_indices`` is fixed (``Mk`` from :meth:`SparsePlan.from_dense`,
+  as in flex's ``BlockMask``), so building a plan never reads a count back to the host (no device sync);
 * ``kv_block_valid[n]`` (optional) says how many leading tokens of key block ``n`` are real; the rest are
   padding slots of a :class:`~dit_sparse.layout.TokenLayout` and are masked as keys;
 * an optional epilogue ``out = out_scale * attention_restricted_to_plan + out_bias``, where ``out_scale`` is
@@ -16,6 +17,12 @@ A plan is the one currency between the four methods and the attention op, in the
   (R, c) and Re-ttention (rho, residual).
 
 Batch and head dimensions of the CSR tables and of the epilogue may be 1 (broadcast), as in flex attention.
+
+Malformed rows (hand-built plans; :meth:`SparsePlan.validate` and ``DIT_SPARSE_CHECKS=1`` reject them) are read
+the same way by every backend, and never out of bounds: the count is clamped to ``[0, W]`` (``W`` the width of
+``kv_indices``), and an entry is read only when it lies in ``[0, Mk)`` and is larger than every entry read
+before it in its row. A duplicate is therefore read once, and an unsorted row reads its ascending run of
+maxima. Well-formed rows (sorted, unique, in range) read exactly their listed entries.
 
 Shapes: B batch, H heads, Mq = ceil(seq_q / block_q) query blocks, Mk = ceil(seq_k / block_k) key blocks.
 """
@@ -35,20 +42,42 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def read_entries(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
+    """Bool ``[B, H, Mq, W]``: which CSR entries a backend reads (the rule in the module docstring).
+
+    Entry ``w`` of a row is read iff ``w < kv_num_blocks``, ``0 <= kv_indices[w] < num_k_blocks`` and
+    ``kv_indices[w]`` exceeds every entry read before it. Element-wise and a ``cummax``: no device sync.
+    """
+    idx = kv_indices
+    live = torch.arange(idx.shape[-1], device=idx.device) < kv_num_blocks.unsqueeze(-1)
+    live = live & (idx >= 0) & (idx < num_k_blocks)
+    running = torch.where(live, idx, torch.full_like(idx, -1)).cummax(-1).values
+    before = torch.nn.functional.pad(running[..., :-1], (1, 0), value=-1)
+    return live & (idx > before)
+
+
 @dataclass(frozen=True, eq=False)
 class SparsePlan:
     """Block-sparse attention plan (CSR over key blocks, flex ``BlockMask`` field names, int32).
 
     Args:
         kv_num_blocks (`torch.Tensor`, int32 ``[B, H, Mq]``): key blocks read by each query block.
-        kv_indices (`torch.Tensor`, int32 ``[B, H, Mq, Mk]``): their indices, sorted ascending; entries past
-            ``kv_num_blocks`` are ignored.
+        kv_indices (`torch.Tensor`, int32 ``[B, H, Mq, W]``, ``1 <= W <= Mk``; ``W = Mk`` from :meth:`from_dense`):
+            their indices, sorted ascending; entries past ``kv_num_blocks`` are ignored (malformed rows: see the
+            module docstring).
         block_q (`int`), block_k (`int`): block sizes in tokens.
         seq_q (`int`), seq_k (`int`): true sequence lengths (the last block may be partial).
         kv_block_valid (`torch.Tensor`, int32 ``[Mk]``, *optional*): real tokens at the start of each key block;
             keys at offsets ``>= kv_block_valid[n]`` are masked. ``None`` means every key below ``seq_k`` is real.
         out_scale (`torch.Tensor`, float32 ``[B, H, seq_q]`` or ``[B, H, Mq]``, *optional*): epilogue row scale.
         out_bias (`torch.Tensor`, ``[B, seq_q, H, D]`` or ``[B, Mq, H, D]``, *optional*): epilogue additive term.
+        known_dense (`bool`, defaults to False): a promise that every query block reads every key block (set by
+            :meth:`dense`). Automatic dispatch sends such plans to dense kernels (SDPA) without reading the CSR
+            tables, which would be a device sync; :meth:`validate` checks the promise. :attr:`is_dense` reads the
+            tables (a sync) when the flag is not set.
+
+    Every check in ``__post_init__`` reads only shapes, dtypes and devices (no device sync); value checks are in
+    :meth:`validate` (``DIT_SPARSE_CHECKS=1`` runs it on every call).
 
     Build plans with :meth:`from_dense` or :meth:`dense` rather than by hand.
     """
@@ -62,6 +91,7 @@ class SparsePlan:
     kv_block_valid: torch.Tensor | None = None
     out_scale: torch.Tensor | None = None
     out_bias: torch.Tensor | None = None
+    known_dense: bool = False
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -81,8 +111,9 @@ class SparsePlan:
             raise ValueError(f"kv_num_blocks must be [B, H, Mq={mq}] (seq_q={self.seq_q}, block_q={self.block_q}), "
                              f"got shape {tuple(num.shape)}.")
         if idx.dim() != 4 or idx.shape[:3] != num.shape or idx.shape[-1] > mk or idx.shape[-1] < 1:
-            raise ValueError(f"kv_indices must be [B, H, Mq, n<= Mk={mk}] matching kv_num_blocks "
-                             f"{tuple(num.shape)}, got {tuple(idx.shape)}.")
+            raise ValueError(f"kv_indices must be [B, H, Mq, W] with 1 <= W <= Mk={mk} (seq_k={self.seq_k}, "
+                             f"block_k={self.block_k}) matching kv_num_blocks {tuple(num.shape)}, got "
+                             f"{tuple(idx.shape)}; build plans with SparsePlan.from_dense (W = Mk).")
         if idx.device != num.device:
             raise ValueError(f"kv_num_blocks is on {num.device} but kv_indices on {idx.device}; move both with .to().")
         if self.kv_block_valid is not None:
@@ -90,6 +121,14 @@ class SparsePlan:
             if kbv.dtype != torch.int32 or kbv.shape != (mk,) or kbv.device != num.device:
                 raise ValueError(f"kv_block_valid must be int32 [Mk={mk}] on {num.device}, got "
                                  f"{kbv.dtype} {tuple(kbv.shape)} on {kbv.device}.")
+        if not isinstance(self.known_dense, bool):
+            raise ValueError(f"SparsePlan.known_dense must be a bool, got {self.known_dense!r}.")
+        for name in ("out_scale", "out_bias"):
+            t = getattr(self, name)
+            if t is not None and (not torch.is_tensor(t) or not t.is_floating_point()):
+                got = t.dtype if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(f"SparsePlan.{name} must be a floating-point tensor, got {got}; convert with "
+                                 f".float().")
         if self.out_scale is not None:
             s = self.out_scale
             if s.dim() != 3 or s.shape[-1] not in (self.seq_q, mq) or s.device != num.device:
@@ -103,20 +142,30 @@ class SparsePlan:
                                  f"(per query block) on {num.device}, got {tuple(b.shape)} on {b.device}.")
 
     def validate(self) -> SparsePlan:
-        """Expensive content checks (counts in range, indices in range, sorted, unique). Returns ``self``."""
+        """Content checks that read the tables (device syncs): counts in ``[0, W]``, listed indices in ``[0, Mk)``,
+        rows strictly ascending (sorted, no duplicates), ``kv_block_valid`` in ``[0, block_k]``, ``known_dense``
+        true. Returns ``self``. ``DIT_SPARSE_CHECKS=1`` runs it on every call of the op."""
         num, idx, mk = self.kv_num_blocks, self.kv_indices, self.num_k_blocks
         if bool((num < 0).any()) or bool((num > idx.shape[-1]).any()):
-            raise ValueError(f"kv_num_blocks must lie in [0, {idx.shape[-1]}], got range "
-                             f"[{int(num.min())}, {int(num.max())}].")
+            raise ValueError(f"kv_num_blocks must lie in [0, {idx.shape[-1]}] (the width of kv_indices), got range "
+                             f"[{int(num.min())}, {int(num.max())}]; build the plan with SparsePlan.from_dense.")
         live = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
         vals = idx[live]
         if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= mk):
-            raise ValueError(f"kv_indices must lie in [0, Mk={mk}), got [{int(vals.min())}, {int(vals.max())}].")
+            raise ValueError(f"kv_indices must lie in [0, Mk={mk}), got [{int(vals.min())}, {int(vals.max())}]; "
+                             "build the plan with SparsePlan.from_dense.")
         if idx.shape[-1] > 1:
             both = live[..., 1:]
             if bool((idx[..., 1:] <= idx[..., :-1])[both].any()):
                 raise ValueError("kv_indices rows must be strictly ascending (sorted, no duplicates); "
                                  "build the plan with SparsePlan.from_dense.")
+        kbv = self.kv_block_valid
+        if kbv is not None and (bool((kbv < 0).any()) or bool((kbv > self.block_k).any())):
+            raise ValueError(f"kv_block_valid must lie in [0, block_k={self.block_k}], got range "
+                             f"[{int(kbv.min())}, {int(kbv.max())}]; take it from TokenLayout.block_valid().")
+        if self.known_dense and not bool(self.to_dense().all()):
+            raise ValueError("SparsePlan(known_dense=True) promises that every query block reads all "
+                             f"Mk={mk} key blocks, but some rows read fewer; drop known_dense.")
         return self
 
     # ------------------------------------------------------------------ constructors
@@ -142,10 +191,9 @@ class SparsePlan:
                              f"block_q={block_q}, block_k={block_k}: expected Mq={_cdiv(seq_q, block_q)}, "
                              f"Mk={_cdiv(seq_k, block_k)}.")
         num = mask.sum(-1, dtype=torch.int32)
-        # stable sort puts the True columns first, in ascending column order
-        order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-        width = max(int(num.max()) if num.numel() else 0, 1)
-        idx = order[..., :width].contiguous()
+        # stable sort puts the True columns first, in ascending column order; the width stays Mk (fixed, like
+        # flex's BlockMask): cutting it to the longest row would read that length back to the host (a sync)
+        idx = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
         return cls(num, idx, block_q, block_k, seq_q, seq_k, kv_block_valid)
 
     @classmethod
@@ -155,7 +203,7 @@ class SparsePlan:
         mq, mk = _cdiv(seq_q, block_q), _cdiv(seq_k, block_k)
         num = torch.full((1, 1, mq), mk, dtype=torch.int32, device=device)
         idx = torch.arange(mk, dtype=torch.int32, device=device).expand(1, 1, mq, mk).contiguous()
-        return cls(num, idx, block_q, block_k, seq_q, seq_k, kv_block_valid)
+        return cls(num, idx, block_q, block_k, seq_q, seq_k, kv_block_valid, known_dense=True)
 
     # ------------------------------------------------------------------ views
     @property
@@ -193,11 +241,11 @@ class SparsePlan:
     def to_dense(self) -> torch.Tensor:
         """The bool block mask ``[B, H, Mq, Mk]`` (debugging and tests)."""
         b, h, mq, mk = self.shape
-        idx = self.kv_indices.long()
-        live = torch.arange(idx.shape[-1], device=idx.device) < self.kv_num_blocks.unsqueeze(-1)
+        idx = self.kv_indices
+        read = read_entries(self.kv_num_blocks, idx, mk)
         out = torch.zeros(b, h, mq, mk + 1, dtype=torch.bool, device=idx.device)
-        # dead entries are routed to the spare column mk, then dropped
-        out.scatter_(-1, torch.where(live, idx, torch.full_like(idx, mk)), True)
+        # entries not read are routed to the spare column mk, then dropped
+        out.scatter_(-1, torch.where(read, idx, torch.full_like(idx, mk)).long(), True)
         return out[..., :mk]
 
     @functools.cached_property
@@ -226,8 +274,9 @@ class SparsePlan:
 
     @functools.cached_property
     def is_dense(self) -> bool:
-        """True when every query block reads every key block."""
-        return bool((self.kv_num_blocks == self.num_k_blocks).all())
+        """True when every query block reads every key block (reads the tables, a device sync, unless
+        ``known_dense``)."""
+        return self.known_dense or bool(self.to_dense().all())
 
     @functools.cached_property
     def keys_all_valid(self) -> bool:
@@ -301,10 +350,10 @@ class SparsePlan:
                 hi = h * 0 if bcast_h else h
                 return blocks[bi, hi, q_idx // bq, kv_idx // bk] & kmask[kv_idx]
 
-            # flex reads the number of key blocks from the width of kv_indices: pad it to Mk
-            idx = torch.nn.functional.pad(self.kv_indices, (0, mk - self.kv_indices.shape[-1]))
-            return BlockMask.from_kv_blocks(self.kv_num_blocks, idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
-                                            seq_lengths=(self.seq_q, seq_k))
+            # the CSR of the block mask actually read (well-formed, width Mk: flex reads Mk from the width)
+            norm = SparsePlan.from_dense(blocks, block_q=bq, block_k=bk, seq_q=self.seq_q, seq_k=seq_k)
+            return BlockMask.from_kv_blocks(norm.kv_num_blocks, norm.kv_indices, BLOCK_SIZE=(bq, bk),
+                                            mask_mod=mask_mod, seq_lengths=(self.seq_q, seq_k))
 
         def mask_mod(b, h, q_idx, kv_idx):
             return kmask[kv_idx]

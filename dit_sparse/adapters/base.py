@@ -127,7 +127,19 @@ class SparseRuntime:
         self.layer_errors: dict[int, list[float]] = {}
 
     def summary(self) -> dict:
-        """What ran since the last reset: attention calls (sparse / dense), steps seen, mean density per layer."""
+        """Attention calls (sparse / dense), steps seen, mean density (overall and per layer) of one generation.
+
+        Which one is in ``out["run"]``: ``"current"`` while a generation is running (calls since the last
+        reset), ``"last"`` between generations (a pipeline call has ended and reset the runtime: the last
+        finished generation, :attr:`last_run`), ``"none"`` before any call (all zeros).
+        """
+        if self.calls["sparse"] or self.calls["dense"]:
+            return {**self._current(), "run": "current"}
+        if self.last_run is not None:
+            return {**self.last_run, "run": "last"}
+        return {**self._current(), "run": "none"}
+
+    def _current(self) -> dict:
         out = {"calls": dict(self.calls), "steps": self.context.step + 1, "density": self.density,
                "layer_density": self.engine.stats}
         if self.layer_errors:
@@ -141,7 +153,7 @@ class SparseRuntime:
         pipeline call) or a new one starts; the hook clears the step context itself.
         """
         if self.calls["sparse"] or self.calls["dense"]:
-            self.last_run = self.summary()
+            self.last_run = self._current()
             if self.record_masks:
                 self.last_masks = self.engine.masks()
         self.engine.reset()

@@ -14,13 +14,15 @@ from .base import AttentionInputs, Backend
 
 
 def _dense_reasons(inputs: AttentionInputs) -> list[str]:
+    """Why a dense kernel cannot run this call. Reads no tensor values for sparse plans (no device sync): only a
+    plan flagged ``known_dense`` (``SparsePlan.dense``) qualifies, and only then is ``kv_block_valid`` read."""
     reasons = []
-    if not inputs.plan.is_dense:
-        reasons.append(f"plan is not all-dense (density {inputs.plan.density:.3f})")
-    if not inputs.plan.keys_all_valid:
-        reasons.append("plan masks padding slots inside key blocks (kv_block_valid)")
     if inputs.return_lse:
         reasons.append("return_lse=True: dense kernels here do not return the log-sum-exp")
+    if not inputs.plan.known_dense:
+        reasons.append("plan is not flagged all-dense (SparsePlan.dense sets known_dense=True)")
+    elif not reasons and not inputs.plan.keys_all_valid:  # reads kv_block_valid: only when all else fits
+        reasons.append("plan masks padding slots inside key blocks (kv_block_valid)")
     return reasons
 
 

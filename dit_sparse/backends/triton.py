@@ -42,6 +42,11 @@ def _(q, k, v, kv_num_blocks, kv_indices, kv_block_valid, out_scale, out_bias, b
     return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (any other strides are fine), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 class TritonBackend(Backend):
     name = "triton"
     reads_pooled_segment = True
@@ -73,8 +78,11 @@ class TritonBackend(Backend):
         return []
 
     def forward(self, inputs: AttentionInputs):
-        plan, q = inputs.plan, inputs.query
+        plan = inputs.plan
+        # the kernel addresses the head dim with unit stride (x[..., ::2] would be read wrong): copy such inputs
+        q, k, v = (_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
         num, idx = plan.expand(q.shape[0], q.shape[2])
+        kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()  # read with unit stride
         scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(
             q.shape[0], q.shape[2], plan.out_scale.shape[-1])
         bias_t = None if plan.out_bias is None else plan.out_bias.expand(
@@ -84,7 +92,7 @@ class TritonBackend(Backend):
             ps, (b, h) = inputs.pooled, (q.shape[0], q.shape[2])
             seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
                    ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
-        out, lse = _block_sparse_attn_op(q, inputs.key, inputs.value, num, idx, plan.kv_block_valid, scale_t,
+        out, lse = _block_sparse_attn_op(q, k, v, num, idx, kbv, scale_t,
                                          bias_t, plan.block_q, plan.block_k, float(inputs.scale),
                                          plan.scale_per_block, plan.bias_per_block, *seg)
         return out, (lse if inputs.return_lse else None)

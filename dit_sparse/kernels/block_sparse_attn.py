@@ -11,6 +11,10 @@ Layout legend: q ``[B, Sq, H, D]``, k / v ``[B, Sk, H, D]`` (any strides, unit s
 out_bias ``[B, Sq | Mq, H, D]``, out ``[B, Sq, H, D]``, lse ``[B, H, Sq]``; Mq = ceil(Sq / block_q),
 Mk = ceil(Sk / block_k).
 
+Malformed plans never read out of bounds (the rule of ``dit_sparse.plan``, shared with the torch backend): the
+count is clamped to ``[0, KV_WIDTH]``, and an entry is read only when it lies in ``[0, Mk)`` and exceeds every
+entry read before it in its row (duplicates once); any other entry becomes a fully masked sub-tile at block 0.
+
 Masking: key ``n`` is real iff ``n < Sk`` and ``n % block_k < kv_block_valid[n // block_k]``. Masked logits are
 -inf; the running max starts at the finite ``-1e30`` so fully masked sub-tiles add nothing and never make NaN.
 A row that reads no real key gets ``out = out_bias`` (0 without one) and ``lse = -inf``.
@@ -121,7 +125,7 @@ def _block_sparse_attn_fwd(
     stride_ib, stride_ih, stride_im, stride_iw,
     stride_sb, stride_sh, stride_ss,
     stride_bb, stride_bs, stride_bh, stride_bd,
-    H, SEQ_Q, SEQ_K, qk_scale,
+    H, SEQ_Q, SEQ_K, KV_WIDTH, qk_scale,
     PK, PV, PBias, PRead, PGate,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -169,7 +173,9 @@ def _block_sparse_attn_fwd(
 
     # -- this tile's plan row, and per-(batch, head) bases of k and v
     csr = off_b * stride_nb + off_h * stride_nh + row.to(tl.int64) * stride_nm
-    n_blocks = tl.load(KvNum + csr)
+    n_blocks = tl.minimum(tl.maximum(tl.load(KvNum + csr), 0), KV_WIDTH)  # malformed counts: stay in the row
+    num_k_blocks = tl.cdiv(SEQ_K, PLAN_BLOCK_K)
+    prev = tl.zeros([], dtype=tl.int32) - 1  # largest key block read so far in this row
     idx_ptr = KvIdx + off_b * stride_ib + off_h * stride_ih + row.to(tl.int64) * stride_im
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -185,11 +191,19 @@ def _block_sparse_attn_fwd(
         blk = it // SUB_TILES
         sub = it % SUB_TILES
         kv_block = tl.load(idx_ptr + blk * stride_iw)
+        # malformed plans: an out-of-range entry loads nothing (no out-of-bounds read); an entry not above every
+        # entry read before it (a duplicate, an unsorted repeat) is masked in the logits only, so the k/v
+        # addresses never wait on the previous iteration
+        in_range = (kv_block >= 0) & (kv_block < num_k_blocks)
+        use = in_range & (kv_block > prev)
+        prev = tl.where(use & (sub == SUB_TILES - 1), kv_block, prev)
+        kv_block = tl.where(in_range, kv_block, 0)
         block_start = kv_block * PLAN_BLOCK_K
         # real keys of this block are [block_start, block_start + n_real)
         n_real = tl.minimum(SEQ_K - block_start, PLAN_BLOCK_K)
         if HAS_KV_VALID:
             n_real = tl.minimum(n_real, tl.load(KvValid + kv_block))
+        n_real = tl.where(in_range, n_real, 0)
         key_ok = offs_n < (n_real - sub * BLOCK_N)
         start_n = (block_start + sub * BLOCK_N).to(tl.int64)
 
@@ -209,7 +223,7 @@ def _block_sparse_attn_fwd(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        qk = tl.where(key_ok[None, :] & use, qk, float("-inf"))
 
         # -- online softmax update
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -392,7 +406,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         *_bcast_strides(kv_indices),
         *sc_strides,
         *bi_strides,
-        heads, seq_q, seq_k, float(scale) * _LOG2E,
+        heads, seq_q, seq_k, kv_indices.shape[-1], float(scale) * _LOG2E,
         pk, pv, pbias, pread, pg,
         *pk_strides, *pv_strides, *pr_strides, *pg_strides,
         num_pooled,

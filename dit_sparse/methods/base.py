@@ -10,11 +10,11 @@ Shapes: B batch, P padded sequence, H heads, D head dim, N blocks (video ``Nv`` 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..plan import SparsePlan
 
@@ -62,13 +62,14 @@ def frame0_blocks(layout: TokenLayout, device: torch.device | str = "cpu") -> to
     return layout.block_bbox(device)[:, 0, 0] == 0
 
 
+@tensor_cache(maxsize=64)
 def has_temporal_sink(layout: TokenLayout) -> bool:
-    """Whether some video block holds no frame-0 token (else a frame-0 sink would be every block). Decided on
-    the layout's cached CPU indices: no device sync."""
+    """Whether some video block holds no frame-0 token (else a frame-0 sink would be every block). Decided once
+    per layout on its cached CPU indices (memoized: later calls read no tensor, and compiled code sees a constant)."""
     return bool((layout.block_bbox("cpu")[:, 0, 0] > 0).any())
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _frame_overlap(layout: TokenLayout, device: str) -> torch.Tensor:
     box = layout.block_bbox(device)
     lo, hi = box[:, 0, 0], box[:, 1, 0]
@@ -80,7 +81,7 @@ def frame_overlap_mask(layout: TokenLayout, device: torch.device | str = "cpu") 
     return _frame_overlap(layout, str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _adjacent(layout: TokenLayout, device: str) -> torch.Tensor:
     box = layout.block_bbox(device)
     lo, hi = box[:, 0], box[:, 1]  # [Nv, 3]

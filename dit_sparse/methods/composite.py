@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._cache import tensor_cache
+from ..backends import BACKENDS
 from ..layout import PACKINGS, TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
@@ -52,13 +54,20 @@ from .temporal_reuse import ReuseCache, TemporalReuseConfig, reuse_attention
 __all__ = ["DensePolicy", "SparseAttentionConfig", "SparseAttention", "dense_attention"]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _int_set(value, name: str) -> frozenset[int]:
-    try:
-        out = frozenset(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"DensePolicy.{name} must be a collection of ints, got {value!r}.") from None
+    iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+    items = list(value) if iterable else None
+    if items is None or not all(_is_int(v) for v in items):
+        hint = f"{name}=({value!r},)" if _is_int(value) else f"{name}=(0, 1)"
+        raise ValueError(f"DensePolicy.{name}: got {value!r}, expected a collection of ints; fix: e.g. {hint}.")
+    out = frozenset(items)
     if any(v < 0 for v in out):
-        raise ValueError(f"DensePolicy.{name} must hold indices >= 0, got {sorted(out)}.")
+        raise ValueError(f"DensePolicy.{name}: got {value!r}, expected indices >= 0; fix: drop the negative "
+                         "ones (indices count from the first layer / head).")
     return out
 
 
@@ -84,15 +93,19 @@ class DensePolicy:
     force_dense: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            raise ValueError(f"DensePolicy.dense_steps must be an int >= 0, got {self.dense_steps!r}.")
+        if not _is_int(self.dense_steps) or self.dense_steps < 0:
+            raise ValueError(f"DensePolicy.dense_steps: got {self.dense_steps!r}, expected an int >= 0 (leading "
+                             "denoising steps run dense); fix: e.g. dense_steps=5, or 0 for none.")
         f = self.dense_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-            raise ValueError(f"DensePolicy.dense_fraction must be a float in [0, 1], got {f!r}.")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"DensePolicy.min_tokens must be an int >= 0, got {self.min_tokens!r}.")
+            raise ValueError(f"DensePolicy.dense_fraction: got {f!r}, expected a float in [0, 1] (share of leading "
+                             "steps run dense); fix: e.g. dense_fraction=0.2.")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"DensePolicy.min_tokens: got {self.min_tokens!r}, expected an int >= 0 (calls with "
+                             "fewer video tokens run dense); fix: e.g. min_tokens=4096, or 0 for none.")
         if not isinstance(self.force_dense, bool):
-            raise ValueError(f"DensePolicy.force_dense must be a bool, got {self.force_dense!r}.")
+            raise ValueError(f"DensePolicy.force_dense: got {self.force_dense!r}, expected a bool; fix: "
+                             "force_dense=True or False.")
         object.__setattr__(self, "dense_layers", _int_set(self.dense_layers, "dense_layers"))
         object.__setattr__(self, "dense_heads", _int_set(self.dense_heads, "dense_heads"))
 
@@ -149,7 +162,8 @@ class SparseAttentionConfig:
                           ("dense", DensePolicy)):
             v = getattr(self, name)
             if v is not None and not isinstance(v, cls):
-                raise ValueError(f"SparseAttentionConfig.{name} must be a {cls.__name__}, got {type(v).__name__}.")
+                raise ValueError(f"SparseAttentionConfig.{name}: got a {type(v).__name__} ({v!r}), expected a "
+                                 f"{cls.__name__} or None; fix: {name}={cls.__name__}(...).")
         if self.dense is None:
             object.__setattr__(self, "dense", DensePolicy())
         if not self.dense.force_dense and not self.selectors:
@@ -166,11 +180,27 @@ class SparseAttentionConfig:
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
                 "runs (dit_sparse.methods.neighborhood.neighborhood_attention); the composite runs block plans. "
                 "Use exact=False here (block-rounded window, a superset of the token window).")
-        if self.packing not in PACKINGS:
-            raise ValueError(f"SparseAttentionConfig.packing must be one of {PACKINGS}, got {self.packing!r}.")
-        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"SparseAttentionConfig.block_size must be a power of two >= 16, got "
-                             f"{self.block_size!r}.")
+        if not isinstance(self.packing, str) or self.packing not in PACKINGS:
+            raise ValueError(f"SparseAttentionConfig.packing: got {self.packing!r}, expected one of {PACKINGS}; fix: "
+                             "packing='packed' (default) or 'tiled'.")
+        if not _is_int(self.block_size) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"SparseAttentionConfig.block_size: got {self.block_size!r}, expected a power of two "
+                             ">= 16 (tokens per kernel block); fix: e.g. block_size=128 (64 for small grids).")
+        if self.tile is not None:
+            t = self.tile
+            if not (isinstance(t, (tuple, list)) and len(t) == 3 and all(_is_int(v) and v >= 1 for v in t)):
+                raise ValueError(f"SparseAttentionConfig.tile: got {t!r}, expected three ints >= 1 (tT, tH, tW) in "
+                                 "latent tokens; fix: e.g. tile=(1, 8, 16), or tile=None to pick one per grid.")
+            object.__setattr__(self, "tile", tuple(t))
+        if self.backend is not None:
+            if self.backend not in BACKENDS:
+                raise ValueError(f"SparseAttentionConfig.backend: got {self.backend!r}, expected None (automatic) "
+                                 f"or one of {sorted(BACKENDS)}; fix: backend=None, or e.g. backend='triton'.")
+            volume = self.block_size if self.tile is None else self.tile[0] * self.tile[1] * self.tile[2]
+            if self.backend == "triton" and volume % 16:
+                raise ValueError(f"SparseAttentionConfig.tile: got {self.tile!r} ({volume} tokens per block), "
+                                 "expected a multiple of 16 tokens per block with backend='triton' (tl.dot); fix: a "
+                                 "tile whose product is 16, 32, 64 or 128, or backend='torch'.")
 
     @property
     def selectors(self) -> tuple[str, ...]:
@@ -199,6 +229,12 @@ def _check_heads(heads: int, head_offset: int, total_heads: int | None) -> int:
         raise ValueError(f"head_offset={head_offset!r} with {heads} heads does not fit in total_heads={total!r}: "
                          "the call must hold heads head_offset ... head_offset + H - 1 of total_heads.")
     return total
+
+
+@tensor_cache(maxsize=64)
+def _head_rows(dense_heads: tuple[int, ...], heads: int, device: str) -> torch.Tensor:
+    """Bool ``[heads]``: True for the heads whose plan rows are all on."""
+    return torch.isin(torch.arange(heads), torch.tensor(dense_heads)).to(device)
 
 
 class _RectStats:
@@ -262,10 +298,10 @@ class SparseAttention:
             if rect_stats is None:
                 rect_stats = _RectStats(q_perm, k_perm, None, layout, scale)
             mask = select_critical_blocks(rect_stats()[1], layout, cfg.rectification)
-        dense_heads = [h - head_offset for h in cfg.dense.dense_heads if head_offset <= h < head_offset + heads]
-        if dense_heads:
-            mask = mask.expand(mask.shape[0], heads, *mask.shape[2:]).clone()
-            mask[:, dense_heads] = True
+        dense_heads = tuple(sorted(h - head_offset for h in cfg.dense.dense_heads
+                                   if head_offset <= h < head_offset + heads))
+        if dense_heads:  # a cached device tensor: no host-to-device index copy per call (CUDA-graph safe)
+            mask = mask | _head_rows(dense_heads, heads, str(mask.device)).view(1, heads, 1, 1)
         return mask
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):

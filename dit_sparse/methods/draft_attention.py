@@ -137,7 +137,7 @@ class DraftAttentionConfig:
         for name in ("sink", "same_frame"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DraftAttentionConfig.{name}: got {getattr(self, name)!r}, expected a bool.")
-        if self.pooling not in DRAFT_POOLINGS:
+        if not isinstance(self.pooling, str) or self.pooling not in DRAFT_POOLINGS:
             raise ValueError(f"DraftAttentionConfig.pooling: got {self.pooling!r}, expected one of "
                              f"{sorted(DRAFT_POOLINGS)}; add new ones with register_draft_pooling.")
 

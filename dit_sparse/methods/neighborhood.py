@@ -49,12 +49,12 @@ Shapes: B batch, P padded sequence, H heads, D head dim, N blocks (``Nv`` video 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..plan import SparsePlan
 from .base import check_permuted, forced_mask, plan_from_mask
@@ -204,7 +204,7 @@ def _tile_axis(n: int, windows: torch.Tensor, device: torch.device) -> torch.Ten
     return (gk >= start) & (gk < start + w)
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _token_axis(length: int, kernel: int, stride: int, dilation: int, causal: bool, device: str) -> torch.Tensor:
     """bool ``[L, L]``: §6.1 per-axis rule, ``[query coordinate, key coordinate]``."""
     x = torch.arange(length, device=device)
@@ -256,7 +256,7 @@ def _box_axis(rule: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------- block masks
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_mask(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> torch.Tensor:
     dev = torch.device(device)
     box = layout.block_bbox(dev)  # [Nv, 2, 3]: blocks are tiles (the box is the tile) or packed edge blocks
@@ -288,7 +288,7 @@ def neighborhood_mask(layout: TokenLayout, config: NeighborhoodConfig,
     return _cached_mask(layout, config, str(torch.device(device))).clone()
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_plan(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> SparsePlan:
     return plan_from_mask(_cached_mask(layout, config, device), layout)
 
@@ -313,7 +313,7 @@ def _check_args(layout: TokenLayout, config: NeighborhoodConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- token masks
-@functools.lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _slot_coords(layout: TokenLayout, device: str) -> torch.Tensor:
     """int64 ``[P, 3]``: ``(f, y, x)`` of video slots, ``-2`` for real text slots, ``-1`` for padding."""
     video = layout.slot_coords(device)

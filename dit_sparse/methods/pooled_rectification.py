@@ -348,8 +348,8 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     rule (``config.first_frame_dense``), all text columns and dense text rows. The diagonal is not forced beyond
     that.
 
-    Uses ``topk`` on ``top_k + 1`` entries and widens it (doubling) only while some row's cumulative mass is still
-    ``<= top_p`` at its last entry, instead of a full sort of every row.
+    Sorts every row in full (the keys are unique, so the order is exact): no width that depends on the data, so
+    no device sync.
 
     Args:
         p_tilde (`torch.Tensor`, float32 ``[B, H, Nv, Nv + 1]``): from :func:`ipar_probabilities`.
@@ -365,14 +365,10 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     top_k = config.top_k(nv)
     p_tilde = p_tilde.to(torch.float32)  # rank and accumulate exactly the fp32 values the keys encode
     keys = _sortable_keys(p_tilde)
-    width = min(top_k + 1, ncol)  # holds at least top_k video entries (at most one text column among them)
-    while True:
-        idx = keys.topk(width, dim=-1, sorted=True).indices
-        cum = p_tilde.gather(-1, idx).to(torch.float64).cumsum(-1)
-        # rows whose mass is still <= top_p at the last entry may need more entries than `width`
-        if width == ncol or not bool((cum[..., -1] <= config.top_p).any()):
-            break
-        width = min(2 * width, ncol)
+    # the whole ranking: a narrower topk widened while some row's mass is short would read that back (a sync)
+    width = ncol
+    idx = keys.sort(dim=-1, descending=True).indices
+    cum = p_tilde.gather(-1, idx).to(torch.float64).cumsum(-1)
     n_need = (cum <= config.top_p).sum(-1, keepdim=True) + 1  # [B, H, Nv, 1] leading entries for top-p
     is_video = idx < nv
     video_rank = is_video.cumsum(-1)  # 1-based rank among the video entries

@@ -97,7 +97,8 @@ class TemporalReuseConfig:
         drift_threshold (`float`, *optional*): also rebuild when the pooled queries drift,
             ``mean_{h, video blocks} (1 - cos(q̄_t, q̄_ref)) > drift_threshold`` for any sample (q̄ = true-count
             block means, q̄_ref = at the last build). In [0, 2]. None (default) disables the check (and its read of
-            q per step).
+            q per step). The decision is made on the host, so with a threshold every reuse step forces one
+            device-to-host sync (the only sync on the sparse path; none without it).
         warn_bytes (`int`, *optional*, defaults to 4 GiB): warn once, with the byte count, when a
             :class:`ReuseCache` holds more than this many bytes of cached state. None disables the warning.
             Wan-14B 720p caches ~0.77 GB of residual per layer and branch in bf16 (§5.1 "Memory").
@@ -199,6 +200,8 @@ class TemporalReuseState:
         return _tensor_bytes(tensors)
 
     def _updated(self, config: TemporalReuseConfig) -> None:
+        if torch.compiler.is_compiling():  # storage accounting is host bookkeeping: eager calls only
+            return
         if self._owner is not None:
             self._owner._check_memory(config)
         elif config.warn_bytes is not None and self.nbytes > config.warn_bytes:
