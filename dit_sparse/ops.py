@@ -9,6 +9,7 @@ import torch
 from ._env import checks_enabled
 from .backends import AttentionInputs, choose_backend
 from .plan import SparsePlan
+from .segment import PooledSegment
 
 __all__ = ["block_sparse_attention", "dense_attention_lse"]
 
@@ -56,7 +57,8 @@ def _validate(query, key, value, plan) -> None:
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: SparsePlan, *,
-                           scale: float | None = None, return_lse: bool = False, backend: str | None = None):
+                           scale: float | None = None, return_lse: bool = False, backend: str | None = None,
+                           pooled: PooledSegment | None = None):
     r"""Attention restricted to the key blocks of ``plan``, with the plan's optional epilogue.
 
     ``out = out_scale * softmax(query @ key.T * scale, restricted to the plan) @ value + out_bias``
@@ -92,8 +94,13 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         out = dit_sparse.block_sparse_attention(q, k, v, plan)
     """
     _validate(query, key, value, plan)
+    if pooled is not None:
+        if not isinstance(pooled, PooledSegment):
+            raise ValueError(f"pooled must be a dit_sparse.segment.PooledSegment, got {type(pooled).__name__}.")
+        b, _, h, d = query.shape
+        pooled.check_against(b, h, d, value.shape[-1], plan.num_q_blocks, query.device)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    inputs = AttentionInputs(query, key, value, plan, scale, return_lse)
+    inputs = AttentionInputs(query, key, value, plan, scale, return_lse, pooled)
     out, lse = choose_backend(inputs, backend).forward(inputs)
     return (out, lse) if return_lse else out
 

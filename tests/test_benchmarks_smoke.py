@@ -71,3 +71,14 @@ def test_suite_runs_from_another_folder(tmp_path):
         res = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script,extra", [("pooled_peers.py", ["--smoke", "--ratios", "0.25"]),
+                                          ("row_safeguard.py", ["--small", "--seeds", "1"]),
+                                          ("preset_density.py", ["--steps", "2"])])
+def test_pooled_benchmarks_run_from_another_folder(script, extra, tmp_path):
+    """As the README shows them (python benchmarks/...), started from another folder."""
+    res = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / script), *extra], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "draft" in res.stdout  # every script prints its draft rows

@@ -11,6 +11,7 @@ features of the position, correlation length ``value_length_scale``) plus a litt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -90,3 +91,50 @@ def structured_qkv(layout: TokenLayout, *, batch: int = 1, heads: int = 2, dim: 
     if batch > 1:  # different samples differ a little
         q = q + 0.05 * torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
     return q, k, v
+
+
+#: the three structured input families of issue 14 (item 3): broad attention, local attention, and a few isolated
+#: bright keys on a flat field (where a skipped block's mean key stands for none of the keys that matter)
+FAMILIES = ("diffuse", "local", "sharp_sparse")
+
+
+def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads: int = 2, dim: int = 32,
+                      seed: int = 0, dtype: torch.dtype = torch.float64):
+    """``(q, k, v)`` in model order of one of :data:`FAMILIES` for ``layout``.
+
+    * ``diffuse``: long correlation length, weak logits, weak clusters: attention spread over most blocks.
+    * ``local``: the default :func:`structured_qkv` (locality, clusters, frame-0 sinks).
+    * ``sharp_sparse``: small random keys and queries (a flat field of logits near 0) plus a few isolated key
+      tokens per head (about 0.6% of the grid) that share one object direction and one object value; every query
+      points at the object, so each attention row has a few isolated bright points (logit about 6-10) on a dark
+      field. Most bright keys sit in blocks a sparse plan skips, where a block mean hides them.
+    """
+    if family == "diffuse":
+        return structured_qkv(layout, batch=batch, heads=heads, dim=dim, length_scale=0.6, sharpness=1.0,
+                              clusters=2, cluster_strength=0.3, sinks=0.3, seed=seed, dtype=dtype)
+    if family == "local":
+        return structured_qkv(layout, batch=batch, heads=heads, dim=dim, seed=seed, dtype=dtype)
+    if family != "sharp_sparse":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    nv, dev = layout.num_video_tokens, 0.3
+    q = dev * torch.randn(nv, heads, dim, generator=g, dtype=torch.float64)  # flat field: logits ~ 0
+    k = dev * torch.randn(nv, heads, dim, generator=g, dtype=torch.float64)
+    _, _, v = structured_qkv(dataclasses.replace(layout, text_tokens=0), heads=heads, dim=dim, seed=seed,
+                             dtype=torch.float64)
+    v = v[0].clone()  # smooth background content
+    peaks = max(2, nv // 48)  # isolated bright keys: ~2% of the tokens, more than a sparse plan keeps blocks
+    amp = math.sqrt(10.0 * math.sqrt(dim))  # peak logit ~ 10 * (query weight in [0.6, 1])
+    for h in range(heads):
+        obj = torch.randn(dim, generator=g, dtype=torch.float64)
+        obj = obj / obj.norm()
+        where = torch.randperm(nv, generator=g)[:peaks]
+        k[where, h] += amp * obj
+        v[where, h] = 2.0 + 0.1 * torch.randn(peaks, dim, generator=g, dtype=torch.float64)  # one object's value
+        q[:, h] += amp * (0.6 + 0.4 * torch.rand(nv, 1, generator=g, dtype=torch.float64)) * obj
+    if layout.text_tokens:
+        nt = layout.text_tokens
+        tq, tk, tv = (torch.randn(nt, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+        cat = (lambda vid, txt: torch.cat([txt, vid]) if layout.text_position == "before" else torch.cat([vid, txt]))
+        q, k, v = cat(q, tq), cat(k, tk), cat(v, tv)
+    return tuple(t.unsqueeze(0).expand(batch, -1, -1, -1).contiguous().to(dtype) for t in (q, k, v))

@@ -52,7 +52,7 @@ def use_backend(name: str | None):
 
 def available_backends(inputs: AttentionInputs) -> dict[str, list[str]]:
     """``{backend name: reasons it cannot run}`` for these inputs (empty list = can run)."""
-    return {name: b.not_supported_reasons(inputs) for name, b in BACKENDS.items()}
+    return {name: b.not_supported_reasons(inputs) + b.segment_reasons(inputs) for name, b in BACKENDS.items()}
 
 
 def choose_backend(inputs: AttentionInputs, name: str | None = None) -> Backend:
@@ -60,15 +60,15 @@ def choose_backend(inputs: AttentionInputs, name: str | None = None) -> Backend:
     name = name or _forced.get() or env_backend()
     if name is not None:
         backend = _lookup(name)
-        reasons = backend.not_supported_reasons(inputs)
+        reasons = backend.not_supported_reasons(inputs) + backend.segment_reasons(inputs)
         if reasons:
             raise NotImplementedError(f"backend={name!r} cannot run {inputs.describe()}:\n  - " + "\n  - ".join(
                 reasons) + "\nPass backend=None for automatic choice, or fix the inputs as listed.")
         return backend
     tried = {}
     for backend in BACKENDS.values():
-        reasons = backend.not_supported_reasons(inputs) + (backend.auto_reasons(inputs) if backend.auto else
-                                                           ["only used when named"])
+        reasons = backend.not_supported_reasons(inputs) + backend.segment_reasons(inputs)
+        reasons += backend.auto_reasons(inputs) if backend.auto else ["only used when named"]
         if not reasons:
             return backend
         tried[backend.name] = reasons

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..plan import SparsePlan
+from ..segment import PooledSegment
 
 __all__ = ["AttentionInputs", "Backend"]
 
@@ -21,12 +22,15 @@ class AttentionInputs:
     plan: SparsePlan
     scale: float
     return_lse: bool
+    #: extra pooled key segment read in the same softmax (ALGORITHMS.md §4.6b); only some backends run it
+    pooled: PooledSegment | None = None
 
     def describe(self) -> str:
         q, k = self.query, self.key
         return (f"query={tuple(q.shape)} key={tuple(k.shape)} dtype={q.dtype} device={q.device} "
                 f"blocks=({self.plan.block_q}, {self.plan.block_k}) density={self.plan.density:.3f} "
-                f"return_lse={self.return_lse} grad={q.requires_grad or k.requires_grad}")
+                f"return_lse={self.return_lse} grad={q.requires_grad or k.requires_grad}"
+                + ("" if self.pooled is None else f" pooled_keys={self.pooled.num_keys}"))
 
 
 class Backend:
@@ -40,6 +44,8 @@ class Backend:
     #: picked by automatic dispatch; backends that are only useful when named (e.g. the Triton interpreter
     #: on CPU, which is ~1000x slower than the torch path) still run when asked for explicitly
     auto: bool = True
+    #: reads a :class:`~dit_sparse.segment.PooledSegment` (``block_sparse_attention(..., pooled=...)``)
+    reads_pooled_segment: bool = False
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         raise NotImplementedError
@@ -48,8 +54,15 @@ class Backend:
         """Extra reasons that keep automatic dispatch away (the backend may still run when named)."""
         return []
 
+    def segment_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """Why this backend cannot read the call's pooled key segment (empty when there is none or it can)."""
+        if inputs.pooled is not None and not self.reads_pooled_segment:
+            return [f"backend {self.name!r} does not read a pooled key segment (pooled=...); the torch and triton "
+                    "backends do"]
+        return []
+
     def supports(self, inputs: AttentionInputs) -> bool:
-        return not self.not_supported_reasons(inputs)
+        return not (self.not_supported_reasons(inputs) + self.segment_reasons(inputs))
 
     def forward(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError

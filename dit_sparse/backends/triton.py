@@ -20,18 +20,24 @@ def _block_sparse_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                           kv_indices: torch.Tensor, kv_block_valid: torch.Tensor | None,
                           out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, block_q: int,
                           block_k: int, scale: float, scale_per_block: bool,
-                          bias_per_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          bias_per_block: bool, pooled_keys: torch.Tensor | None = None,
+                          pooled_values: torch.Tensor | None = None, pooled_log_count: torch.Tensor | None = None,
+                          pooled_read: torch.Tensor | None = None,
+                          pooled_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.block_sparse_attn import block_sparse_attn_fwd
 
     return block_sparse_attn_fwd(q, k, v, kv_num_blocks, kv_indices, block_q=block_q, block_k=block_k,
                                  kv_block_valid=kv_block_valid, scale=scale, out_scale=out_scale,
                                  out_bias=out_bias, scale_per_block=scale_per_block,
-                                 bias_per_block=bias_per_block)
+                                 bias_per_block=bias_per_block, pooled_keys=pooled_keys,
+                                 pooled_values=pooled_values, pooled_log_count=pooled_log_count,
+                                 pooled_read=pooled_read, pooled_gate=pooled_gate)
 
 
 @_block_sparse_attn_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, kv_block_valid, out_scale, out_bias, block_q, block_k, scale,
-      scale_per_block, bias_per_block):
+      scale_per_block, bias_per_block, pooled_keys=None, pooled_values=None, pooled_log_count=None,
+      pooled_read=None, pooled_gate=None):
     b, s, h, _ = q.shape
     return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
 
@@ -43,6 +49,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 class TritonBackend(Backend):
     name = "triton"
+    reads_pooled_segment = True
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         q, plan = inputs.query, inputs.plan
@@ -80,7 +87,12 @@ class TritonBackend(Backend):
             q.shape[0], q.shape[2], plan.out_scale.shape[-1])
         bias_t = None if plan.out_bias is None else plan.out_bias.expand(
             q.shape[0], plan.out_bias.shape[1], q.shape[2], plan.out_bias.shape[-1])
+        seg = ()
+        if inputs.pooled is not None:
+            ps, (b, h) = inputs.pooled, (q.shape[0], q.shape[2])
+            seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
+                   ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
         out, lse = _block_sparse_attn_op(q, k, v, num, idx, kbv, scale_t,
                                          bias_t, plan.block_q, plan.block_k, float(inputs.scale),
-                                         plan.scale_per_block, plan.bias_per_block)
+                                         plan.scale_per_block, plan.bias_per_block, *seg)
         return out, (lse if inputs.return_lse else None)

@@ -19,6 +19,19 @@ Masking: key ``n`` is real iff ``n < Sk`` and ``n % block_k < kv_block_valid[n /
 -inf; the running max starts at the finite ``-1e30`` so fully masked sub-tiles add nothing and never make NaN.
 A row that reads no real key gets ``out = out_bias`` (0 without one) and ``lse = -inf``.
 
+Pooled key segment (``HAS_POOLED``; ALGORITHMS.md §4.6b, the per-row rectification in one pass). Contract, which
+every forward kernel of this op (a later Hopper kernel included) must keep:
+
+* Operands: pooled keys ``PK [B, H, Np, D]`` and values ``PV [B, H, Np, D]`` (float32, unit stride on D; cast to
+  the q tile's dtype before the dots), a base-2 bias ``PBias [Np]`` (the launcher passes ``log(n_j) * log2(e)``),
+  a read mask ``PRead [B, H, Mq, Np]`` (uint8, per plan query block: nonzero = this block's rows may read pooled
+  key j) and, with ``HAS_GATE``, gate keys ``PGate [B, H, Np, D]``.
+* After the CSR loop, the program walks the ``Np`` pooled keys in ``BLOCK_N`` chunks, in the SAME online softmax
+  (same ``m_i``, ``l_i``, ``acc``): logit ``q . PK[j] * qk_scale + PBias[j]`` where ``PRead[row, j]`` and, with the
+  gate, ``|q . PK[j]| > |q . PGate[j]|`` (per query row); ``-inf`` elsewhere. Value ``PV[j]``.
+* So ``lse`` and ``out`` are those of one softmax over the plan's real keys and the read pooled keys; the epilogue
+  (``out_scale``, ``out_bias``) applies after it, unchanged. Every load is masked (``j < Np`` and the read bit).
+
 Runs compiled on CUDA (autotuned) and in the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
 is imported; one fixed config, bf16 tiles upcast to fp32 because the interpreter's bf16 ``tl.dot`` is wrong).
 """
@@ -113,11 +126,18 @@ def _block_sparse_attn_fwd(
     stride_sb, stride_sh, stride_ss,
     stride_bb, stride_bs, stride_bh, stride_bd,
     H, SEQ_Q, SEQ_K, KV_WIDTH, qk_scale,
+    PK, PV, PBias, PRead, PGate,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_rb, stride_rh, stride_rm, stride_rn,
+    stride_gb, stride_gh, stride_gn,
+    NUM_POOLED,
     PLAN_BLOCK_Q: tl.constexpr, PLAN_BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KV_VALID: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE_PER_BLOCK: tl.constexpr, BIAS_PER_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_POOLED: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
@@ -219,6 +239,55 @@ def _block_sparse_attn_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
+    # ============================================================================================================
+    # pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring). Self-contained: it reads q,
+    # m_i, l_i, acc and the tile/row coordinates, and continues the same online softmax. Keep it in other kernels.
+    # ============================================================================================================
+    if HAS_POOLED:
+        pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
+        pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
+        pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
+        pg_base = PGate + off_b * stride_gb + off_h * stride_gh
+        for start_p in range(0, NUM_POOLED, BLOCK_N):
+            offs_p = start_p + offs_n
+            p_ok = offs_p < NUM_POOLED
+            p_ok = p_ok & (tl.load(pr_base + offs_p * stride_rn, mask=p_ok, other=0) != 0)
+            if EVEN_D:
+                p_mask = p_ok[:, None]
+            else:
+                p_mask = p_ok[:, None] & d_ok[None, :]
+            pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
+            pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
+            pk = pk.to(q.dtype)
+            pv = pv.to(q.dtype)
+            if IEEE_DOT:
+                pqk = tl.dot(q, tl.trans(pk), input_precision="ieee")
+            else:
+                pqk = tl.dot(q, tl.trans(pk))
+            p_read = p_ok[None, :]
+            if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
+                pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
+                pg = pg.to(q.dtype)
+                if IEEE_DOT:
+                    pqg = tl.dot(q, tl.trans(pg), input_precision="ieee")
+                else:
+                    pqg = tl.dot(q, tl.trans(pg))
+                p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
+            # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
+            p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
+            plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(plog, 1))
+            p = tl.math.exp2(plog - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if IEEE_DOT:
+                acc = tl.dot(p.to(pv.dtype), pv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(pv.dtype), pv, acc)
+            m_i = m_new
+    # ============================================================================================================
+
     # -- epilogue: out = out_scale * (acc / l) + out_bias; rows that read no real key keep acc = 0
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -257,7 +326,8 @@ def _autotuned_kernel():
     """The autotuned kernel (built on first CUDA use; the interpreter never sees it)."""
     return triton.autotune(
         configs=_AUTOTUNE_CONFIGS,
-        key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM"],  # the autotuner adds every tensor argument's dtype
+        # the autotuner adds every tensor argument's dtype
+        key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM", "HAS_POOLED"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
 
@@ -266,8 +336,10 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
                           kv_indices: torch.Tensor, *, block_q: int, block_k: int,
                           kv_block_valid: torch.Tensor | None = None, scale: float,
                           out_scale: torch.Tensor | None = None, out_bias: torch.Tensor | None = None,
-                          scale_per_block: bool = False,
-                          bias_per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale_per_block: bool = False, bias_per_block: bool = False,
+                          pooled_keys: torch.Tensor | None = None, pooled_values: torch.Tensor | None = None,
+                          pooled_log_count: torch.Tensor | None = None, pooled_read: torch.Tensor | None = None,
+                          pooled_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the block-sparse attention forward. No validation: the caller checks shapes, dtypes and devices.
 
     Args:
@@ -281,6 +353,9 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         out_scale (float32 ``[B, H, Sq]``, or ``[B, H, Mq]`` with ``scale_per_block``, *optional*),
         out_bias (``[B, Sq, H, D]``, or ``[B, Mq, H, D]`` with ``bias_per_block``, *optional*): epilogue
             ``out = out_scale * attention + out_bias``; may be expanded views.
+        pooled_keys, pooled_values (float32 ``[B, H, Np, D]``), pooled_log_count (float32 ``[Np]``),
+        pooled_read (bool ``[B, H, Mq, Np]``), pooled_gate (float32 ``[B, H, Np, D]`` or None), *optional*: the
+            pooled key segment (all or none of the first four; see the module docstring). May be expanded views.
 
     Returns:
         ``out`` ``[B, Sq, H, D]`` contiguous in ``q.dtype`` and ``lse`` float32 ``[B, H, Sq]`` (natural log).
@@ -299,6 +374,26 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     bi = out_bias if out_bias is not None else out
     bi_strides = _bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)
 
+    # pooled key segment operands (stand-ins when absent, never read)
+    has_pooled = pooled_keys is not None
+    has_gate = has_pooled and pooled_gate is not None
+    if has_pooled:
+        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+                      for t in (pooled_keys, pooled_values, pooled_gate))
+        pbias = (pooled_log_count.float() * _LOG2E).contiguous()
+        pread = pooled_read.view(torch.uint8)
+        num_pooled = pk.shape[2]
+        pk_strides, pv_strides = _bcast_strides(pk)[:3], _bcast_strides(pv)[:3]
+        pr_strides = _bcast_strides(pread)
+        pg_strides = _bcast_strides(pg)[:3] if has_gate else (0, 0, 0)
+        pg = pg if has_gate else pk
+    else:
+        pk = pv = pg = pbias = lse
+        pread = kv_num_blocks
+        num_pooled = 0
+        pk_strides = pv_strides = pg_strides = (0, 0, 0)
+        pr_strides = (0, 0, 0, 0)
+
     interpreted = _is_interpreted(_block_sparse_attn_fwd)
     args = (
         q, k, v, out, lse,
@@ -312,6 +407,9 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         *sc_strides,
         *bi_strides,
         heads, seq_q, seq_k, kv_indices.shape[-1], float(scale) * _LOG2E,
+        pk, pv, pbias, pread, pg,
+        *pk_strides, *pv_strides, *pr_strides, *pg_strides,
+        num_pooled,
     )
     meta = dict(
         PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k),
@@ -320,6 +418,7 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
         UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
         IEEE_DOT=q.dtype == torch.float32,                  # no TF32 for fp32 inputs
+        HAS_POOLED=has_pooled, HAS_GATE=has_gate,
     )
 
     if interpreted:

@@ -10,6 +10,8 @@ Shapes: B batch, P padded sequence, H heads, D head dim, N blocks (video ``Nv`` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._cache import tensor_cache
@@ -17,7 +19,15 @@ from ..layout import TokenLayout
 from ..plan import SparsePlan
 
 __all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "video_block_count", "check_permuted", "frame0_blocks",
-           "has_temporal_sink", "frame_overlap_mask", "adjacent_blocks"]
+           "has_temporal_sink", "frame_overlap_mask", "adjacent_blocks", "keep_blocks"]
+
+
+def keep_blocks(num_blocks: int, sparsity: float) -> int:
+    """THE budget rounding rule of every method: ``ceil((1 - sparsity) * num_blocks)`` blocks kept, the product
+    rounded to 9 decimals before the ceiling so that binary round-off never adds or drops a block
+    (``(1 - 0.7) * 10 = 3.0000000000000004`` keeps 3; ``(1 - 0.8) * 900 = 179.99999999999997`` keeps 180).
+    Sparsity 0.9 on 64 blocks keeps 7 in draft and rectification alike (density never below the target)."""
+    return min(num_blocks, max(0, math.ceil(round((1.0 - sparsity) * num_blocks, 9))))
 
 
 def check_permuted(x: torch.Tensor, layout: TokenLayout, name: str = "query") -> None:

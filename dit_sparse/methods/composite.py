@@ -36,6 +36,7 @@ from ..backends import BACKENDS
 from ..layout import PACKINGS, TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
+from ..segment import PooledSegment
 from .base import plan_from_mask
 from .draft_attention import DraftAttentionConfig, draft_mask
 from .neighborhood import NeighborhoodConfig, neighborhood_mask
@@ -43,6 +44,7 @@ from .pooled_rectification import (
     PooledRectificationConfig,
     block_statistics,
     ipar_probabilities,
+    pooled_segment,
     rectification_terms,
     row_rectified_attention,
     select_critical_blocks,
@@ -173,11 +175,6 @@ class SparseAttentionConfig:
                 "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
                 "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
                 "reuse plans with rectification, or drop rectification to use Re-ttention.")
-        if self.rectification is not None and self.rectification.per_row and self.reuse is not None:
-            raise NotImplementedError(
-                "PooledRectificationConfig(combine='row') merges a per-row pooled remainder after the kernel and is "
-                "not combined with temporal reuse (whose reused plans carry a per-block epilogue). Use "
-                "combine='block' with reuse, or drop reuse.")
         if self.neighborhood is not None and self.neighborhood.exact:
             raise NotImplementedError(
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "
@@ -243,14 +240,15 @@ def _head_rows(dense_heads: tuple[int, ...], heads: int, device: str) -> torch.T
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
-    def __init__(self, q_perm, k_perm, v_perm, layout, scale):
+    def __init__(self, q_perm, k_perm, v_perm, layout, scale, outliers: bool = False):
         self.args = (q_perm, k_perm, v_perm, layout)
         self.scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
+        self.outliers = outliers and v_perm is not None
         self._value = None
 
     def __call__(self):
         if self._value is None:
-            stats = block_statistics(*self.args)
+            stats = block_statistics(*self.args, outliers=self.outliers)
             self._value = (stats, ipar_probabilities(stats, self.scale))
         return self._value
 
@@ -308,7 +306,7 @@ class SparseAttention:
 
     def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
         rect = self.config.rectification
-        if rect is None or not rect.rectify or rect.per_row:  # per row: merged after the kernel
+        if rect is None or not rect.rectify or rect.per_row:  # per row: a pooled segment in the kernel
             return None
 
         def epilogue(plan: SparsePlan) -> SparsePlan:
@@ -338,7 +336,9 @@ class SparseAttention:
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
-        stats = _RectStats(qp, kp, vp, layout, scale) if cfg.rectification is not None else None
+        rect_cfg = cfg.rectification
+        stats = None if rect_cfg is None else _RectStats(
+            qp, kp, vp, layout, scale, outliers=rect_cfg.per_row and rect_cfg.row_keys == "outlier")
         epilogue = self._rectify(qp, kp, vp, layout, stats)
 
         def build() -> torch.Tensor:
@@ -346,9 +346,13 @@ class SparseAttention:
 
         if self.reuse_cache is not None:
             state = self.reuse_cache.get(layer, branch)
+            segment = None
+            if cfg.rectification is not None and cfg.rectification.per_row:
+                def segment(plan: SparsePlan) -> PooledSegment:  # fresh pooled keys each step, reused plan
+                    return pooled_segment(layout, plan.to_dense(), cfg.rectification, stats=stats()[0])
             out = reuse_attention(qp, kp, vp, layout, step=0 if step is None else step, state=state,
                                   config=cfg.reuse, build_mask=build, scale=scale, backend=cfg.backend,
-                                  epilogue=epilogue)
+                                  epilogue=epilogue, segment=segment)
             if state.mask is not None:
                 self._densities[layer] = state.mask
         else:

@@ -39,7 +39,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..plan import SparsePlan
-from .base import check_permuted, forced_mask, frame_overlap_mask, plan_from_mask, pool_blocks
+from .base import check_permuted, forced_mask, frame_overlap_mask, keep_blocks, plan_from_mask, pool_blocks
 
 __all__ = [
     "DRAFT_POOLINGS",
@@ -143,9 +143,9 @@ class DraftAttentionConfig:
 
 
 def row_budget(num_video_blocks: int, sparsity: float, k_min: int) -> int:
-    """Video blocks per video query row: ``min(Nv, max(k_min, ceil((1 - sparsity) * Nv)))``."""
-    keep = math.ceil(round((1.0 - sparsity) * num_video_blocks, 9))
-    return min(num_video_blocks, max(k_min, keep))
+    """Video blocks per video query row: ``min(Nv, max(k_min, keep_blocks(Nv, sparsity)))`` (the shared rule,
+    :func:`~dit_sparse.methods.base.keep_blocks`)."""
+    return min(num_video_blocks, max(k_min, keep_blocks(num_video_blocks, sparsity)))
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> None:
@@ -162,7 +162,11 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> None:
 
 def draft_map(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout, scale: float | None = None, *,
               pooling: str = "mean") -> torch.Tensor:
-    r"""The draft attention map ``softmax_j(q̄_i · k̄_j · scale)`` over video blocks.
+    r"""The draft attention map ``softmax_j(q̄_i · k̄_j · scale + log n_j)`` over video blocks.
+
+    ``n_j`` is the number of real tokens of key block ``j`` (the tile size, less for partial edge tiles), so a
+    block's draft mass is that of ``n_j`` copies of its mean key, as in the rectification estimate (§4.3). With
+    every tile full the term is a constant and the map is the paper's ``softmax_j(q̄_i · k̄_j · scale)``.
 
     Args:
         q_perm (`torch.Tensor`): permuted queries ``[B, P, H, D]`` (``layout.permute(q)``, after RoPE/QK-norm).
@@ -178,8 +182,10 @@ def draft_map(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout, s
     if pooling not in DRAFT_POOLINGS:
         raise ValueError(f"draft_map: pooling={pooling!r} is unknown, expected one of {sorted(DRAFT_POOLINGS)}.")
     scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
-    logits = DRAFT_POOLINGS[pooling](q_perm, k_perm, layout, scale)
-    return torch.softmax(logits.float(), dim=-1)
+    logits = DRAFT_POOLINGS[pooling](q_perm, k_perm, layout, scale).float()
+    # a key block stands for its n_j real tokens: + log n_j (matters only for partial edge tiles; as §4.3)
+    log_n = layout.block_valid(logits.device)[: layout.num_video_blocks].to(torch.float32).log()
+    return torch.softmax(logits + log_n, dim=-1)
 
 
 def forced_draft_mask(layout: TokenLayout, config: DraftAttentionConfig,

@@ -42,18 +42,29 @@ import torch
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
-from .base import adjacent_blocks, check_permuted, forced_mask, frame0_blocks, plan_from_mask, pool_blocks
+from ..segment import PooledSegment
+from .base import (
+    adjacent_blocks,
+    check_permuted,
+    forced_mask,
+    frame0_blocks,
+    keep_blocks,
+    plan_from_mask,
+    pool_blocks,
+)
 
 __all__ = [
     "BlockStatistics",
     "PooledRectificationConfig",
     "block_statistics",
     "COMBINE_MODES",
+    "ROW_KEYS",
     "gapr_reliable",
     "ipar_probabilities",
     "merge_partials",
     "neighbour_mask",
     "pooled_remainder",
+    "pooled_segment",
     "rectification_terms",
     "rectified_attention",
     "rectified_mask",
@@ -62,12 +73,12 @@ __all__ = [
     "select_critical_blocks",
 ]
 
-#: absolute slack added before flooring ``(1 - sparsity) * Nv`` so that binary round-off (0.8 -> 0.19999...)
-#: never drops a block from the top-k floor: int(0.2 * 900) would otherwise be 179
-_FLOOR_EPS = 1e-6
-
-#: ``"block"``: reference per-query-block epilogue; ``"row"``: per-row LSE merge with the pooled remainder
+#: ``"block"``: reference per-query-block epilogue; ``"row"``: pooled keys of the skipped blocks in each row's softmax
 COMBINE_MODES = ("block", "row")
+
+#: how a skipped block enters the per-row softmax (``combine="row"``): ``"mean"``, one pooled key (mean key and
+#: value, weight n_j); ``"outlier"``, its most deviating key exactly plus one pooled key for the other n_j - 1
+ROW_KEYS = ("mean", "outlier")
 
 #: elements of one chunk of per-row pooled logits ``[B, h, Pv, Nv]`` in :func:`pooled_remainder`
 _ROW_CHUNK = 1 << 24
@@ -80,7 +91,7 @@ class PooledRectificationConfig:
 
     Args:
         sparsity (`float`, defaults to 0.8): target fraction of video x video block pairs skipped
-            (reference ``sa_drop_rate``). Sets the top-k floor ``int((1 - sparsity) * Nv)`` of kept key entries
+            (reference ``sa_drop_rate``). Sets the top-k floor ``ceil((1 - sparsity) * Nv)`` of kept key entries
             per query block (see :meth:`top_k`). In ``[0, 1]``; 0 keeps every block.
         top_p (`float`, defaults to 0.3): top-p mass (reference ``p_remain_rates``): per query block keep the fewest
             highest-``P̃`` entries whose cumulative mass exceeds ``top_p`` (then at least the top-k floor). In
@@ -98,9 +109,17 @@ class PooledRectificationConfig:
             ``"block"`` is the reference: ``O_u = R_i * SparseAttn_u + c_i`` with ``R``, ``c`` per query block in the
             kernel epilogue. ``"row"`` [ours] keeps the exact softmax normalisation of the blocks read and pools
             only the skipped ones, per query row: one softmax over the exact logits of the read keys and the pooled
-            logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), computed as an
-            LSE merge of the sparse kernel's ``(out, lse)`` with :func:`pooled_remainder` (see
-            :func:`merge_partials`). GAPR per row compares ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
+            logits ``q_u · k̄_j * scale + log n_j`` of the skipped reliable blocks (values ``v̄_j``), read by the
+            kernel in the same online softmax, one pass (:func:`pooled_segment`; the earlier two-pass LSE merge,
+            :func:`pooled_remainder` + :func:`merge_partials`, stays as a cross-check). GAPR per row compares
+            ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
+        row_keys (`str`, defaults to ``"outlier"``): with ``combine="row"``, how a skipped block enters the softmax.
+            ``"mean"``: one pooled key (``k̄_j``, ``v̄_j``, weight ``n_j``), gated by GAPR per row when ``gapr``.
+            ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's most deviating key
+            (largest ``||k_t - k̄_j||``) exactly, with its own value, plus one pooled key for the other ``n_j - 1``
+            tokens; no gate (``gapr`` is ignored). A block mean hides an isolated bright key and a row's remainder
+            then over-weights the dark field; the exact outlier restores it (measured in
+            ``benchmarks/pooled_peers.py``).
 
     Example::
 
@@ -115,6 +134,7 @@ class PooledRectificationConfig:
     first_frame_dense: bool = False
     rectify: bool = True
     combine: str = "block"
+    row_keys: str = "outlier"
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
@@ -127,19 +147,23 @@ class PooledRectificationConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"PooledRectificationConfig.{name} must be a bool, got {v!r} "
                                  f"({type(v).__name__}).")
+        if self.row_keys not in ROW_KEYS:
+            raise ValueError(f"PooledRectificationConfig.row_keys must be one of {ROW_KEYS}, got {self.row_keys!r}.")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"PooledRectificationConfig.combine must be one of {COMBINE_MODES}, got "
                              f"{self.combine!r}.")
 
     @property
     def per_row(self) -> bool:
-        """True when the correction is the per-row merge (``rectify`` and ``combine="row"``), which runs after the
-        kernel instead of in its epilogue."""
+        """True when the correction is per row (``rectify`` and ``combine="row"``): a pooled key segment read in the
+        kernel's softmax (:func:`pooled_segment`) instead of the plan's epilogue."""
         return self.rectify and self.combine == "row"
 
     def top_k(self, num_video_blocks: int) -> int:
-        """The top-k floor ``int((1 - sparsity) * num_video_blocks)`` (guarded against binary round-off)."""
-        return min(int(math.floor((1.0 - self.sparsity) * num_video_blocks + _FLOOR_EPS)), num_video_blocks)
+        """The top-k floor ``ceil((1 - sparsity) * num_video_blocks)``: the budget rule every method shares
+        (:func:`~dit_sparse.methods.base.keep_blocks`; the reference floors, ``int(...)``, so at sparsity 0.9 on 64
+        blocks it keeps 6 where draft keeps 7: ours keeps 7 in both)."""
+        return keep_blocks(num_video_blocks, self.sparsity)
 
 
 # ---------------------------------------------------------------------------------------------------- pooling
@@ -153,6 +177,8 @@ class BlockStatistics:
         counts (`torch.Tensor`, ``[Nv]``): real tokens per video block.
         q_dev, k_dev (`torch.Tensor`, ``[B, H, Nv, D]`` or None): GAPR deviations ``mean_u |x_u - x̄|`` over real
             tokens only (None when not computed).
+        k_out, v_out (`torch.Tensor`, ``[B, H, Nv, D]`` or None): each block's most deviating real key (largest
+            ``||k_t - k̄_j||``, lowest slot on ties) and its value (``row_keys="outlier"``; None when not computed).
     """
 
     q_mean: torch.Tensor
@@ -162,6 +188,8 @@ class BlockStatistics:
     counts: torch.Tensor
     q_dev: torch.Tensor | None = None
     k_dev: torch.Tensor | None = None
+    k_out: torch.Tensor | None = None
+    v_out: torch.Tensor | None = None
 
 
 def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -176,8 +204,24 @@ def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout
     return dev / valid.view(1, 1, nv, 1)
 
 
+def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layout: TokenLayout):
+    """Most deviating real key of each video block and its value -> float32 ``[B, H, Nv, D]`` twice."""
+    b, _, h, d = k.shape
+    nv, bs = layout.num_video_blocks, layout.block_size
+    kv = k[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
+    dist = (kv - k_mean.permute(0, 2, 1, 3).unsqueeze(2)).square().sum(-1)  # [B, Nv, Bs, H]
+    real = torch.arange(bs, device=k.device).view(1, bs) < layout.block_valid(k.device)[:nv].view(nv, 1)
+    dist = dist.masked_fill(~real.view(1, nv, bs, 1), -1.0)
+    idx = dist.argmax(2, keepdim=True)  # the first maximal index: the lowest slot among exact ties
+    pick = idx.unsqueeze(-1).expand(b, nv, 1, h, d)
+    k_out = kv.gather(2, pick)[:, :, 0].permute(0, 2, 1, 3)
+    v_out = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32).gather(
+        2, idx.unsqueeze(-1).expand(b, nv, 1, h, v.shape[-1]))[:, :, 0].permute(0, 2, 1, 3)
+    return k_out.contiguous(), v_out.contiguous()
+
+
 def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor | None,
-                     layout: TokenLayout, *, deviations: bool = True) -> BlockStatistics:
+                     layout: TokenLayout, *, deviations: bool = True, outliers: bool = False) -> BlockStatistics:
     """Pooled block statistics of permuted q, k, v (§4.2, §4.5).
 
     Args:
@@ -185,6 +229,7 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
             ``v_perm`` may be None when only the selection is needed.
         layout (`TokenLayout`): the layout the tensors were permuted with.
         deviations (`bool`, defaults to True): also compute the GAPR deviations ``q_dev``, ``k_dev``.
+        outliers (`bool`, defaults to False): also compute ``k_out``, ``v_out`` (needs ``v_perm``).
 
     Returns:
         `BlockStatistics` (float32). Means divide by the true token count of each block (``block_valid``); the
@@ -206,7 +251,12 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
     if deviations:
         q_dev = _mean_abs_deviation(q_perm, q_mean, layout)
         k_dev = _mean_abs_deviation(k_perm, k_mean, layout)
-    return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev)
+    k_out = v_out = None
+    if outliers:
+        if v_perm is None:
+            raise ValueError("block_statistics(outliers=True) needs v_perm (the outliers carry their values).")
+        k_out, v_out = _block_outliers(k_perm, v_perm, k_mean, layout)
+    return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev, k_out, v_out)
 
 
 # ---------------------------------------------------------------------------------------------------- IPAR
@@ -469,9 +519,10 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
     config = PooledRectificationConfig() if config is None else config
     _check_config(config)
     if config.per_row:
-        raise ValueError("rectified_plan: combine='row' merges a per-row pooled remainder after the kernel, which a "
+        raise ValueError("rectified_plan: combine='row' reads a pooled key segment in the kernel's softmax, which a "
                          "SparsePlan epilogue (per query block) cannot hold. Use rectified_attention(...) (or the "
-                         "composite SparseAttention), or PooledRectificationConfig(combine='block').")
+                         "composite SparseAttention, or pooled_segment(...) with block_sparse_attention(..., "
+                         "pooled=...)), or PooledRectificationConfig(combine='block').")
     scale = _check_scale(q_perm, scale)
     stats, p_tilde, mask = _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask)
     plan = plan_from_mask(mask, layout)
@@ -484,7 +535,8 @@ def rectified_plan(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Ten
 def _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask):
     """Pooled statistics, their IPAR probabilities and the final block mask (given, or the selection)."""
     stats = block_statistics(q_perm, k_perm, v_perm if config.rectify else None, layout,
-                             deviations=config.rectify and config.gapr)
+                             deviations=config.rectify and config.gapr,
+                             outliers=config.per_row and config.row_keys == "outlier")
     p_tilde = ipar_probabilities(stats, scale)
     if mask is None:
         mask = select_critical_blocks(p_tilde, layout, config)
@@ -517,13 +569,66 @@ def rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torc
 
 def row_rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout,
                             mask: torch.Tensor, config: PooledRectificationConfig, scale: float | None = None, *,
-                            stats: BlockStatistics, backend: str | None = None) -> torch.Tensor:
-    """The ``combine="row"`` path for a final block ``mask``: the plain sparse plan with ``return_lse=True``,
-    merged by :func:`merge_partials` with :func:`pooled_remainder` (``stats`` as that function needs them).
-    Returns the permuted output ``[B, P, H, D]`` in the input dtype."""
-    out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan_from_mask(mask, layout), scale=scale,
-                                      return_lse=True, backend=backend)
-    return merge_partials(out, lse, *pooled_remainder(q_perm, layout, mask, config, scale, stats=stats))
+                            stats: BlockStatistics, backend: str | None = None, two_pass: bool = False,
+                            return_lse: bool = False):
+    """The ``combine="row"`` path for a final block ``mask``, in ONE pass: the plain sparse plan with the pooled
+    key segment of :func:`pooled_segment` (the skipped, reliable video blocks) read in the same softmax.
+
+    ``two_pass=True`` runs the earlier form instead (kept as a cross-check): the plain sparse plan with
+    ``return_lse=True``, merged by :func:`merge_partials` with :func:`pooled_remainder`; both give the same
+    ``(out, lse)`` within float round-off. ``stats`` as :func:`pooled_segment` needs them. Returns the permuted
+    output ``[B, P, H, D]`` in the input dtype (and the float32 ``lse [B, H, P]`` when ``return_lse``).
+    """
+    plan = plan_from_mask(mask, layout)
+    if two_pass and config.row_keys != "mean":
+        raise ValueError("row_rectified_attention(two_pass=True) is the cross-check of row_keys='mean' only; use the "
+                         "one-pass form for row_keys='outlier'.")
+    if two_pass:
+        out, lse = block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, return_lse=True,
+                                          backend=backend)
+        r_out, r_lse = pooled_remainder(q_perm, layout, mask, config, scale, stats=stats)
+        merged = merge_partials(out, lse, r_out, r_lse)
+        return (merged, torch.logaddexp(lse, r_lse)) if return_lse else merged
+    seg = pooled_segment(layout, mask, config, stats=stats, device=q_perm.device)
+    return block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, return_lse=return_lse,
+                                  backend=backend, pooled=seg)
+
+
+def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectificationConfig, *,
+                   stats: BlockStatistics, device=None) -> PooledSegment:
+    """The pooled key segment of the per-row combine (§4.6b) for a final block ``mask``.
+
+    One pooled key per video block (true-count mean key ``k̄_j`` and value ``v̄_j``, logit bias ``log n_j``); the
+    rows of video query block ``i`` read the blocks ``mask`` skips in row ``i``; text query rows read none. With
+    ``config.gapr`` the per-row gate ``|q_u · k̄_j| > |q_u · b_j|`` applies (``b_j`` = ``stats.k_dev``).
+    Same remainder as :func:`pooled_remainder`, read inside the kernel's softmax. With ``config.row_keys =
+    "outlier"``: ``2 Nv`` keys, each skipped block's most deviating key exactly (bias 0) and the mean of its other
+    ``n_j - 1`` tokens (bias ``log(n_j - 1)``), no gate.
+    """
+    _check_config(config)
+    outlier = config.row_keys == "outlier"
+    if stats.v_mean is None or (config.gapr and not outlier and stats.k_dev is None) \
+            or (outlier and stats.k_out is None):
+        raise ValueError("pooled_segment needs v_mean (k_dev with gapr=True, k_out / v_out with "
+                         "row_keys='outlier') in stats; build them with block_statistics(q, k, v, layout, "
+                         "outliers=True).")
+    device = stats.k_mean.device if device is None else device
+    nv, n = layout.num_video_blocks, layout.num_blocks
+    mask = _normalise_mask(mask, layout, device)
+    skipped = torch.zeros(*mask.shape[:2], n, nv, dtype=torch.bool, device=device)
+    skipped[:, :, :nv] = ~mask[:, :, :nv, :nv]
+    if not outlier:
+        return PooledSegment(keys=stats.k_mean, values=stats.v_mean, log_count=stats.counts.log(), read=skipped,
+                             gate=stats.k_dev if config.gapr else None)
+    # the outlier exactly (weight 1), then the mean of the other n_j - 1 tokens (none when n_j = 1)
+    n_j = stats.counts.view(1, 1, nv, 1)
+    rest = (n_j > 1).view(nv)
+    denom = (n_j - 1).clamp_min(1.0)
+    k_rest = (stats.k_mean * n_j - stats.k_out) / denom
+    v_rest = (stats.v_mean * n_j - stats.v_out) / denom
+    return PooledSegment(keys=torch.cat([stats.k_out, k_rest], 2), values=torch.cat([stats.v_out, v_rest], 2),
+                         log_count=torch.cat([torch.zeros_like(stats.counts), (stats.counts - 1).clamp_min(1).log()]),
+                         read=torch.cat([skipped, skipped & rest.view(1, 1, 1, nv)], -1))
 
 
 # ---------------------------------------------------------------------------------------------------- per-row merge

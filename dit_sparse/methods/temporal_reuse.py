@@ -50,6 +50,7 @@ from .._logging import warn_once
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention, dense_attention_lse
 from ..plan import SparsePlan
+from ..segment import PooledSegment
 from .base import check_permuted, plan_from_mask, pool_blocks
 
 __all__ = [
@@ -330,7 +331,8 @@ def _pooled_video_q(q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout, *,
                     step: int, state: TemporalReuseState, config: TemporalReuseConfig,
                     build_mask: Callable[[], torch.Tensor], scale: float | None = None, backend: str | None = None,
-                    epilogue: Callable[[SparsePlan], SparsePlan] | None = None) -> torch.Tensor:
+                    epilogue: Callable[[SparsePlan], SparsePlan] | None = None,
+                    segment: Callable[[SparsePlan], PooledSegment] | None = None) -> torch.Tensor:
     r"""Block-sparse attention with a plan reused across denoising steps, optionally corrected by Re-ttention.
 
     Rebuild (call ``build_mask()``, store the plan, ``built_step = step``) when the state has no plan, when
@@ -357,6 +359,10 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
         epilogue (`Callable[[SparsePlan], SparsePlan]`, *optional*): attaches the caller's own epilogue (e.g.
             pooled rectification's R and c, recomputed each step) to the reused plan. Not combined with
             ``retention`` (``NotImplementedError``).
+        segment (`Callable[[SparsePlan], PooledSegment]`, *optional*): the pooled key segment of the per-row
+            rectification (``combine="row"``, ALGORITHMS §4.6b) for the reused plan, rebuilt every step from this
+            step's pooled keys and values, so a reused plan keeps a correct remainder. Not combined with
+            ``retention`` (``NotImplementedError``).
 
     Other Parameters:
         backend (`str`, *optional*): attention backend, see :func:`dit_sparse.block_sparse_attention`.
@@ -376,6 +382,11 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
     if not callable(build_mask):
         raise ValueError(f"build_mask must be a callable returning a bool block mask, got "
                          f"{type(build_mask).__name__}.")
+    if config.retention and segment is not None:
+        raise NotImplementedError(
+            "reuse_attention got retention=True and a pooled segment: per-row rectification and Re-ttention both "
+            "correct the softmax denominator of the dropped blocks and are not combined (ALGORITHMS §4.7). Use "
+            "TemporalReuseConfig(retention=False) to reuse the plan with the pooled segment.")
     if config.retention and epilogue is not None:
         raise NotImplementedError(
             "reuse_attention got retention=True and a caller epilogue: pooled rectification and Re-ttention both "
@@ -416,7 +427,8 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
             if not isinstance(plan, SparsePlan):
                 raise ValueError(f"epilogue must return a SparsePlan (plan.with_epilogue(...)), got "
                                  f"{type(plan).__name__}.")
-        out = block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, backend=backend)
+        pooled = None if segment is None else segment(plan)  # fresh pooled keys every step, on the reused plan
+        out = block_sparse_attention(q_perm, k_perm, v_perm, plan, scale=scale, backend=backend, pooled=pooled)
         if refresh:
             state._updated(config)
         return out

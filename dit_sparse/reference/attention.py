@@ -9,6 +9,9 @@ Semantics every backend must reproduce (see ``dit_sparse.plan.SparsePlan``)::
     lse[b, h, s] = log sum_{keys in plan row} exp(q . k * scale)          (natural log)
 
 A query row that reads no key returns exactly ``out_bias`` (0 without one) and ``lse = -inf``; never NaN.
+
+With a :class:`~dit_sparse.segment.PooledSegment` ``pooled``, the softmax (and ``lse``) also runs over the pooled keys
+each row may read, as extra columns ``q . k̄_j * scale + log_count[j]`` with values ``v̄_j`` (ALGORITHMS.md §4.6b).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import torch
 
 from ..plan import SparsePlan
+from ..segment import PooledSegment
 
 __all__ = ["block_sparse_attention_reference", "key_token_mask", "expand_epilogue", "apply_epilogue"]
 
@@ -62,7 +66,7 @@ def apply_epilogue(out: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
 
 def block_sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                      plan: SparsePlan, *, scale: float | None = None,
-                                     return_lse: bool = False):
+                                     return_lse: bool = False, pooled: PooledSegment | None = None):
     """Reference block-sparse attention on ``[B, S, H, D]`` tensors. See the module docstring.
 
     Returns ``out [B, seq_q, H, D]`` in the input dtype, and ``lse [B, H, seq_q]`` (float32; float64 for
@@ -82,7 +86,13 @@ def block_sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, val
 
     out = torch.empty(bsz, heads, seq_q, v.shape[-1], dtype=cdtype, device=query.device)
     lse = torch.empty(bsz, heads, seq_q, dtype=cdtype, device=query.device)
-    bytes_per_row = max(bsz * heads * seq_k * 4 * 3, 1)
+    if pooled is not None:
+        pk = pooled.keys.to(cdtype).expand(bsz, heads, -1, -1)
+        pv = pooled.values.to(cdtype).expand(bsz, heads, -1, -1)
+        pg = None if pooled.gate is None else pooled.gate.to(cdtype).expand(bsz, heads, -1, -1)
+        pread = pooled.read.expand(bsz, heads, -1, -1)
+        pbias = pooled.log_count.to(cdtype)
+    bytes_per_row = max(bsz * heads * (seq_k + (0 if pooled is None else pooled.num_keys)) * 4 * 3, 1)
     rows = max(plan.block_q, (CHUNK_BYTES // bytes_per_row) // plan.block_q * plan.block_q)
     for start in range(0, seq_q, rows):
         stop = min(start + rows, seq_q)
@@ -90,11 +100,20 @@ def block_sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, val
         row_block = torch.arange(start, stop, device=query.device) // plan.block_q
         allowed = blocks[:, :, row_block][..., col_block] & kmask  # [B, H, r, Sk]
         s = s.masked_fill(~allowed, float("-inf"))
+        vv = v
+        if pooled is not None:  # the pooled segment: extra columns of the same softmax
+            qc = q[:, :, start:stop]
+            dots = torch.matmul(qc, pk.transpose(-1, -2))  # [B, H, r, Nk]
+            ok = pread[:, :, row_block]
+            if pg is not None:
+                ok = ok & (dots.abs() > torch.matmul(qc, pg.transpose(-1, -2)).abs())
+            s = torch.cat([s, (dots * scale + pbias).masked_fill(~ok, float("-inf"))], dim=-1)
+            vv = torch.cat([v, pv], dim=-2)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, v) / torch.where(den > 0, den, torch.ones_like(den))
+        o = torch.matmul(p, vv) / torch.where(den > 0, den, torch.ones_like(den))
         out[:, :, start:stop] = o
         lse[:, :, start:stop] = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))[..., 0]
 

@@ -20,7 +20,8 @@ __all__ = ["draft_map_reference", "draft_mask_reference"]
 
 def draft_map_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout,
                         scale: float | None = None) -> torch.Tensor:
-    """float64 ``[B, H, Nv, Nv]`` draft map: true-count block means of q and k, ``softmax(q̄ k̄ᵀ scale)``.
+    """float64 ``[B, H, Nv, Nv]`` draft map: true-count block means of q and k, ``softmax(q̄ k̄ᵀ scale + log n_j)``
+    with ``n_j`` the real tokens of key block ``j``.
 
     Loops over batch, head and block; padding slots are skipped by index (only the first ``block_valid`` slots
     of a block are averaged), not by their zero values.
@@ -35,7 +36,7 @@ def draft_map_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: Toke
         for h in range(heads):
             qbar = torch.stack([q64[b, i * bs: i * bs + valid[i], h].mean(0) for i in range(nv)])  # [Nv, D]
             kbar = torch.stack([k64[b, j * bs: j * bs + valid[j], h].mean(0) for j in range(nv)])
-            logits = qbar @ kbar.T * scale  # [Nv, Nv]
+            logits = qbar @ kbar.T * scale + torch.tensor(valid[:nv], dtype=torch.float64).log()  # [Nv, Nv]
             e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
             out[b, h] = e / e.sum(dim=1, keepdim=True)
     return out

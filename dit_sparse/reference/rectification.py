@@ -44,9 +44,10 @@ def _neighbours(box_i, box_j, tile) -> bool:
 
 
 def top_k_reference(sparsity: float, num_video_blocks: int) -> int:
-    """``floor((1 - sparsity) * Nv)`` in exact decimal arithmetic on the literal value of ``sparsity``."""
+    """``ceil((1 - sparsity) * Nv)`` (the one budget rule of every method; the paper's code floors) in exact
+    decimal arithmetic on the literal value of ``sparsity``."""
     exact = (1 - Decimal(repr(float(sparsity)))) * num_video_blocks
-    return min(int(exact.to_integral_value(rounding="ROUND_FLOOR")), num_video_blocks)
+    return min(int(exact.to_integral_value(rounding="ROUND_CEILING")), num_video_blocks)
 
 
 def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:
@@ -198,7 +199,7 @@ def rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value:
 
 def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout,
                                       mask: torch.Tensor, *, scale: float | None = None,
-                                      gapr: bool = True) -> torch.Tensor:
+                                      gapr: bool = True, row_keys: str = "mean") -> torch.Tensor:
     """``combine="row"`` rectification on model-order ``[B, S, H, D]``, float64, one softmax per query row.
 
     Video query row ``u`` of block ``i`` attends, in a single softmax, to the exact keys of every block ``mask``
@@ -206,6 +207,10 @@ def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, va
     value ``v̄_j`` — when ``gapr``, only if ``|q_u · k̄_j| > |q_u · b_j|`` (``b_j`` = mean absolute key deviation).
     Text query rows attend to their read blocks only. Rows with no key at all are 0. No LSE merge is used, so this
     checks the implementation's merge independently.
+
+    ``row_keys="outlier"``: a skipped block ``j`` instead enters as its most deviating key exactly (the real token
+    ``t`` with the largest ``||k_t - k̄_j||``, lowest index on ties; its own value) plus one pooled key for the other
+    ``n_j - 1`` tokens (their mean key and value, weight ``n_j - 1``; none when ``n_j = 1``); no GAPR gate.
     """
     q, k, v = (_np(t) for t in (query, key, value))
     B, S, H, D = q.shape
@@ -227,6 +232,18 @@ def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, va
                     if i < nv:
                         for j in range(nv):
                             if mask_np[b, h, i, j]:
+                                continue
+                            if row_keys == "outlier":
+                                blk = members[j]
+                                dev = [float(np.linalg.norm(k[b, t, h] - km[j])) for t in blk]
+                                o = blk[max(range(len(blk)), key=lambda x: (dev[x], -x))]
+                                logits.append(float(q[b, u, h] @ k[b, o, h]) * scale)
+                                values.append(v[b, o, h])
+                                rest = [t for t in blk if t != o]
+                                if rest:
+                                    k_r, v_r = k[b, rest, h].mean(0), v[b, rest, h].mean(0)
+                                    logits.append(float(q[b, u, h] @ k_r) * scale + math.log(len(rest)))
+                                    values.append(v_r)
                                 continue
                             dot = float(q[b, u, h] @ km[j])
                             if gapr and not abs(dot) > abs(float(q[b, u, h] @ kd[j])):

@@ -163,6 +163,30 @@ def test_row_combine_in_the_engine_matches_rectified_attention():
     torch.testing.assert_close(out[:, :, 1], dense[:, :, 1], atol=1e-5, rtol=1e-5)
 
 
+def test_row_combine_with_reuse_recomputes_the_remainder():
+    """Row mode + plan reuse: a reused step runs the cached mask with a pooled segment from THIS step's q, k, v
+    (the same as row rectification on that mask), never a stale remainder."""
+    from dit_sparse.methods.pooled_rectification import rectified_attention
+
+    layout = LAYOUTS["video-text-before"]
+    rect = PooledRectificationConfig(combine="row")
+    engine = SparseAttention(SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.7), rectification=rect,
+                                                   reuse=TemporalReuseConfig(refresh_period=3, retention=False),
+                                                   backend="torch"))
+    q, k, v = structured_qkv(layout, heads=2, dtype=torch.float32, seed=0)
+    engine(q, k, v, layout=layout, step=0, layer=1)
+    mask0 = engine.reuse_cache.get(1, None).mask.clone()
+    q2, k2, v2 = structured_qkv(layout, heads=2, dtype=torch.float32, seed=5)
+    out = engine(q2, k2, v2, layout=layout, step=1, layer=1)
+    assert torch.equal(engine.reuse_cache.get(1, None).mask, mask0)  # the plan was reused
+    qp, kp, vp = (layout.permute(t) for t in (q2, k2, v2))
+    want = layout.unpermute(rectified_attention(qp, kp, vp, layout, rect, mask=mask0, backend="torch"))
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    # and the remainder is really there: plain sparse attention on the reused mask differs
+    plain = layout.unpermute(block_sparse_attention(qp, kp, vp, plan_from_mask(mask0, layout), backend="torch"))
+    assert rel_error(out, plain) > 1e-3
+
+
 def test_reuse_with_period_one_equals_no_reuse():
     layout = LAYOUTS["video-text-after"]
     base = draft_config(0.8)
@@ -196,9 +220,9 @@ def test_config_errors():
         SparseAttentionConfig()
     with pytest.raises(NotImplementedError, match="retention=False"):
         SparseAttentionConfig(rectification=PooledRectificationConfig(), reuse=TemporalReuseConfig(retention=True))
-    with pytest.raises(NotImplementedError, match="combine='block'"):
+    with pytest.raises(NotImplementedError, match="retention=False"):
         SparseAttentionConfig(draft=DraftAttentionConfig(), rectification=PooledRectificationConfig(combine="row"),
-                              reuse=TemporalReuseConfig(retention=False))
+                              reuse=TemporalReuseConfig(retention=True))
     with pytest.raises(ValueError, match="DraftAttentionConfig"):
         SparseAttentionConfig(draft=NeighborhoodConfig())
     with pytest.raises(ValueError, match="dense_steps"):

@@ -123,7 +123,8 @@ def test_oracle_with_its_own_float64_map_agrees_on_structured_input():
 
 
 def test_ties_lower_block_index_wins():
-    """Zero queries give a uniform draft row: the kept non-forced blocks are the lowest indices."""
+    """Zero queries give a draft row proportional to the blocks' real token counts n_j (the log n_j term):
+    the kept non-forced blocks are the fullest, and among equal counts the lowest indices."""
     layout = LAYOUTS["1x9x9_t144"]  # one frame: no sink
     nv = layout.num_video_blocks
     qp, kp, _ = _permuted(layout, batch=1, heads=1)
@@ -131,12 +132,15 @@ def test_ties_lower_block_index_wins():
     cfg = DraftAttentionConfig(sparsity=0.6, k_min=1)  # budget ceil(0.4 * nv)
     budget = math.ceil(0.4 * nv)
     mask = _video(draft_mask(qp, kp, layout, cfg), layout)[0, 0]
+    n = layout.block_valid()[:nv].tolist()
+    assert len(set(n)) > 1  # a partial block: the counts differ
     for i in range(nv):
-        expect = {i} | set([j for j in range(nv) if j != i][: budget - 1])
+        order = sorted((j for j in range(nv) if j != i), key=lambda j: (-n[j], j))
+        expect = {i} | set(order[: budget - 1])
         assert set(torch.nonzero(mask[i]).flatten().tolist()) == expect
-    # head_global on a uniform map: the threshold equals every value, ties kept -> everything
-    hg = draft_mask(qp, kp, layout, dataclasses.replace(cfg, selection="head_global"))
-    assert bool(hg.all())
+    # head_global on this row-constant map: whole columns, ties kept: every row the same, the fullest blocks in it
+    hg = _video(draft_mask(qp, kp, layout, dataclasses.replace(cfg, selection="head_global")), layout)[0, 0]
+    assert (hg == hg[:1]).all() and all(bool(hg[0, j]) for j in range(nv) if n[j] == max(n))
 
 
 def test_row_topp_boundaries_on_a_crafted_map():
@@ -434,7 +438,8 @@ def test_pooling_registry_is_pluggable():
         qp, kp, _ = _permuted(layout, batch=1)
         cfg = DraftAttentionConfig(pooling="test_zero", sparsity=0.6, k_min=1)
         draft = draft_map(qp, kp, layout, pooling="test_zero")
-        torch.testing.assert_close(draft, torch.full_like(draft, 1 / layout.num_video_blocks))
+        n = layout.block_valid()[: layout.num_video_blocks].float()
+        torch.testing.assert_close(draft, (n / n.sum()).expand_as(draft))  # zero logits + log n_j
         # uniform map: same selection as zero queries with mean pooling (lowest indices)
         ref = draft_mask(torch.zeros_like(qp), kp, layout, dataclasses.replace(cfg, pooling="mean"))
         assert torch.equal(draft_mask(qp, kp, layout, cfg), ref)

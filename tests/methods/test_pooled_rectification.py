@@ -38,7 +38,7 @@ from dit_sparse.reference.rectification import (
     select_reference,
     top_k_reference,
 )
-from tests.utils import rel_error, structured_qkv
+from tests.utils import FAMILIES, rel_error, structured_family, structured_qkv
 
 # awkward grids: partial edge tiles, text before / after / none, several text blocks, grid smaller than a tile
 LAYOUTS = {
@@ -176,15 +176,25 @@ def test_selection_ties_and_widening_vs_oracle():
         cfg = PooledRectificationConfig(sparsity=1.0, top_p=top_p, neighbours=False)
         got = select_critical_blocks(row.expand(1, 1, nv, nv + 1), layout, cfg)
         assert got[0, 0, 0, :nv].nonzero().flatten().tolist() == want, top_p
-    # fully tied row, floor 1 (int(0.1 * 12) = 1), top_p 0: keeps exactly column 0
+    # fully tied row, floor 2 (ceil(0.1 * 12) = 2), top_p 0: keeps exactly columns 0 and 1
     got = select_critical_blocks(pt, layout, PooledRectificationConfig(sparsity=0.9, top_p=0.0, neighbours=False))
-    assert got[0, 0, 0, :nv].nonzero().flatten().tolist() == [0]
+    assert got[0, 0, 0, :nv].nonzero().flatten().tolist() == [0, 1]
 
 
 def test_top_k_floor_is_round_off_safe():
     for s, nv in ((0.8, 900), (0.8, 10), (0.9, 10), (0.7, 10), (0.75, 256), (0.0, 7), (1.0, 7), (0.33, 3)):
         assert PooledRectificationConfig(sparsity=s).top_k(nv) == top_k_reference(s, nv)
     assert PooledRectificationConfig(sparsity=0.8).top_k(900) == 180  # naive int() gives 179
+
+
+def test_one_budget_rule_across_methods():
+    """Draft and rectification round the budget the same way (issue 14 item 4): 0.9 on 64 blocks keeps 7."""
+    from dit_sparse.methods.base import keep_blocks
+    from dit_sparse.methods.draft_attention import row_budget
+
+    for s, nv in ((0.9, 64), (0.8, 900), (0.7, 10), (0.75, 18), (0.85, 37), (0.0, 5), (1.0, 5)):
+        assert PooledRectificationConfig(sparsity=s).top_k(nv) == keep_blocks(nv, s) == row_budget(nv, s, 0)
+    assert keep_blocks(64, 0.9) == 7
 
 
 def test_neighbours_and_first_frame():
@@ -371,17 +381,18 @@ def _random_mask(layout, batch, heads, density, seed):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-@pytest.mark.parametrize("gapr", [True, False], ids=["gapr", "naive"])
-def test_row_combine_matches_float64_oracle(name, gapr):
+@pytest.mark.parametrize("gapr,row_keys", [(True, "mean"), (False, "mean"), (True, "outlier")],
+                         ids=["gapr", "naive", "outlier"])
+def test_row_combine_matches_float64_oracle(name, gapr, row_keys):
     """One softmax per row over exact read keys + pooled skipped blocks (oracle: no LSE merge at all)."""
     layout = LAYOUTS[name]
     q, k, v = _random_qkv(layout, batch=2, heads=3, dim=8, seed=11)
     qp, kp, vp = _permuted(layout, q, k, v)
     mask = _random_mask(layout, 2, 3, 0.35, seed=2)
     scale = 0.6 / math.sqrt(8)
-    cfg = PooledRectificationConfig(combine="row", gapr=gapr)
+    cfg = PooledRectificationConfig(combine="row", gapr=gapr, row_keys=row_keys)
     out = layout.unpermute(rectified_attention(qp, kp, vp, layout, cfg, scale, mask=mask, backend="torch"))
-    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=scale, gapr=gapr)
+    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=scale, gapr=gapr, row_keys=row_keys)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
     # it differs from plain sparse attention on the same mask (something was compensated)
     plain = rectified_attention_reference(q, k, v, layout, mask, scale=scale)
@@ -397,7 +408,7 @@ def test_row_remainder_pieces():
     mask = _random_mask(layout, 1, 2, 0.4, seed=5)
     mask[0, 0, 0] = True  # video query block 0 of head 0 reads everything
     stats = block_statistics(qp, kp, vp, layout)
-    cfg = PooledRectificationConfig(combine="row")
+    cfg = PooledRectificationConfig(combine="row", row_keys="mean")
     out, lse = pooled_remainder(qp, layout, mask, cfg, stats=stats)
     assert out.shape == qp.shape and out.dtype == lse.dtype == torch.float32 and lse.shape == (1, 2, qp.shape[1])
     assert torch.isneginf(lse[:, :, nv * bs:]).all() and (out[:, nv * bs:] == 0).all()  # text rows
@@ -454,16 +465,18 @@ def test_row_rectify_false_and_plan_refusal():
 @given(frames=st.integers(1, 3), height=st.integers(1, 5), width=st.integers(1, 6),
        tile=st.sampled_from([(1, 2, 2), (1, 2, 4), (2, 2, 2), (1, 1, 4)]), text=st.integers(0, 5),
        before=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 2),
-       density=st.sampled_from([0.0, 0.3, 0.6, 1.0]), gapr=st.booleans(), seed=st.integers(0, 2**16))
-def test_row_fuzz_against_oracle(frames, height, width, tile, text, before, batch, heads, density, gapr, seed):
+       density=st.sampled_from([0.0, 0.3, 0.6, 1.0]), gapr=st.booleans(),
+       row_keys=st.sampled_from(["mean", "outlier"]), seed=st.integers(0, 2**16))
+def test_row_fuzz_against_oracle(frames, height, width, tile, text, before, batch, heads, density, gapr, row_keys,
+                                 seed):
     layout = TokenLayout(frames=frames, height=height, width=width, text_tokens=text,
                          text_position="before" if before else "after", tile=tile)
     q, k, v = _random_qkv(layout, batch, heads, 4, seed)
     qp, kp, vp = _permuted(layout, q, k, v)
     mask = _random_mask(layout, batch, heads, density, seed)
-    cfg = PooledRectificationConfig(combine="row", gapr=gapr)
+    cfg = PooledRectificationConfig(combine="row", gapr=gapr, row_keys=row_keys)
     out = layout.unpermute(rectified_attention(qp, kp, vp, layout, cfg, 0.5, mask=mask, backend="torch"))
-    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=0.5, gapr=gapr)
+    want = row_rectified_attention_reference(q, k, v, layout, mask, scale=0.5, gapr=gapr, row_keys=row_keys)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
@@ -520,6 +533,39 @@ def test_fidelity_gapr_limits_damage_where_pooling_misleads():
     assert errs["gapr"] < errs["naive"], errs
     # the per-row combine keeps each row's exact normalisation and per-row GAPR: it still helps here
     assert errs["row"] < errs["plain"], errs
+
+
+FAMILY_LAYOUT = TokenLayout(frames=2, height=16, width=16, text_tokens=8, tile=(1, 4, 4))  # 32 video blocks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("density", [0.25, 0.1])
+def test_row_never_worse_than_draft_alone_on_every_family(family, density):
+    """Issue 14 item 3: on diffuse, local and sharp-sparse inputs, per head (our stand-in for a layer) and seed,
+    draft + row rectification (default ``row_keys="outlier"``) is no worse than draft alone on the same blocks.
+    On the sharp family the one-mean-key remainder (``row_keys="mean"``, GAPR per row) is worse than draft
+    alone somewhere: the failure the safeguard fixes."""
+    from dit_sparse.methods.draft_attention import DraftAttentionConfig, draft_mask
+
+    layout = FAMILY_LAYOUT
+    mean_worse = []
+    for seed in range(2):
+        q, k, v = structured_family(layout, family, heads=2, dim=32, seed=seed, dtype=torch.float32)
+        qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+        dense = layout.unpermute(_dense_out(layout, qp, kp, vp))
+        mask = draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=1 - density, sink=False, k_min=1))
+        draft = layout.unpermute(dit_sparse.block_sparse_attention(qp, kp, vp, dit_sparse.methods.base.plan_from_mask(
+            mask, layout), backend="torch"))
+        row = layout.unpermute(rectified_attention(qp, kp, vp, layout, PooledRectificationConfig(combine="row"),
+                                                   mask=mask, backend="torch"))
+        mean = layout.unpermute(rectified_attention(qp, kp, vp, layout, PooledRectificationConfig(
+            combine="row", row_keys="mean"), mask=mask, backend="torch"))
+        for h in range(2):
+            e_draft, e_row = rel_error(draft[:, :, h], dense[:, :, h]), rel_error(row[:, :, h], dense[:, :, h])
+            assert e_row <= e_draft, (family, density, seed, h, e_row, e_draft)
+            mean_worse.append(rel_error(mean[:, :, h], dense[:, :, h]) > e_draft)
+    if family == "sharp_sparse" and density == 0.1:
+        assert any(mean_worse)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
