@@ -343,6 +343,19 @@ def project_heads(attn, hidden_states: torch.Tensor, *, added: bool = False, hea
     return query, key, value
 
 
+def project_out_text_last(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """Stock HunyuanVideo-style output: split ``[video, text]`` and apply ``to_out`` / ``to_add_out`` where present."""
+    if encoder_hidden_states is not None:
+        n_text = encoder_hidden_states.shape[1]
+        hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 def patch_grid(module: torch.nn.Module, hidden_states: torch.Tensor, channels_first: bool = True):
     """``(frames, height, width)`` in patch tokens of a ``[B, C, F, H, W]`` (or ``[B, F, C, H, W]``) latent."""
     cfg = module.config

@@ -21,38 +21,40 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from .base import AdapterSpec, SparseProcessorBase
 
 
+def joint_qkv_text_first(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                         image_rotary_emb, get_qkv_projections):
+    """The stock FLUX / FLUX.2 joint q, k, v: projections, q/k norms, ``[text, image]`` and RoPE, as diffusers does.
+
+    ``get_qkv_projections`` is the model's own ``_get_qkv_projections`` (transformer_flux or transformer_flux2).
+    """
+    query, key, value, encoder_query, encoder_key, encoder_value = get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if attn.added_kv_proj_dim is not None:
+        encoder_query, encoder_key, encoder_value = (
+            t.unflatten(-1, (-1, attn.head_dim)) for t in (encoder_query, encoder_key, encoder_value))
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
 class FluxSparseAttnProcessor(SparseProcessorBase):
     """Sparse joint attention for ``FluxAttention`` (double- and single-stream blocks). Positional call."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_qkv_text_first(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                                 _get_qkv_projections)
 
         def dense():
             return self.stock_attention(query, key, value, attention_mask)

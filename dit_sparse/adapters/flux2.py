@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
 from ..parallel import ulysses_group
 from .base import AdapterSpec, SparseProcessorBase
-from .flux import image_grid
+from .flux import image_grid, joint_qkv_text_first
 
 __all__ = ["Flux2SparseAttnProcessor", "Flux2SparseParallelSelfAttnProcessor", "SPEC"]
 
@@ -69,32 +69,8 @@ class Flux2SparseAttnProcessor(_TextFirst):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = joint_qkv_text_first(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                                 _get_qkv_projections)
 
         if encoder_hidden_states is not None:
             # the processor itself put the text in front (only with the added projections)

@@ -27,7 +27,7 @@ import weakref
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AdapterSpec, SparseProcessorBase, project_heads
+from .base import AdapterSpec, SparseProcessorBase, project_heads, project_out_text_last
 
 __all__ = ["HunyuanVideoSparseAttnProcessor", "valid_prefix_length", "SPEC"]
 
@@ -112,20 +112,7 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
         hidden_states = hidden_states.to(query.dtype)
 
         # 6. Output projection
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : -encoder_hidden_states.shape[1]],
-                hidden_states[:, -encoder_hidden_states.shape[1]:],
-            )
-
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-        return hidden_states, encoder_hidden_states
+        return project_out_text_last(attn, hidden_states, encoder_hidden_states)
 
     def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> torch.Tensor:

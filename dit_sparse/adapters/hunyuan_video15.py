@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AdapterSpec
+from .base import AdapterSpec, project_out_text_last
 from .hunyuan_video import HunyuanVideoSparseAttnProcessor, valid_prefix_length
 from .hunyuan_video import _grid as hunyuan_grid
 
@@ -112,20 +112,7 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
         hidden_states = hidden_states.to(query.dtype)
 
         # 6. Output projection
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = (
-                hidden_states[:, : -encoder_hidden_states.shape[1]],
-                hidden_states[:, -encoder_hidden_states.shape[1]:],
-            )
-
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-
-        return hidden_states, encoder_hidden_states
+        return project_out_text_last(attn, hidden_states, encoder_hidden_states)
 
 
 SPEC = AdapterSpec(
