@@ -153,6 +153,9 @@ def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAUL
     try:
         run.start_actors(actors=actors, device=device, dtype=dtype, renderer_factory=renderer_factory)
         return run.render()
+    except KeyboardInterrupt:  # as a local run: the summary says interrupted and names the pending jobs
+        run.summary(interrupted=True)
+        raise
     finally:
         run.kill_all()
         if started_ray:
@@ -184,9 +187,11 @@ class _RayRun:
         self.start_error: str | None = None
 
     # -- results -------------------------------------------------------------------------------------------------
-    def summary(self) -> dict:
+    def summary(self, interrupted: bool = False) -> dict:
+        """Write ``run_summary.json``; ``interrupted`` (Ctrl-C) marks the run and lists the jobs not finished."""
+        pending = [job.name for i, job in enumerate(self.jobs) if i not in self.results] if interrupted else None
         return write_summary(self.out_dir / "run_summary.json", [self.results[i] for i in sorted(self.results)],
-                             self.jobs)
+                             self.jobs, pending=pending)
 
     def _pending(self) -> list[int]:
         self.results.clear()

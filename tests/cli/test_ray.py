@@ -177,3 +177,27 @@ def test_without_ray_the_error_says_how_to_install(tmp_path, monkeypatch, capsys
     assert "pip install 'dit_sparse[ray]'" in err and err.strip().count("\n") == 0
     assert main(["render", "--out", str(tmp_path), "--ray-actors", "2"]) == 2
     assert "--ray-actors needs --ray" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_the_ray_path_writes_an_interrupted_summary(tmp_path, monkeypatch):
+    """Ctrl-C in the driver: run_summary.json says interrupted and names the jobs not finished (as a local run)."""
+    import dit_sparse.distributed as dist
+
+    class AlreadyUp:  # a Ray that is already initialised: nothing is started or shut down here
+        @staticmethod
+        def is_initialized():
+            return True
+
+    def interrupted_render(self):
+        self.results[0] = {"name": self.jobs[0].name, "status": "done"}  # one job finished before the Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dist, "import_ray", lambda: AlreadyUp)
+    monkeypatch.setattr(dist._RayRun, "start_actors", lambda self, **kw: None)
+    monkeypatch.setattr(dist._RayRun, "render", interrupted_render)
+    jobs = four_jobs()
+    with pytest.raises(KeyboardInterrupt):
+        dist.render_jobs_ray(jobs, tmp_path, model="embedded", preset=None, progress=False)
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert summary["pending"] == [j.name for j in jobs[1:]]
