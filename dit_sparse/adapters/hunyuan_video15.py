@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import AdapterSpec, project_out_text_last
+from .base import AdapterSpec, project_heads, project_out_text_last
 from .hunyuan_video import HunyuanVideoSparseAttnProcessor, valid_prefix_length
 from .hunyuan_video import _grid as hunyuan_grid
 
@@ -69,18 +69,8 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
-        # 1. QKV projections
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        # 2. QK normalization
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
+        # 1-2. QKV projections and QK normalization
+        query, key, value = project_heads(attn, hidden_states)
 
         # 3. Rotational positional embeddings applied to latent stream
         if image_rotary_emb is not None:
@@ -89,18 +79,7 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
 
         # 4. Encoder condition QKV projection and normalization
         if encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
-            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
-            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
-
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = project_heads(attn, encoder_hidden_states, added=True)
 
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
