@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         args.seeds, args.no_embedded = 1, True
     torch.manual_seed(0)
     if args.presets:
-        layout = TokenLayout(frames=2, height=16, width=24, block_size=16) if args.smoke else PRESET_LAYOUT
+        layout = TokenLayout(frames=1, height=16, width=24, block_size=16) if args.smoke else PRESET_LAYOUT
         result = run_presets(args.steps, embedded=not args.no_embedded, layout=layout)
         print()
         print_table(result["summary"], list(result["summary"][0]))

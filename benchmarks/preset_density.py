@@ -16,7 +16,8 @@ Two modes:
 The presets' descriptions quote these numbers; ``tests/pipelines/test_preset_density.py`` recomputes them.
 
     python benchmarks/preset_density.py          # embedded model; about 1 minute on 2 CPU cores
-    python benchmarks/preset_density.py --real   # real-model presets at their target grids; about 1 minute
+    python benchmarks/preset_density.py --real   # real-model presets at their target grids; about 3 minutes
+    python benchmarks/preset_density.py --real --only flux:rectified-90,sd3:draft-50   # some, nothing written
 
 ``--real`` writes benchmarks/results/preset-density-cpu.json.
 """
@@ -132,10 +133,12 @@ def real_density(preset: Preset, family: str = QUOTED_FAMILY, target: Target | N
             "density": video_density(preset, layout, qp, kp)}
 
 
-def run_real(families=("diffuse", "local", "sharp_sparse")) -> list[dict]:
+def run_real(families=("diffuse", "local", "sharp_sparse"), only=None) -> list[dict]:
     rows = []
     cache: dict = {}
     for preset in real_presets():
+        if only and preset.name not in only:
+            continue
         target = target_of(preset)
         s = target.shape
         layout = preset.config.layout(s.frames, s.height, s.width, s.text, target.text_position)
@@ -159,12 +162,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="denoising steps of the capture")
     ap.add_argument("--real", action="store_true", help="real-model presets at their target grids")
+    ap.add_argument("--only", default="", help="with --real: a comma list of preset names (nothing is written)")
     args = ap.parse_args(argv)
     if args.real:
-        rows = run_real()
+        only = [n for n in args.only.split(",") if n]
+        unknown = [n for n in only if n not in {p.name for p in real_presets()}]
+        if unknown:
+            ap.error(f"--only: unknown real-model preset(s) {unknown}; see `dit-sparse presets`")
+        rows = run_real(only=only)
         cols = ["preset", "tokens", "video_blocks", "density diffuse", "density local", "density sharp_sparse"]
         print()
         print_table(rows, cols)
+        if only:
+            return 0
         path = write_json("preset-density", {"environment": environment(), "quoted_family": QUOTED_FAMILY,
                                              "rows": rows})
         print(f"\nwrote {path}")

@@ -68,3 +68,11 @@ def test_presets_comparison_smoke(tmp_path):
     res = _script(tmp_path, "pooled_peers.py", "--presets", "--smoke")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "row below block on every source" in res.stdout and "rect 0.9" in res.stdout
+
+
+def test_preset_density_real_mode_from_another_folder(tmp_path):
+    res = _script(tmp_path, "preset_density.py", "--real", "--only", "flux:neighborhood,sd3:draft-50")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "flux:neighborhood" in res.stdout and "sd3:draft-50" in res.stdout and "----" in res.stdout
+    bad = _script(tmp_path, "preset_density.py", "--real", "--only", "flux:magic")
+    assert bad.returncode == 2 and "unknown real-model preset" in bad.stderr
