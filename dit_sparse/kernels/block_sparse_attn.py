@@ -88,20 +88,20 @@ _AUTOTUNE_CONFIGS = [
 _SMEM_BUDGET = 200 * 1024
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles that divide the plan blocks: BLOCK_M in {64, 128} dividing block_q (else the largest power of
-    two dividing it), the same for BLOCK_N and block_k; drop configs whose q tile + pipelined k/v tiles overflow
-    shared memory (keeping the smallest if none fits)."""
-    args = {**named_args, **kwargs}
+def _prune_tiles(configs, args, *, m_sizes=(64, 128), n_sizes=(64, 128), m_first: bool = False):
+    """Keep tiles that divide the plan blocks: BLOCK_M in ``m_sizes`` dividing block_q (only the first that divides
+    with ``m_first``; else the largest power of two dividing it), the same for BLOCK_N in ``n_sizes`` and block_k;
+    no 8 warps on tiles under 64; drop configs whose q tile + pipelined k/v tiles overflow shared memory (keeping
+    the smallest if none fits)."""
     block_q, block_k = args["PLAN_BLOCK_Q"], args["PLAN_BLOCK_K"]
     block_d = args["BLOCK_D"]
     elsize = args["Q"].element_size()
 
-    def sizes(block):
-        big = [t for t in (64, 128) if block % t == 0]
-        return big or [_largest_pow2_divisor(block, 128)]
+    def sizes(block, pref, first):
+        big = [t for t in pref if block % t == 0]
+        return (big[:1] if first else big) or [_largest_pow2_divisor(block, 128)]
 
-    ms, ns = sizes(block_q), sizes(block_k)
+    ms, ns = sizes(block_q, m_sizes, m_first), sizes(block_k, n_sizes, False)
     small = min(ms) < 64 or min(ns) < 64
     keep = [c for c in configs if c.kwargs["BLOCK_M"] in ms and c.kwargs["BLOCK_N"] in ns
             and not (small and c.num_warps == 8)]
@@ -111,6 +111,129 @@ def _prune_configs(configs, named_args, **kwargs):
 
     fits = [c for c in keep if smem(c) <= _SMEM_BUDGET]
     return fits or [min(keep, key=smem)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The portable kernel's prune: BLOCK_M / BLOCK_N in {64, 128} dividing the plan blocks (``_prune_tiles``)."""
+    return _prune_tiles(configs, {**named_args, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device helpers shared by every forward kernel of this op (this one and ``block_sparse_attn_hopper``)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, acc, IEEE_DOT: tl.constexpr):
+    """``a @ b (+ acc)``; IEEE fp32 (no TF32) for fp32 inputs."""
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr):
+    """One online-softmax step over a sub-tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (-inf = not read) and
+    its values ``v`` [BLOCK_N, BLOCK_D]. Returns the new ``(m_i, l_i, acc)``.
+
+    ``RESCALE_THRESHOLD == 0``: the running max follows every increase (FlashAttention-2). ``> 0`` (conditional
+    rescaling, FlashAttention-4): ``acc`` and ``l_i`` are rescaled only when some row's max grows by more than the
+    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (no overflow in fp32) and the
+    result is exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per
+    tile (a max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
+    warp, and a skipped rescale skips the ``[BLOCK_M, BLOCK_D]`` multiply for all warps. FA4 decides per row
+    group inside its softmax warps; Triton gives no per-warp control, so a tile-wide test is the closest form.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if RESCALE_THRESHOLD > 0:
+        if tl.max(m_new - m_i, 0) > RESCALE_THRESHOLD:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+    else:
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    p = tl.math.exp2(s - m_i[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    acc = _mm(p.to(v.dtype), v, acc, IEEE_DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
+                    PK, PV, PBias, PRead, PGate,
+                    stride_pkb, stride_pkh, stride_pkn,
+                    stride_pvb, stride_pvh, stride_pvn,
+                    stride_rb, stride_rh, stride_rm, stride_rn,
+                    stride_gb, stride_gh, stride_gn,
+                    NUM_POOLED, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, HAS_GATE: tl.constexpr,
+                    RESCALE_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring): continues the caller's
+    online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read."""
+    pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
+    pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
+    pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
+    pg_base = PGate + off_b * stride_gb + off_h * stride_gh
+    for start_p in range(0, NUM_POOLED, BLOCK_N):
+        offs_p = start_p + offs_n
+        p_ok = offs_p < NUM_POOLED
+        p_ok = p_ok & (tl.load(pr_base + offs_p * stride_rn, mask=p_ok, other=0) != 0)
+        if EVEN_D:
+            p_mask = p_ok[:, None]
+        else:
+            p_mask = p_ok[:, None] & d_ok[None, :]
+        pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
+        pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
+        pk = pk.to(q.dtype)
+        pv = pv.to(q.dtype)
+        pqk = _mm(q, tl.trans(pk), None, IEEE_DOT)
+        p_read = p_ok[None, :]
+        if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
+            pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
+            pqg = _mm(q, tl.trans(pg.to(q.dtype)), None, IEEE_DOT)
+            p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
+        # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
+        p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
+        plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
+        m_i, l_i, acc = _softmax_step(plog, pv, m_i, l_i, acc, IEEE_DOT, RESCALE_THRESHOLD)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,
+              Lse, OutScale, OutBias,
+              stride_sb, stride_sh, stride_ss,
+              stride_bb, stride_bs, stride_bh, stride_bd,
+              H, SEQ_Q,
+              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SCALE_PER_BLOCK: tl.constexpr, BIAS_PER_BLOCK: tl.constexpr):
+    """``out = out_scale * (acc / l) + out_bias`` (fp32, returned; the caller stores it) and the natural-log lse
+    (stored here). Rows that read no real key keep ``acc = 0``: ``out = out_bias`` (or 0), ``lse = -inf``."""
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_SCALE:
+        s_base = OutScale + off_b * stride_sb + off_h * stride_sh
+        if SCALE_PER_BLOCK:
+            o = o * tl.load(s_base + row.to(tl.int64) * stride_ss).to(tl.float32)
+        else:
+            s_ptrs = s_base + start_m.to(tl.int64) * stride_ss + offs_m * stride_ss
+            o = o * tl.load(s_ptrs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        b_base = OutBias + off_b * stride_bb + off_h * stride_bh
+        if BIAS_PER_BLOCK:
+            bias = tl.load(b_base + row.to(tl.int64) * stride_bs + offs_d * stride_bd, mask=d_ok, other=0.0)
+            o = o + bias.to(tl.float32)[None, :]
+        else:
+            b_ptrs = (b_base + start_m.to(tl.int64) * stride_bs
+                      + (offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd))
+            bias = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            o = o + bias.to(tl.float32)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    lse_ptrs = Lse + (off_b * H + off_h) * SEQ_Q + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+    return o
 
 
 @triton.jit
@@ -239,86 +362,28 @@ def _block_sparse_attn_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # ============================================================================================================
-    # pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring). Self-contained: it reads q,
-    # m_i, l_i, acc and the tile/row coordinates, and continues the same online softmax. Keep it in other kernels.
-    # ============================================================================================================
+    # -- the pooled key segment (ALGORITHMS.md §4.6b): same online softmax, per-row read mask, optional gate
     if HAS_POOLED:
-        pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
-        pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
-        pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
-        pg_base = PGate + off_b * stride_gb + off_h * stride_gh
-        for start_p in range(0, NUM_POOLED, BLOCK_N):
-            offs_p = start_p + offs_n
-            p_ok = offs_p < NUM_POOLED
-            p_ok = p_ok & (tl.load(pr_base + offs_p * stride_rn, mask=p_ok, other=0) != 0)
-            if EVEN_D:
-                p_mask = p_ok[:, None]
-            else:
-                p_mask = p_ok[:, None] & d_ok[None, :]
-            pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
-            pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
-            pk = pk.to(q.dtype)
-            pv = pv.to(q.dtype)
-            if IEEE_DOT:
-                pqk = tl.dot(q, tl.trans(pk), input_precision="ieee")
-            else:
-                pqk = tl.dot(q, tl.trans(pk))
-            p_read = p_ok[None, :]
-            if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
-                pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
-                pg = pg.to(q.dtype)
-                if IEEE_DOT:
-                    pqg = tl.dot(q, tl.trans(pg), input_precision="ieee")
-                else:
-                    pqg = tl.dot(q, tl.trans(pg))
-                p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
-            # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
-            p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
-            plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(plog, 1))
-            p = tl.math.exp2(plog - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if IEEE_DOT:
-                acc = tl.dot(p.to(pv.dtype), pv, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(pv.dtype), pv, acc)
-            m_i = m_new
-    # ============================================================================================================
+        m_i, l_i, acc = _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
+                                        PK, PV, PBias, PRead, PGate,
+                                        stride_pkb, stride_pkh, stride_pkn,
+                                        stride_pvb, stride_pvh, stride_pvn,
+                                        stride_rb, stride_rh, stride_rm, stride_rn,
+                                        stride_gb, stride_gh, stride_gn,
+                                        NUM_POOLED, EVEN_D, IEEE_DOT, HAS_GATE, 0.0, BLOCK_N)
 
-    # -- epilogue: out = out_scale * (acc / l) + out_bias; rows that read no real key keep acc = 0
-    has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if HAS_SCALE:
-        s_base = OutScale + off_b * stride_sb + off_h * stride_sh
-        if SCALE_PER_BLOCK:
-            o = o * tl.load(s_base + row.to(tl.int64) * stride_ss).to(tl.float32)
-        else:
-            s_ptrs = s_base + start_m.to(tl.int64) * stride_ss + offs_m * stride_ss
-            o = o * tl.load(s_ptrs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        b_base = OutBias + off_b * stride_bb + off_h * stride_bh
-        if BIAS_PER_BLOCK:
-            bias = tl.load(b_base + row.to(tl.int64) * stride_bs + offs_d * stride_bd, mask=d_ok, other=0.0)
-            o = o + bias.to(tl.float32)[None, :]
-        else:
-            b_ptrs = (b_base + start_m.to(tl.int64) * stride_bs
-                      + (offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd))
-            bias = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            o = o + bias.to(tl.float32)
-
-    # -- store out and the natural-log lse
+    # -- epilogue (out = out_scale * (acc / l) + out_bias, natural-log lse), then store out
+    o = _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,
+                  Lse, OutScale, OutBias,
+                  stride_sb, stride_sh, stride_ss,
+                  stride_bb, stride_bs, stride_bh, stride_bd,
+                  H, SEQ_Q, HAS_SCALE, HAS_BIAS, SCALE_PER_BLOCK, BIAS_PER_BLOCK)
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_os
               + (offs_m[:, None] * stride_os + offs_d[None, :]))
     if EVEN_D:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
-    lse_ptrs = Lse + (off_b * H + off_h) * SEQ_Q + start_m + offs_m
-    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @functools.cache
