@@ -1,9 +1,14 @@
 """Backend registry and dispatch.
 
-Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``triton`` (CUDA) -> ``flex`` (CUDA) ->
-``torch`` (the reference; always runs). A backend named explicitly (argument, :func:`use_backend` context or
-``DIT_SPARSE_BACKEND``) that cannot run raises ``NotImplementedError`` with its reasons; there is no silent
-fallback. Skipped backends are logged at DEBUG on the ``dit_sparse.backends`` logger.
+Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``hopper`` (CUDA sm90+) -> ``triton`` (CUDA) ->
+``flex`` (CUDA) -> ``torch`` (the reference; always runs). The order is by design and NOT YET MEASURED: the
+``hopper`` kernel (TMA descriptors, full/partial block loops, conditional rescaling) has only run in the Triton
+interpreter so far; ``benchmarks/gpu_suite.py``, which iterates over :data:`BACKENDS`, will measure it against
+``triton`` and the rest, and the order follows the numbers then.
+
+A backend named explicitly (argument, :func:`use_backend` context or ``DIT_SPARSE_BACKEND``) that cannot run
+raises ``NotImplementedError`` with its reasons; there is no silent fallback. Skipped backends are logged at
+DEBUG on the ``dit_sparse.backends`` logger.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from .._logging import get_logger
 from .base import AttentionInputs, Backend
 from .dense import SDPABackend, XFormersBackend
 from .flex import FlexBackend
+from .hopper import HopperBackend
 from .torch_ref import TorchBackend
 from .triton import TritonBackend
 
@@ -24,7 +30,7 @@ __all__ = ["BACKENDS", "AttentionInputs", "Backend", "available_backends", "choo
 logger = get_logger("dit_sparse.backends")
 
 #: registry in automatic-dispatch priority order
-BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TritonBackend(), FlexBackend(),
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), HopperBackend(), TritonBackend(), FlexBackend(),
                                                     XFormersBackend(), TorchBackend())}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dit_sparse_backend", default=None)

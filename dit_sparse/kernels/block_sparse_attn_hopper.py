@@ -26,8 +26,8 @@ Kept from the portable kernel: int64 batch/head/sequence offsets, the natural-lo
 ``lse = -inf``) and the pooled key segment with its exact contract (the shared ``_pooled_segment`` helper: same
 online softmax, per-row read mask, optional gate). Malformed plans: the launcher takes ``split_full``'s lists,
 which the one read rule of ``dit_sparse.plan`` already normalised (sorted, unique, in range); the kernel still
-clamps counts to ``[0, W]`` and indices to ``[0, Mk)`` so hand-fed lists never read out of bounds (they may read
-wrong blocks).
+clamps counts to ``[0, W]`` and indices to ``[0, Mk)`` (unmasked full-block reads: to the blocks that end inside the
+keys), so hand-fed lists never read out of bounds (they may read wrong blocks, and padding slots as keys).
 
 Layout legend: as ``block_sparse_attn.py``; ``full_num`` / ``partial_num`` ``[B, H, Mq]``, ``full_idx`` /
 ``partial_idx`` ``[B, H, Mq, W]`` (int32, any strides, stride-0 broadcast views allowed).
@@ -151,22 +151,22 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _kv_loop(q, m_i, l_i, acc, idx_ptr, stride_iw, n_blocks, num_k_blocks,
+def _kv_loop(q, m_i, l_i, acc, idx_ptr, stride_iw, n_blocks, last_block,
              k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, KvValid,
              offs_n, offs_d, d_ok, SEQ_K, qk_scale,
              PLAN_BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
              MASKED: tl.constexpr, HAS_KV_VALID: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
              IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Walk ``n_blocks`` listed key blocks (``idx_ptr``) x sub-tiles, one flattened loop so it pipelines.
-    ``MASKED``: keys past the block's real count are masked (loads and logits); else every slot is read as is."""
+    ``MASKED``: keys past the block's real count are masked (loads and logits); else every slot is read as is.
+    Indices are clamped to ``[0, last_block]`` (hand-fed lists never read out of bounds)."""
     SUB_TILES: tl.constexpr = PLAN_BLOCK_K // BLOCK_N
     k_tile = offs_n[:, None] * stride_ks + offs_d[None, :]   # int32 offsets inside one sub-tile
     v_tile = offs_n[:, None] * stride_vs + offs_d[None, :]
     for it in tl.range(0, n_blocks * SUB_TILES, warp_specialize=WARP_SPEC):
         blk = it // SUB_TILES
         sub = it % SUB_TILES
-        # hand-fed lists stay in bounds (split_full's lists are already in range)
-        kv_block = tl.minimum(tl.maximum(tl.load(idx_ptr + blk * stride_iw), 0), num_k_blocks - 1)
+        kv_block = tl.minimum(tl.maximum(tl.load(idx_ptr + blk * stride_iw), 0), last_block)
         block_start = kv_block * PLAN_BLOCK_K
         start_n = block_start + sub * BLOCK_N
         if MASKED:
@@ -273,15 +273,20 @@ def _block_sparse_attn_fwd_hopper(
     m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    num_k_blocks = tl.cdiv(SEQ_K, PLAN_BLOCK_K)
+    last_block = tl.cdiv(SEQ_K, PLAN_BLOCK_K) - 1
     row64 = row.to(tl.int64)
 
     # -- loop 1: full key blocks (no key mask when SPLIT_FULL)
     n_full = tl.minimum(tl.maximum(tl.load(FullNum + off_b * stride_fnb + off_h * stride_fnh + row64 * stride_fnm),
                                    0), KV_WIDTH)
+    if SPLIT_FULL:  # unmasked reads: only blocks that end inside the keys, even from hand-fed lists
+        last_full = SEQ_K // PLAN_BLOCK_K - 1
+        n_full = tl.where(last_full < 0, 0, n_full)
+    else:
+        last_full = last_block
     m_i, l_i, acc = _kv_loop(q, m_i, l_i, acc,
                              FullIdx + off_b * stride_fib + off_h * stride_fih + row64 * stride_fim, stride_fiw,
-                             n_full, num_k_blocks, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, KvValid,
+                             n_full, last_full, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, KvValid,
                              offs_n, offs_d, d_ok, SEQ_K, qk_scale,
                              PLAN_BLOCK_K, BLOCK_N, EVEN_D, not SPLIT_FULL, HAS_KV_VALID, USE_TMA, UPCAST, IEEE_DOT,
                              RESCALE_THRESHOLD, WARP_SPEC)
@@ -290,7 +295,7 @@ def _block_sparse_attn_fwd_hopper(
                                    0), KV_WIDTH)
     m_i, l_i, acc = _kv_loop(q, m_i, l_i, acc,
                              PartIdx + off_b * stride_pib + off_h * stride_pih + row64 * stride_pim, stride_piw,
-                             n_part, num_k_blocks, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, KvValid,
+                             n_part, last_block, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, KvValid,
                              offs_n, offs_d, d_ok, SEQ_K, qk_scale,
                              PLAN_BLOCK_K, BLOCK_N, EVEN_D, True, HAS_KV_VALID, USE_TMA, UPCAST, IEEE_DOT,
                              RESCALE_THRESHOLD, WARP_SPEC)
