@@ -111,7 +111,10 @@ def _operand_reasons(name: str, shape, strides, elsize: int, ptr: int) -> list[s
     if strides[-1] != 1:
         return [f"{name}: head dim not contiguous (stride {strides[-1]})"]
     reasons = [f"{name}: data pointer not 16-byte aligned"] if ptr % 16 else []
-    bad = [dim for dim, n, st in zip("bsh", shape[:3], strides[:3]) if n > 1 and (st * elsize) % 16]
+    # the sequence stride is the descriptor's row stride (always checked); batch and head strides move the slice
+    # base, which matters only when that dim has more than one entry
+    bad = [dim for dim, n, st in zip("bsh", shape[:3], strides[:3])
+           if (n > 1 or dim == "s") and (st * elsize) % 16]
     if bad:
         reasons.append(f"{name}: strides of dims {','.join(bad)} ({tuple(strides[:3])}, {elsize}-byte elements) "
                        "not multiples of 16 bytes")
@@ -363,7 +366,7 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  pooled_values: torch.Tensor | None = None,
                                  pooled_log_count: torch.Tensor | None = None,
                                  pooled_read: torch.Tensor | None = None, pooled_gate: torch.Tensor | None = None,
-                                 options: HopperOptions = HopperOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+                                 options: HopperOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Hopper kernel. Arguments as :func:`~dit_sparse.kernels.block_sparse_attn.block_sparse_attn_fwd`,
     with the plan as :meth:`SparsePlan.split_full`'s four tables (``[B, H, Mq]`` counts, ``[B, H, Mq, W]``
     indices; may be expanded views) and ``options`` (:class:`HopperOptions`). No validation beyond the TMA
@@ -371,6 +374,7 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Returns ``out`` ``[B, Sq, H, D]`` contiguous in ``q.dtype`` and ``lse`` float32 ``[B, H, Sq]`` (natural log).
     """
+    options = HopperOptions() if options is None else options
     bsz, seq_q, heads, dim = q.shape
     seq_k = k.shape[1]
     out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
@@ -451,8 +455,9 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out, lse
 
 
-def kernel_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: HopperOptions = HopperOptions()) -> str:
+def kernel_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: HopperOptions | None = None) -> str:
     """One line saying which path the kernel takes for these inputs (the backend logs it)."""
+    options = HopperOptions() if options is None else options
     why = tma_reasons(q, k, v)
     if options.tma is False:
         loads = "pointer loads (tma=False)"
