@@ -14,8 +14,8 @@ import torch
 
 from .._env import has_triton, triton_interpret
 from .._logging import get_logger
-from .base import AttentionInputs, Backend
-from .triton import MAX_HEAD_DIM, TRITON_DTYPES, _unit_stride
+from .base import AttentionInputs
+from .triton import TritonBackend, _unit_stride, kernel_input_reasons
 
 logger = get_logger("dit_sparse.backends")
 _logged: set[str] = set()
@@ -50,9 +50,10 @@ def _(q, k, v, full_num, full_idx, partial_num, partial_idx, kv_block_valid, out
     return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
 
 
-class HopperBackend(Backend):
-    """The Hopper kernel. ``options`` (:class:`~dit_sparse.kernels.block_sparse_attn_hopper.HopperOptions`) holds
-    its switches; replace it (``BACKENDS["hopper"].options = HopperOptions(...)``) to measure them."""
+class HopperBackend(TritonBackend):
+    """The Hopper kernel (a :class:`TritonBackend` with its own kernel, reasons and switches). ``options``
+    (:class:`~dit_sparse.kernels.block_sparse_attn_hopper.HopperOptions`) holds its switches;
+    replace it (``BACKENDS["hopper"].options = HopperOptions(...)``) to measure them."""
 
     name = "hopper"
     reads_pooled_segment = True
@@ -77,7 +78,7 @@ class HopperBackend(Backend):
         self._options = value
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
-        q, plan = inputs.query, inputs.plan
+        q = inputs.query
         reasons = []
         if not has_triton():
             return ["triton is not installed: pip install 'dit_sparse[triton]'"]
@@ -92,15 +93,7 @@ class HopperBackend(Backend):
                                "GPU; use backend='torch' on CPU)")
         else:
             reasons.append(f"device {q.device} is not supported (CUDA sm90+, or CPU in the Triton interpreter)")
-        if q.dtype not in TRITON_DTYPES:
-            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
-        if q.shape[-1] > MAX_HEAD_DIM or inputs.value.shape[-1] != q.shape[-1]:
-            reasons.append(f"head_dim {q.shape[-1]} (value {inputs.value.shape[-1]}) is not supported: "
-                           f"query and value head_dim must be equal and <= {MAX_HEAD_DIM}")
-        if plan.block_q % 16 or plan.block_k % 16:
-            reasons.append(f"block sizes must be multiples of 16 for tl.dot, got ({plan.block_q}, {plan.block_k})")
-        if q.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad:
-            reasons.append("the kernel is forward-only: wrap inference in torch.no_grad()")
+        reasons += kernel_input_reasons(inputs)
         opts = self.options
         if opts.warp_specialize:
             from ..kernels.block_sparse_attn_hopper import has_warp_specialize
@@ -115,11 +108,6 @@ class HopperBackend(Backend):
 
             reasons += [f"HopperOptions(tma=True): {r}" for r in tma_reasons(*self._operands(inputs))]
         return reasons
-
-    def auto_reasons(self, inputs: AttentionInputs) -> list[str]:
-        if not inputs.query.is_cuda:
-            return ["the Triton interpreter on CPU is for tests (about 1000x slower than backend='torch')"]
-        return []
 
     @staticmethod
     def _operands(inputs: AttentionInputs):

@@ -237,6 +237,24 @@ def _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok,
 
 
 @triton.jit
+def _load_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile, rows past the sequence and columns past the head dim read as 0."""
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptrs, value, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Store a ``[rows, BLOCK_D]`` tile, skipping rows past the sequence and columns past the head dim."""
+    if EVEN_D:
+        tl.store(ptrs, value, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, value, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _block_sparse_attn_fwd(
     Q, K, V, Out, Lse,
     KvNum, KvIdx, KvValid, OutScale, OutBias,
@@ -287,10 +305,7 @@ def _block_sparse_attn_fwd(
     # -- load the q tile once
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qs
               + (offs_m[:, None] * stride_qs + offs_d[None, :]))
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(q_ptrs, row_ok, d_ok, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -380,10 +395,7 @@ def _block_sparse_attn_fwd(
                   H, SEQ_Q, HAS_SCALE, HAS_BIAS, SCALE_PER_BLOCK, BIAS_PER_BLOCK)
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_os
               + (offs_m[:, None] * stride_os + offs_d[None, :]))
-    if EVEN_D:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(o_ptrs, o.to(Out.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 @functools.cache
@@ -395,6 +407,36 @@ def _autotuned_kernel():
         key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM", "HAS_POOLED"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
+
+
+def _optional_operands(out, lse, stand_in, kv_block_valid, out_scale, out_bias, pooled_keys, pooled_values,
+                       pooled_log_count, pooled_read, pooled_gate) -> dict:
+    """Kernel arguments of the optional operands, shared by both launchers: ``epilogue`` (kv_block_valid,
+    out_scale, out_bias pointers), ``epilogue_strides``, ``pooled`` (the segment's pointers, strides and length)
+    and the constexpr flags in ``meta``. Absent operands get a harmless stand-in pointer (never read: their
+    constexpr flag is off)."""
+    dim = out.shape[-1]
+    epilogue = (kv_block_valid if kv_block_valid is not None else stand_in,
+                out_scale if out_scale is not None else lse,
+                out_bias if out_bias is not None else out)
+    strides = ((_bcast_strides(out_scale) if out_scale is not None else (0, 0, 0))
+               + (_bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)))
+    has_pooled = pooled_keys is not None
+    has_gate = has_pooled and pooled_gate is not None
+    if has_pooled:
+        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+                      for t in (pooled_keys, pooled_values, pooled_gate))
+        pbias = (pooled_log_count.float() * _LOG2E).contiguous()  # base-2 bias
+        pread = pooled_read.view(torch.uint8)
+        seg_strides = (*_bcast_strides(pk)[:3], *_bcast_strides(pv)[:3], *_bcast_strides(pread),
+                       *(_bcast_strides(pg)[:3] if has_gate else (0, 0, 0)))
+        pooled = (pk, pv, pbias, pread, pg if has_gate else pk, *seg_strides, pk.shape[2])
+    else:
+        pooled = (lse, lse, lse, stand_in, lse, *(0,) * 13, 0)
+    meta = dict(HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)), HAS_KV_VALID=kv_block_valid is not None,
+                HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None, HAS_POOLED=has_pooled,
+                HAS_GATE=has_gate)
+    return dict(epilogue=epilogue, epilogue_strides=strides, pooled=pooled, meta=meta)
 
 
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
@@ -432,59 +474,26 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     if bsz == 0 or seq_q == 0 or heads == 0:
         return out, lse
 
-    # unused optional operands get a harmless stand-in pointer (never read: the constexpr flags are off)
-    kbv = kv_block_valid if kv_block_valid is not None else kv_num_blocks
-    sc = out_scale if out_scale is not None else lse
-    sc_strides = _bcast_strides(out_scale) if out_scale is not None else (0, 0, 0)
-    bi = out_bias if out_bias is not None else out
-    bi_strides = _bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)
-
-    # pooled key segment operands (stand-ins when absent, never read)
-    has_pooled = pooled_keys is not None
-    has_gate = has_pooled and pooled_gate is not None
-    if has_pooled:
-        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-                      for t in (pooled_keys, pooled_values, pooled_gate))
-        pbias = (pooled_log_count.float() * _LOG2E).contiguous()
-        pread = pooled_read.view(torch.uint8)
-        num_pooled = pk.shape[2]
-        pk_strides, pv_strides = _bcast_strides(pk)[:3], _bcast_strides(pv)[:3]
-        pr_strides = _bcast_strides(pread)
-        pg_strides = _bcast_strides(pg)[:3] if has_gate else (0, 0, 0)
-        pg = pg if has_gate else pk
-    else:
-        pk = pv = pg = pbias = lse
-        pread = kv_num_blocks
-        num_pooled = 0
-        pk_strides = pv_strides = pg_strides = (0, 0, 0)
-        pr_strides = (0, 0, 0, 0)
-
+    ops = _optional_operands(out, lse, kv_num_blocks, kv_block_valid, out_scale, out_bias, pooled_keys,
+                             pooled_values, pooled_log_count, pooled_read, pooled_gate)
     interpreted = _is_interpreted(_block_sparse_attn_fwd)
     args = (
         q, k, v, out, lse,
-        kv_num_blocks, kv_indices, kbv, sc, bi,
+        kv_num_blocks, kv_indices, *ops["epilogue"],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *_bcast_strides(kv_num_blocks),
         *_bcast_strides(kv_indices),
-        *sc_strides,
-        *bi_strides,
+        *ops["epilogue_strides"],
         heads, seq_q, seq_k, kv_indices.shape[-1], float(scale) * _LOG2E,
-        pk, pv, pbias, pread, pg,
-        *pk_strides, *pv_strides, *pr_strides, *pg_strides,
-        num_pooled,
+        *ops["pooled"],
     )
-    meta = dict(
-        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k),
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)),
-        HAS_KV_VALID=kv_block_valid is not None, HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None,
-        SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
-        UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
-        IEEE_DOT=q.dtype == torch.float32,                  # no TF32 for fp32 inputs
-        HAS_POOLED=has_pooled, HAS_GATE=has_gate,
-    )
+    meta = dict(PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), **ops["meta"],
+                SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
+                UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
+                IEEE_DOT=q.dtype == torch.float32)                  # no TF32 for fp32 inputs
 
     if interpreted:
         # one fixed config, the largest tiles (the interpreter's cost is per program x sub-tile)

@@ -49,10 +49,13 @@ from .block_sparse_attn import (
     _epilogue,
     _is_interpreted,
     _largest_pow2_divisor,
+    _load_rows,
     _mm,
+    _optional_operands,
     _pooled_segment,
     _prune_tiles,
     _softmax_step,
+    _store_rows,
 )
 
 __all__ = ["HopperOptions", "block_sparse_attn_hopper_fwd", "has_tensor_descriptors", "has_warp_specialize",
@@ -265,11 +268,8 @@ def _block_sparse_attn_fwd_hopper(
     else:
         k_desc = k_base
         v_desc = v_base
-        q_ptrs = q_base + start_m.to(tl.int64) * stride_qs + (offs_m[:, None] * stride_qs + offs_d[None, :])
-        if EVEN_D:
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _load_rows(q_base + start_m.to(tl.int64) * stride_qs + (offs_m[:, None] * stride_qs + offs_d[None, :]),
+                       row_ok, d_ok, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -322,11 +322,8 @@ def _block_sparse_attn_fwd_hopper(
     if USE_TMA:
         tl.make_tensor_descriptor(o_base, [SEQ_Q, HEAD_DIM], [stride_os, 1], [BLOCK_M, BLOCK_D]).store([start_m, 0], o)
     else:
-        o_ptrs = o_base + start_m.to(tl.int64) * stride_os + (offs_m[:, None] * stride_os + offs_d[None, :])
-        if EVEN_D:
-            tl.store(o_ptrs, o, mask=row_ok[:, None])
-        else:
-            tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(o_base + start_m.to(tl.int64) * stride_os + (offs_m[:, None] * stride_os + offs_d[None, :]),
+                    o, row_ok, d_ok, EVEN_D)
 
 
 @functools.cache
@@ -382,28 +379,8 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if bsz == 0 or seq_q == 0 or heads == 0:
         return out, lse
 
-    kbv = kv_block_valid if kv_block_valid is not None else full_num
-    sc = out_scale if out_scale is not None else lse
-    sc_strides = _bcast_strides(out_scale) if out_scale is not None else (0, 0, 0)
-    bi = out_bias if out_bias is not None else out
-    bi_strides = _bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)
-
-    has_pooled = pooled_keys is not None
-    has_gate = has_pooled and pooled_gate is not None
-    if has_pooled:
-        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-                      for t in (pooled_keys, pooled_values, pooled_gate))
-        pbias = (pooled_log_count.float() * _LOG2E).contiguous()
-        pread = pooled_read.view(torch.uint8)
-        num_pooled = pk.shape[2]
-        seg_strides = (*_bcast_strides(pk)[:3], *_bcast_strides(pv)[:3], *_bcast_strides(pread),
-                       *(_bcast_strides(pg)[:3] if has_gate else (0, 0, 0)))
-        pg = pg if has_gate else pk
-    else:
-        pk = pv = pg = pbias = lse
-        pread = full_num
-        num_pooled = 0
-        seg_strides = (0,) * 13
+    ops = _optional_operands(out, lse, full_num, kv_block_valid, out_scale, out_bias, pooled_keys, pooled_values,
+                             pooled_log_count, pooled_read, pooled_gate)
 
     why_not_tma = tma_reasons(q, k, v)
     if options.tma and why_not_tma:
@@ -417,25 +394,22 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     interpreted = _is_interpreted(_block_sparse_attn_fwd_hopper)
     args = (
         q, k, v, out, lse,
-        full_num, full_idx, partial_num, partial_idx, kbv, sc, bi,
+        full_num, full_idx, partial_num, partial_idx, *ops["epilogue"],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *_bcast_strides(full_num), *_bcast_strides(full_idx),
         *_bcast_strides(partial_num), *_bcast_strides(partial_idx),
-        *sc_strides, *bi_strides,
+        *ops["epilogue_strides"],
         heads, seq_q, seq_k, full_idx.shape[-1], float(scale) * _LOG2E,
-        pk, pv, pbias, pread, pg, *seg_strides, num_pooled,
+        *ops["pooled"],
     )
     meta = dict(
-        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k),
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)),
-        HAS_KV_VALID=kv_block_valid is not None, HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None,
+        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), **ops["meta"],
         SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
         UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
         IEEE_DOT=q.dtype == torch.float32,
-        HAS_POOLED=has_pooled, HAS_GATE=has_gate,
         SPLIT_FULL=options.split_full, RESCALE_THRESHOLD=float(options.rescale_threshold), USE_TMA=use_tma,
         WARP_SPEC=options.warp_specialize and not interpreted,
     )

@@ -217,7 +217,7 @@ def test_backend_reasons_and_dispatch(monkeypatch):
 
 
 @needs_kernel
-def test_backend_named_runs_and_logs_its_path(caplog):
+def test_backend_named_runs_and_logs_its_path(caplog, monkeypatch):
     gen = torch.Generator().manual_seed(9)
     q, k, v = _qkv(gen, 1, 50, 50, 2, 16)
     mask = torch.rand(1, 2, 4, 4, generator=gen) < 0.6
@@ -226,3 +226,15 @@ def test_backend_named_runs_and_logs_its_path(caplog):
         out, lse = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.25, return_lse=True, backend="hopper")
     assert any("hopper kernel: TMA descriptors" in r.getMessage() for r in caplog.records)
     _assert_matches(out, lse, *_oracle(q, k, v, plan, 0.25))
+    # a fresh plan (its split computed inside the call) runs without a device-to-host sync
+    fresh = SparsePlan.from_dense((torch.rand(1, 2, 4, 4, generator=gen) < 0.5).to(DEV), block_q=16, block_k=16,
+                                  seq_q=50, seq_k=50)
+    with no_host_sync("a hopper backend call"):
+        dit_sparse.block_sparse_attention(q, k, v, fresh, scale=0.25, backend="hopper")
+    # the switches, set on the registered backend, reach the kernel (the logged path says pointer loads)
+    monkeypatch.setattr(BACKENDS["hopper"], "_options", HopperOptions(tma=False, rescale_threshold=0.0))
+    with caplog.at_level("DEBUG", logger="dit_sparse.backends"):
+        again = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.25, backend="hopper")
+    assert any("pointer loads (tma=False)" in r.getMessage() and "rescale every step" in r.getMessage()
+               for r in caplog.records)
+    torch.testing.assert_close(again, out, atol=TOL, rtol=TOL)
