@@ -32,8 +32,9 @@ from .base import AttentionInputs, Backend
 __all__ = ["FA4Backend", "FA4Tensors", "INSTALL_HINT", "fa4_tensors", "head_dim_reasons", "tile_reasons"]
 
 FA4_DTYPES = (torch.float16, torch.bfloat16)
-INSTALL_HINT = ("pip install --pre flash-attn-4 ('flash-attn-4[cu13]' on CUDA 13); its CuTe DSL libraries are a ~92 MB "
-                "wheel: see the README's backends section (and ENVIRONMENT.md section 2 for an offline GPU machine)")
+INSTALL_HINT = ("pip install --pre flash-attn-4 ('flash-attn-4[cu13]' on CUDA 13); its CuTe DSL libraries are a "
+                "~92 MB wheel: see the README's backends section (and ENVIRONMENT.md section 2 for an offline GPU "
+                "machine)")
 
 
 @functools.cache
@@ -169,5 +170,5 @@ class FA4Backend(Backend):
         out, lse = run_fa4(inputs.query, inputs.key, inputs.value, fa4_tensors(plan), float(inputs.scale),
                            inputs.return_lse)
         if plan.has_epilogue:
-            out = apply_epilogue(out.float(), plan).to(inputs.query.dtype)
+            out = apply_epilogue(out.to(torch.promote_types(out.dtype, torch.float32)), plan).to(out.dtype)
         return out, (lse.float() if inputs.return_lse else None)
