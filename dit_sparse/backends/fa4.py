@@ -6,8 +6,10 @@ its kernels at the first call (no nvcc). Built against flash-attn-4 4.0.0b36; no
 The plan goes in as FA4's ``BlockSparseTensorsTorch`` (flex's ``BlockMask`` layout) through
 :meth:`SparsePlan.split_full`: key blocks whose slots are all real keys are *full* blocks (read without a mask);
 blocks with padding slots (``kv_block_valid``) or the ragged tail past ``seq_k`` are *partial* ("mask") blocks.
-FA4 masks keys past ``seq_k`` itself. When the plan has ``kv_block_valid``, partial blocks also run a CuTe
-``mask_mod`` that reads a per-key validity vector (an FA4 aux tensor), so padding slots are masked exactly. The
+FA4 masks keys past ``seq_k`` itself, on the first block it processes of each list, which is the list's *last*
+entry: rows must be ascending (``split_full`` guarantees it) so that the ragged tail block is that entry. When the
+plan has ``kv_block_valid``, partial blocks also run a CuTe ``mask_mod`` that reads a per-key validity vector (an
+FA4 aux tensor), so padding slots are masked exactly. The
 epilogue (``out_scale``, ``out_bias``) runs in torch after the call; the log-sum-exp comes from FA4 (natural log,
 ``-inf`` on rows that read no key). Building the tensors is tensor ops only (no device sync).
 
