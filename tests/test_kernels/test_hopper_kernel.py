@@ -194,7 +194,8 @@ class _FakeCuda:
 
 def test_backend_reasons_and_dispatch(monkeypatch):
     plan = SparsePlan.dense(seq_q=64, seq_k=64, block_q=16, block_k=16)
-    assert list(BACKENDS)[:3] == ["sdpa", "hopper", "triton"]
+    order = list(BACKENDS)
+    assert order.index("sdpa") < order.index("hopper") == order.index("triton") - 1  # right before the portable one
     fake = _FakeCuda()
     inputs = AttentionInputs(fake, fake, fake, plan, 0.1, True)
     hopper = BACKENDS["hopper"]
