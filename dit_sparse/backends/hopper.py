@@ -1,11 +1,12 @@
 """The ``hopper`` backend: the Hopper (sm90+) kernel of ``kernels/block_sparse_attn_hopper.py`` as a
-``torch.library`` custom op. NOT YET MEASURED ON A GPU: it comes before ``triton`` in automatic dispatch by
-design; ``benchmarks/gpu_suite.py`` measures both.
+``torch.library`` custom op. NOT YET RUN ON A GPU: like ``fa4`` it is ``auto = False`` (used only when named,
+``backend="hopper"``) until ``benchmarks/gpu_suite.py`` has compiled it on sm90, checked it against the reference
+and timed it against ``triton``; then it is one line to put it into automatic dispatch, before ``triton``.
 
 It reads the plan as full and partial key blocks (:attr:`SparsePlan.full_split`, cached on the plan, sync-free).
 On CPU it runs in Triton's interpreter when ``TRITON_INTERPRET=1`` and is named (tests); automatic dispatch
-picks it only on CUDA devices of compute capability >= 9.0. Which path the kernel takes (TMA descriptors or
-pointer loads, and why) is logged at DEBUG on ``dit_sparse.backends``, once per distinct path.
+never picks it. Named, it needs a CUDA device of compute capability >= 9.0. Which path the kernel takes (TMA
+descriptors or pointer loads, and why) is logged at DEBUG on ``dit_sparse.backends``, once per distinct path.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class HopperBackend(TritonBackend):
 
     name = "hopper"
     reads_pooled_segment = True
+    #: never compiled on a GPU yet: named only (``backend="hopper"``) until the GPU suite has checked and timed it
+    auto = False
 
     def __init__(self, options=None):
         self._options = options
