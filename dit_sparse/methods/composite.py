@@ -46,6 +46,7 @@ from .pooled_rectification import (
     ipar_probabilities,
     pooled_segment,
     rectification_terms,
+    row_outlier_count,
     row_rectified_attention,
     select_critical_blocks,
 )
@@ -240,10 +241,10 @@ def _head_rows(dense_heads: tuple[int, ...], heads: int, device: str) -> torch.T
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
-    def __init__(self, q_perm, k_perm, v_perm, layout, scale, outliers: bool = False):
+    def __init__(self, q_perm, k_perm, v_perm, layout, scale, outliers: int = 0):
         self.args = (q_perm, k_perm, v_perm, layout)
         self.scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
-        self.outliers = outliers and v_perm is not None
+        self.outliers = outliers if v_perm is not None else 0
         self._value = None
 
     def __call__(self):
@@ -338,7 +339,7 @@ class SparseAttention:
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
         rect_cfg = cfg.rectification
         stats = None if rect_cfg is None else _RectStats(
-            qp, kp, vp, layout, scale, outliers=rect_cfg.per_row and rect_cfg.row_keys == "outlier")
+            qp, kp, vp, layout, scale, outliers=row_outlier_count(rect_cfg))
         epilogue = self._rectify(qp, kp, vp, layout, stats)
 
         def build() -> torch.Tensor:

@@ -69,6 +69,7 @@ __all__ = [
     "rectified_attention",
     "rectified_mask",
     "rectified_plan",
+    "row_outlier_count",
     "row_rectified_attention",
     "select_critical_blocks",
 ]
@@ -77,7 +78,8 @@ __all__ = [
 COMBINE_MODES = ("block", "row")
 
 #: how a skipped block enters the per-row softmax (``combine="row"``): ``"mean"``, one pooled key (mean key and
-#: value, weight n_j); ``"outlier"``, its most deviating key exactly plus one pooled key for the other n_j - 1
+#: value, weight n_j); ``"outlier"``, its ``row_outliers`` most deviating keys exactly plus one pooled key for the
+#: other n_j - row_outliers
 ROW_KEYS = ("mean", "outlier")
 
 #: elements of one chunk of per-row pooled logits ``[B, h, Pv, Nv]`` in :func:`pooled_remainder`
@@ -115,11 +117,15 @@ class PooledRectificationConfig:
             ``|q_u · k̄_j|`` with ``|q_u · b_j|``.
         row_keys (`str`, defaults to ``"outlier"``): with ``combine="row"``, how a skipped block enters the softmax.
             ``"mean"``: one pooled key (``k̄_j``, ``v̄_j``, weight ``n_j``), gated by GAPR per row when ``gapr``.
-            ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's most deviating key
-            (largest ``||k_t - k̄_j||``) exactly, with its own value, plus one pooled key for the other ``n_j - 1``
-            tokens; no gate (``gapr`` is ignored). A block mean hides an isolated bright key and a row's remainder
-            then over-weights the dark field; the exact outlier restores it (measured in
-            ``benchmarks/pooled_peers.py``).
+            ``"outlier"`` [ours; the sharp-attention safeguard of issue 14]: the block's ``row_outliers`` most
+            deviating keys (largest ``||k_t - k̄_j||``, lowest slot on ties) exactly, with their own values, plus
+            one pooled key for the other ``n_j - row_outliers`` tokens (a block of ``n_j <= row_outliers`` real
+            tokens enters wholly exactly, no pooled key); no gate (``gapr`` is ignored). A block mean hides an
+            isolated bright key and a row's remainder then over-weights the dark field; the exact outliers restore
+            it (measured in ``benchmarks/row_safeguard.py`` and ``benchmarks/pooled_peers.py``).
+        row_outliers (`int`, defaults to 1): with ``row_keys="outlier"``, how many most deviating keys of each
+            skipped block are kept exactly (``>= 1``; the segment then holds ``(row_outliers + 1) * Nv`` keys).
+            Ignored by ``row_keys="mean"`` (like ``gapr`` by ``"outlier"``).
 
     Example::
 
@@ -135,6 +141,7 @@ class PooledRectificationConfig:
     rectify: bool = True
     combine: str = "block"
     row_keys: str = "outlier"
+    row_outliers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
@@ -149,6 +156,10 @@ class PooledRectificationConfig:
                                  f"({type(v).__name__}).")
         if self.row_keys not in ROW_KEYS:
             raise ValueError(f"PooledRectificationConfig.row_keys must be one of {ROW_KEYS}, got {self.row_keys!r}.")
+        v = self.row_outliers
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"PooledRectificationConfig.row_outliers must be an int >= 1 (exact keys per skipped "
+                             f"block with row_keys='outlier'), got {v!r}.")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"PooledRectificationConfig.combine must be one of {COMBINE_MODES}, got "
                              f"{self.combine!r}.")
@@ -177,8 +188,9 @@ class BlockStatistics:
         counts (`torch.Tensor`, ``[Nv]``): real tokens per video block.
         q_dev, k_dev (`torch.Tensor`, ``[B, H, Nv, D]`` or None): GAPR deviations ``mean_u |x_u - x̄|`` over real
             tokens only (None when not computed).
-        k_out, v_out (`torch.Tensor`, ``[B, H, Nv, D]`` or None): each block's most deviating real key (largest
-            ``||k_t - k̄_j||``, lowest slot on ties) and its value (``row_keys="outlier"``; None when not computed).
+        k_out, v_out (`torch.Tensor`, ``[B, H, Nv, M, D]`` or None): each block's ``M`` most deviating real keys
+            (largest ``||k_t - k̄_j||`` first, lowest slot on ties) and their values (``row_keys="outlier"``, ``M =
+            row_outliers``; None when not computed). Ranks ``r >= n_j`` (a block with fewer real tokens) are zeros.
     """
 
     q_mean: torch.Tensor
@@ -204,24 +216,32 @@ def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout
     return dev / valid.view(1, 1, nv, 1)
 
 
-def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layout: TokenLayout):
-    """Most deviating real key of each video block and its value -> float32 ``[B, H, Nv, D]`` twice."""
+def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layout: TokenLayout, m: int):
+    """The ``m`` most deviating real keys of each video block (largest ``||k_t - k̄_j||`` first, lowest slot among
+    exact ties) and their values -> float32 ``[B, H, Nv, m, D]`` twice (zeros at ranks ``>= n_j``)."""
     b, _, h, d = k.shape
     nv, bs = layout.num_video_blocks, layout.block_size
     kv = k[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
+    vv = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32)
     dist = (kv - k_mean.permute(0, 2, 1, 3).unsqueeze(2)).square().sum(-1)  # [B, Nv, Bs, H]
     real = torch.arange(bs, device=k.device).view(1, bs) < layout.block_valid(k.device)[:nv].view(nv, 1)
     dist = dist.masked_fill(~real.view(1, nv, bs, 1), -1.0)
-    idx = dist.argmax(2, keepdim=True)  # the first maximal index: the lowest slot among exact ties
-    pick = idx.unsqueeze(-1).expand(b, nv, 1, h, d)
-    k_out = kv.gather(2, pick)[:, :, 0].permute(0, 2, 1, 3)
-    v_out = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32).gather(
-        2, idx.unsqueeze(-1).expand(b, nv, 1, h, v.shape[-1]))[:, :, 0].permute(0, 2, 1, 3)
-    return k_out.contiguous(), v_out.contiguous()
+    # a stable descending sort keeps equal distances in slot order: the lowest slot first among exact ties;
+    # padding slots (-1) sort after every real key
+    mm = min(m, bs)  # ranks past the block size hold no token (zeros below, never read)
+    idx = torch.sort(dist, dim=2, descending=True, stable=True).indices[:, :, :mm]  # [B, Nv, mm, H]
+    rank_real = torch.arange(mm, device=k.device).view(1, mm) < layout.block_valid(k.device)[:nv].view(nv, 1)
+    keep = rank_real.view(1, nv, mm, 1, 1).to(torch.float32)
+    k_out = kv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, d)) * keep
+    v_out = vv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, vv.shape[-1])) * keep
+    if mm < m:
+        k_out = torch.cat([k_out, k_out.new_zeros(b, nv, m - mm, h, d)], 2)
+        v_out = torch.cat([v_out, v_out.new_zeros(b, nv, m - mm, h, vv.shape[-1])], 2)
+    return k_out.permute(0, 3, 1, 2, 4).contiguous(), v_out.permute(0, 3, 1, 2, 4).contiguous()
 
 
 def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor | None,
-                     layout: TokenLayout, *, deviations: bool = True, outliers: bool = False) -> BlockStatistics:
+                     layout: TokenLayout, *, deviations: bool = True, outliers: int = 0) -> BlockStatistics:
     """Pooled block statistics of permuted q, k, v (§4.2, §4.5).
 
     Args:
@@ -229,7 +249,8 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
             ``v_perm`` may be None when only the selection is needed.
         layout (`TokenLayout`): the layout the tensors were permuted with.
         deviations (`bool`, defaults to True): also compute the GAPR deviations ``q_dev``, ``k_dev``.
-        outliers (`bool`, defaults to False): also compute ``k_out``, ``v_out`` (needs ``v_perm``).
+        outliers (`int`, defaults to 0): also compute ``k_out``, ``v_out``, the ``outliers`` most deviating keys
+            of each block (``row_outliers``; needs ``v_perm``); 0 computes none (``True`` counts as 1).
 
     Returns:
         `BlockStatistics` (float32). Means divide by the true token count of each block (``block_valid``); the
@@ -252,10 +273,13 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
         q_dev = _mean_abs_deviation(q_perm, q_mean, layout)
         k_dev = _mean_abs_deviation(k_perm, k_mean, layout)
     k_out = v_out = None
+    if not isinstance(outliers, int) or outliers < 0:
+        raise ValueError(f"block_statistics(outliers=...) must be an int >= 0 (exact keys per block), got "
+                         f"{outliers!r}.")
     if outliers:
         if v_perm is None:
-            raise ValueError("block_statistics(outliers=True) needs v_perm (the outliers carry their values).")
-        k_out, v_out = _block_outliers(k_perm, v_perm, k_mean, layout)
+            raise ValueError("block_statistics(outliers=M) needs v_perm (the outliers carry their values).")
+        k_out, v_out = _block_outliers(k_perm, v_perm, k_mean, layout, int(outliers))
     return BlockStatistics(q_mean, k_mean, v_mean, k_text, counts, q_dev, k_dev, k_out, v_out)
 
 
@@ -536,7 +560,7 @@ def _stats_and_mask(q_perm, k_perm, v_perm, layout, config, scale, mask):
     """Pooled statistics, their IPAR probabilities and the final block mask (given, or the selection)."""
     stats = block_statistics(q_perm, k_perm, v_perm if config.rectify else None, layout,
                              deviations=config.rectify and config.gapr,
-                             outliers=config.per_row and config.row_keys == "outlier")
+                             outliers=row_outlier_count(config))
     p_tilde = ipar_probabilities(stats, scale)
     if mask is None:
         mask = select_critical_blocks(p_tilde, layout, config)
@@ -602,16 +626,22 @@ def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectif
     rows of video query block ``i`` read the blocks ``mask`` skips in row ``i``; text query rows read none. With
     ``config.gapr`` the per-row gate ``|q_u · k̄_j| > |q_u · b_j|`` applies (``b_j`` = ``stats.k_dev``).
     Same remainder as :func:`pooled_remainder`, read inside the kernel's softmax. With ``config.row_keys =
-    "outlier"``: ``2 Nv`` keys, each skipped block's most deviating key exactly (bias 0) and the mean of its other
-    ``n_j - 1`` tokens (bias ``log(n_j - 1)``), no gate.
+    "outlier"`` (``M = config.row_outliers``): ``(M + 1) Nv`` keys, rank-major (key ``r Nv + j`` is block ``j``'s
+    rank-``r`` outlier, exact, bias 0; keys ``M Nv + j`` the mean of its other ``n_j - M`` tokens, bias
+    ``log(n_j - M)``); the read mask repeats per rank, a rank ``r >= n_j`` and the pooled key of a block with
+    ``n_j <= M`` are never read; no gate.
     """
     _check_config(config)
     outlier = config.row_keys == "outlier"
+    m = config.row_outliers
     if stats.v_mean is None or (config.gapr and not outlier and stats.k_dev is None) \
             or (outlier and stats.k_out is None):
         raise ValueError("pooled_segment needs v_mean (k_dev with gapr=True, k_out / v_out with "
                          "row_keys='outlier') in stats; build them with block_statistics(q, k, v, layout, "
-                         "outliers=True).")
+                         "outliers=config.row_outliers).")
+    if outlier and stats.k_out.shape[3] != m:
+        raise ValueError(f"pooled_segment: stats hold {stats.k_out.shape[3]} outliers per block, config.row_outliers "
+                         f"is {m}; build them with block_statistics(..., outliers={m}).")
     device = stats.k_mean.device if device is None else device
     nv, n = layout.num_video_blocks, layout.num_blocks
     mask = _normalise_mask(mask, layout, device)
@@ -620,15 +650,27 @@ def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectif
     if not outlier:
         return PooledSegment(keys=stats.k_mean, values=stats.v_mean, log_count=stats.counts.log(), read=skipped,
                              gate=stats.k_dev if config.gapr else None)
-    # the outlier exactly (weight 1), then the mean of the other n_j - 1 tokens (none when n_j = 1)
+    # the M outliers exactly (weight 1), then the mean of the other n_j - M tokens (none when n_j <= M)
+    b, h = stats.k_out.shape[:2]
     n_j = stats.counts.view(1, 1, nv, 1)
-    rest = (n_j > 1).view(nv)
-    denom = (n_j - 1).clamp_min(1.0)
-    k_rest = (stats.k_mean * n_j - stats.k_out) / denom
-    v_rest = (stats.v_mean * n_j - stats.v_out) / denom
-    return PooledSegment(keys=torch.cat([stats.k_out, k_rest], 2), values=torch.cat([stats.v_out, v_rest], 2),
-                         log_count=torch.cat([torch.zeros_like(stats.counts), (stats.counts - 1).clamp_min(1).log()]),
-                         read=torch.cat([skipped, skipped & rest.view(1, 1, 1, nv)], -1))
+    rest = (n_j > m).view(nv)
+    denom = (n_j - m).clamp_min(1.0)
+    k_rest = (stats.k_mean * n_j - stats.k_out.sum(3)) / denom
+    v_rest = (stats.v_mean * n_j - stats.v_out.sum(3)) / denom
+    k_exact = stats.k_out.transpose(2, 3).reshape(b, h, m * nv, -1)  # rank-major: [r * Nv + j]
+    v_exact = stats.v_out.transpose(2, 3).reshape(b, h, m * nv, -1)
+    rank_real = (torch.arange(m, device=stats.counts.device).view(m, 1) < stats.counts.view(1, nv)).reshape(m * nv)
+    return PooledSegment(keys=torch.cat([k_exact, k_rest], 2), values=torch.cat([v_exact, v_rest], 2),
+                         log_count=torch.cat([stats.counts.new_zeros(m * nv),
+                                              (stats.counts - m).clamp_min(1).log()]),
+                         read=torch.cat([skipped.repeat(1, 1, 1, m) & rank_real.view(1, 1, 1, m * nv),
+                                         skipped & rest.view(1, 1, 1, nv)], -1))
+
+
+def row_outlier_count(config: PooledRectificationConfig) -> int:
+    """How many outliers per block :func:`block_statistics` must compute for ``config`` (0 unless row mode with
+    ``row_keys="outlier"``)."""
+    return config.row_outliers if config.per_row and config.row_keys == "outlier" else 0
 
 
 # ---------------------------------------------------------------------------------------------------- per-row merge

@@ -199,7 +199,8 @@ def rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value:
 
 def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout,
                                       mask: torch.Tensor, *, scale: float | None = None,
-                                      gapr: bool = True, row_keys: str = "mean") -> torch.Tensor:
+                                      gapr: bool = True, row_keys: str = "mean",
+                                      row_outliers: int = 1) -> torch.Tensor:
     """``combine="row"`` rectification on model-order ``[B, S, H, D]``, float64, one softmax per query row.
 
     Video query row ``u`` of block ``i`` attends, in a single softmax, to the exact keys of every block ``mask``
@@ -208,9 +209,10 @@ def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, va
     Text query rows attend to their read blocks only. Rows with no key at all are 0. No LSE merge is used, so this
     checks the implementation's merge independently.
 
-    ``row_keys="outlier"``: a skipped block ``j`` instead enters as its most deviating key exactly (the real token
-    ``t`` with the largest ``||k_t - k̄_j||``, lowest index on ties; its own value) plus one pooled key for the other
-    ``n_j - 1`` tokens (their mean key and value, weight ``n_j - 1``; none when ``n_j = 1``); no GAPR gate.
+    ``row_keys="outlier"``: a skipped block ``j`` instead enters as its ``row_outliers`` most deviating keys
+    exactly (the real tokens ``t`` with the largest ``||k_t - k̄_j||``, lowest index first on ties; their own values)
+    plus one pooled key for the other ``n_j - row_outliers`` tokens (their mean key and value, weight
+    ``n_j - row_outliers``; none when ``n_j <= row_outliers``, then every token of the block is exact); no GAPR gate.
     """
     q, k, v = (_np(t) for t in (query, key, value))
     B, S, H, D = q.shape
@@ -236,10 +238,12 @@ def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, va
                             if row_keys == "outlier":
                                 blk = members[j]
                                 dev = [float(np.linalg.norm(k[b, t, h] - km[j])) for t in blk]
-                                o = blk[max(range(len(blk)), key=lambda x: (dev[x], -x))]
-                                logits.append(float(q[b, u, h] @ k[b, o, h]) * scale)
-                                values.append(v[b, o, h])
-                                rest = [t for t in blk if t != o]
+                                order = sorted(range(len(blk)), key=lambda x: (-dev[x], x))
+                                exact = [blk[x] for x in order[:row_outliers]]
+                                for o in exact:
+                                    logits.append(float(q[b, u, h] @ k[b, o, h]) * scale)
+                                    values.append(v[b, o, h])
+                                rest = [t for t in blk if t not in exact]
                                 if rest:
                                     k_r, v_r = k[b, rest, h].mean(0), v[b, rest, h].mean(0)
                                     logits.append(float(q[b, u, h] @ k_r) * scale + math.log(len(rest)))

@@ -173,22 +173,23 @@ def _qkv(layout, batch, heads, dim, seed):
 
 
 def _three_ways(layout, batch, heads, dim, density, gapr, seed, dense_heads=(), scale=None, row_keys="mean",
-                backend="triton"):
+                backend="triton", row_outliers=1):
     """Fused kernel, the second form (two-pass merge for "mean"; the torch one-pass for "outlier") and the
     float64 oracle."""
     q, k, v = _qkv(layout, batch, heads, dim, seed)
     qp, kp, vp = (layout.permute(t.float()).to(DEV) for t in (q, k, v))
     mask = _random_mask(layout, batch, heads, density, seed, dense_heads)
-    cfg = PooledRectificationConfig(combine="row", gapr=gapr, row_keys=row_keys)
+    cfg = PooledRectificationConfig(combine="row", gapr=gapr, row_keys=row_keys, row_outliers=row_outliers)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    outliers = row_keys == "outlier"
+    outliers = row_outliers if row_keys == "outlier" else 0
     stats = block_statistics(qp, kp, vp, layout, outliers=outliers)
     fused, lse = row_rectified_attention(qp, kp, vp, layout, mask.to(DEV), cfg, scale, stats=stats,
                                          backend=backend, return_lse=True)
     stats_c = block_statistics(qp.cpu(), kp.cpu(), vp.cpu(), layout, outliers=outliers)
     two, two_lse = row_rectified_attention(qp.cpu(), kp.cpu(), vp.cpu(), layout, mask, cfg, scale, stats=stats_c,
                                            backend="torch", two_pass=not outliers, return_lse=True)
-    ref = row_rectified_attention_reference(q, k, v, layout, mask, scale=scale, gapr=gapr, row_keys=row_keys)
+    ref = row_rectified_attention_reference(q, k, v, layout, mask, scale=scale, gapr=gapr, row_keys=row_keys,
+                                            row_outliers=row_outliers)
     return layout, fused.cpu(), lse.cpu(), two, two_lse, ref
 
 
@@ -224,19 +225,28 @@ def test_fused_outlier_keys_equal_oracle(name):
 
 
 @needs_kernel
+@pytest.mark.parametrize("row_outliers", [2, 3])
+def test_fused_several_outliers_equal_oracle(row_outliers):
+    """row_outliers > 1: the M most deviating keys of each skipped block exactly + the mean of the rest, through
+    the kernel (the segment's (M + 1) Nv keys, read mask repeated per rank); partial edge tiles included."""
+    _assert_agree(*_three_ways(LAYOUTS["text_before_partial"], 1, 2, 16, 0.3, True, seed=11, dense_heads=(1,),
+                               row_keys="outlier", row_outliers=row_outliers))
+
+
+@needs_kernel
 @settings(deadline=None, max_examples=10, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=st.integers(1, 3), height=st.integers(1, 9), width=st.integers(1, 9),
        tile=st.sampled_from([(1, 4, 4), (2, 2, 4), (1, 2, 8)]), text=st.integers(0, 20), before=st.booleans(),
        heads=st.integers(1, 2), dense_head=st.booleans(), density=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
        gapr=st.booleans(), dim=st.sampled_from([16, 24]), row_keys=st.sampled_from(["mean", "outlier"]),
-       seed=st.integers(0, 2**16))
+       row_outliers=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_fused_row_fuzz(frames, height, width, tile, text, before, heads, dense_head, density, gapr, dim, row_keys,
-                        seed):
+                        row_outliers, seed):
     layout = TokenLayout(frames=frames, height=height, width=width, text_tokens=text,
                          text_position="before" if before else "after", tile=tile)
     dense_heads = (0,) if dense_head else ()
     _assert_agree(*_three_ways(layout, 1, heads, dim, density, gapr, seed, dense_heads, scale=0.3,
-                               row_keys=row_keys))
+                               row_keys=row_keys, row_outliers=row_outliers))
 
 
 def test_torch_one_pass_equals_two_pass():
