@@ -41,8 +41,13 @@ def _layout(shape: Shape) -> TokenLayout:
     return TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text)
 
 
-def key_counts(density: float = DENSITY, shapes=COST_SHAPES) -> list[dict]:
-    """Per video query row: plan keys vs the pooled segment's keys, for ``row_keys`` "mean" and "outlier"."""
+def key_counts(density: float = DENSITY, shapes=COST_SHAPES, row_outliers=None) -> list[dict]:
+    """Per video query row: plan keys vs the pooled segment's keys, for ``row_keys`` "mean" and "outlier" (with
+    each ``row_outliers`` in ``row_outliers``; default: the config's default). "outlier" walks ``M + 1`` keys per
+    video block (M exact + the pooled rest, no gate) and reads them for the skipped blocks."""
+    from dit_sparse.methods.pooled_rectification import PooledRectificationConfig
+
+    counts = (PooledRectificationConfig().row_outliers,) if row_outliers is None else tuple(row_outliers)
     rows = []
     for name in shapes:
         layout = _layout(SHAPES[name])
@@ -50,10 +55,13 @@ def key_counts(density: float = DENSITY, shapes=COST_SHAPES) -> list[dict]:
         kept = keep_blocks(nv, 1.0 - density)
         plan_keys = (kept + layout.num_blocks - nv) * bs  # kept video blocks + every text block, in slots
         skipped = nv - kept
-        for row_keys, walked, dots, read in (("mean", nv, 2 * nv, skipped), ("outlier", 2 * nv, 2 * nv, 2 * skipped)):
+        variants = [("mean", None, nv, 2 * nv, skipped)]
+        variants += [("outlier", m, (m + 1) * nv, (m + 1) * nv, (m + 1) * skipped) for m in counts]
+        for row_keys, m, walked, dots, read in variants:
             rows.append({"shape": name, "video_blocks": nv, "kept_blocks": kept, "plan_keys": plan_keys,
-                         "row_keys": row_keys, "segment_keys": walked, "segment_dots": dots, "segment_read": read,
-                         "dots_pct": round(100 * dots / plan_keys, 1), "read_pct": round(100 * read / plan_keys, 1)})
+                         "row_keys": row_keys, "row_outliers": m, "segment_keys": walked, "segment_dots": dots,
+                         "segment_read": read, "dots_pct": round(100 * dots / plan_keys, 1),
+                         "read_pct": round(100 * read / plan_keys, 1)})
     return rows
 
 
@@ -77,6 +85,7 @@ def _time_shape(shape: Shape, device: torch.device, backend: str, bench) -> list
         ipar_probabilities,
         pooled_segment,
         rectification_terms,
+        row_outlier_count,
     )
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -101,7 +110,7 @@ def _time_shape(shape: Shape, device: torch.device, backend: str, bench) -> list
 
     def segment(cfg):
         stats = block_statistics(qp, kp, vp, layout, deviations=cfg.row_keys == "mean",
-                                 outliers=cfg.row_keys == "outlier")
+                                 outliers=row_outlier_count(cfg))
         return pooled_segment(layout, mask, cfg, stats=stats)
 
     built = {"plain sparse": (plan, None), "block rectification": (block_plan(), None)}

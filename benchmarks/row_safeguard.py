@@ -15,6 +15,23 @@ different ways, as the WORST head's error divided by draft alone's (the "never w
 
     python benchmarks/row_safeguard.py            # 4x32x32 grid, 64-token tiles; about 3 minutes on 2 CPU cores
     python benchmarks/row_safeguard.py --small    # 2x16x16 grid, 16-token tiles
+
+``--outliers`` (how many exact keys per skipped block, ``PooledRectificationConfig.row_outliers``): the library's
+own row mode (torch backend, float32) with ``row_keys="outlier"`` and ``row_outliers`` 1, 2, 3 against draft alone
+(the selection, no compensation) and against ``row_keys="mean"``, on the same mask, for
+
+* the three structured families (2 heads of dim 128, 2 seeds) at 16-token blocks (4 x 32 x 32 grid, tile 1x4x4,
+  256 blocks) and at 128-token blocks (5 x 30 x 52 grid, the real-model presets' tile, 61 blocks), and
+* the embedded model's captured attention (every self-attention layer at three steps of one prompt, 16-token
+  blocks, 20 blocks),
+
+under three selections: draft at density 0.1 (``floor(0.1 Nv)`` blocks per row, no sink), and the own selections of
+the presets ``wan2.1-t2v-1.3b:draft-90-rect`` and ``hunyuanvideo:rectified-90``. Also the pooled key count per
+query row (``benchmarks/pooled_cost.py::key_counts``). Writes benchmarks/results/row-outliers-cpu.json and
+row-outliers.md.
+
+    python benchmarks/row_safeguard.py --outliers             # about 10 minutes on 2 CPU cores
+    python benchmarks/row_safeguard.py --outliers --smoke     # tiny dry run, nothing written
 """
 
 from __future__ import annotations
@@ -92,11 +109,122 @@ def errors(layout: TokenLayout, family: str, seed: int, sparsity: float) -> dict
     }
 
 
+# ---------------------------------------------------------------------------------------------------- --outliers
+OUTLIER_COUNTS = (1, 2, 3)
+OUTLIER_METHODS = ("draft", "mean") + tuple(f"outlier{m}" for m in OUTLIER_COUNTS)
+#: preset selections measured (their selection only; the compensation is what varies)
+OUTLIER_PRESETS = ("wan2.1-t2v-1.3b:draft-90-rect", "hunyuanvideo:rectified-90")
+
+
+def _selection_mask(name: str, qp, kp, layout: TokenLayout, scale: float):
+    """The block mask of one selection on permuted float32 inputs."""
+    from dit_sparse.methods.composite import SparseAttention
+    from dit_sparse.pipelines.presets import get_preset
+
+    nv = layout.num_video_blocks
+    if name == "draft 0.1":
+        budget = max(1, math.floor(0.1 * nv + 1e-9))
+        return draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=1.0 - budget / nv, sink=False, k_min=1),
+                          scale)
+    return SparseAttention(get_preset(name).config).build_mask(qp, kp, layout, scale)
+
+
+def outlier_errors(q, k, v, layout: TokenLayout, selection: str, scale: float) -> dict:
+    """Relative L2 errors vs dense (whole output, and the worst head) of draft alone, row "mean" and row "outlier"
+    with 1, 2, 3 exact keys per skipped block, all on one mask."""
+    import dataclasses
+
+    from dit_sparse.methods.base import plan_from_mask
+    from dit_sparse.methods.pooled_rectification import PooledRectificationConfig, rectified_attention
+    from dit_sparse.ops import block_sparse_attention
+
+    qp, kp, vp = (layout.permute(t.float()) for t in (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)),
+                                                             scale=scale).transpose(1, 2).double()
+    mask = _selection_mask(selection, qp, kp, layout, scale)
+    nv = layout.num_video_blocks
+    outs = {"draft": block_sparse_attention(qp, kp, vp, plan_from_mask(mask, layout), scale=scale, backend="torch")}
+    row = PooledRectificationConfig(combine="row")
+    for name, cfg in [("mean", dataclasses.replace(row, row_keys="mean"))] + [
+            (f"outlier{m}", dataclasses.replace(row, row_keys="outlier", row_outliers=m)) for m in OUTLIER_COUNTS]:
+        outs[name] = rectified_attention(qp, kp, vp, layout, cfg, scale, mask=mask, backend="torch")
+    res = {"density": float(mask[..., :nv, :nv].float().mean())}
+    for name, o in outs.items():
+        o = layout.unpermute(o).double()
+        res[name] = float((o - dense).norm() / dense.norm())
+        res[name + " worst head"] = max(float((o[:, :, h] - dense[:, :, h]).norm() / dense[:, :, h].norm())
+                                        for h in range(o.shape[2]))
+    return res
+
+
+def outlier_inputs(smoke: bool, seeds: int, steps: int):
+    """(source, case, layout, (q, k, v), scale) for the families at blocks 16 and 128 and the embedded capture."""
+    from benchmarks.pooled_peers import embedded_inputs, family_inputs
+
+    if smoke:
+        lays = {"16": TokenLayout(frames=1, height=16, width=16, tile=(1, 4, 4)),
+                "128": TokenLayout(frames=2, height=16, width=32, block_size=128)}
+    else:
+        lays = {"16": TokenLayout(frames=4, height=32, width=32, tile=(1, 4, 4)),
+                "128": TokenLayout(frames=5, height=30, width=52)}
+    for block, lay in lays.items():
+        for family, case, layout, qkv, scale in family_inputs(seeds, lay, dim=32 if smoke else 128):
+            yield f"{family} @{block}", case, layout, qkv, scale
+    if not smoke:
+        yield from embedded_inputs(steps)
+
+
+def run_outliers(smoke: bool = False, seeds: int = 2, steps: int = 10) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.pooled_cost import key_counts
+
+    selections = ("draft 0.1",) + OUTLIER_PRESETS
+    rows = []
+    for source, case, layout, (q, k, v), scale in outlier_inputs(smoke, seeds, steps):
+        for sel in selections:
+            r = outlier_errors(q, k, v, layout, sel, scale)
+            rows.append({"selection": sel, "source": source, "case": case, "block_size": layout.block_size, **r})
+            print(f"{sel:<32} {source:<22} {case:<22} density {r['density']:.3f} " + " ".join(
+                f"{m}={r[m]:.4f}" for m in OUTLIER_METHODS), flush=True)
+    summary = []
+    for sel in selections:
+        for source in dict.fromkeys(r["source"] for r in rows):
+            cell = [r for r in rows if r["selection"] == sel and r["source"] == source]
+            s = {"selection": sel, "source": source, "cases": len(cell),
+                 "density": round(sum(r["density"] for r in cell) / len(cell), 3)}
+            for m in OUTLIER_METHODS:
+                s[m] = round(sum(r[m] for r in cell) / len(cell), 4)
+            for m in OUTLIER_METHODS[1:]:
+                s[f"{m}/draft"] = round(s[m] / s["draft"], 3)
+                # worst case over cases and heads: each head's error over draft alone's on the same head
+                s[f"{m} worst/draft"] = round(max(r[m + " worst head"] / r["draft worst head"] for r in cell), 3)
+                s[f"{m} > draft (cases)"] = sum(r[m] > r["draft"] or r[m + " worst head"] > r["draft worst head"]
+                                                for r in cell)
+            summary.append(s)
+    verdict = {}
+    for m in OUTLIER_METHODS[1:]:
+        verdict[m] = {"cases_worse_than_draft": sum(s[f"{m} > draft (cases)"] for s in summary),
+                      "worst_ratio": max(s[f"{m} worst/draft"] for s in summary),
+                      "mean_ratio_max_over_cells": max(s[f"{m}/draft"] for s in summary),
+                      "mean_ratio_draft01_max": max(s[f"{m}/draft"] for s in summary if s["selection"] == "draft 0.1")}
+    meets = [m for m in OUTLIER_COUNTS if verdict[f"outlier{m}"]["cases_worse_than_draft"] == 0]
+    costs = [r for r in key_counts(row_outliers=OUTLIER_COUNTS)]
+    return {"rows": rows, "summary": summary, "verdict": verdict,
+            "smallest_row_outliers_never_worse": meets[0] if meets else None, "key_counts": costs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--outliers", action="store_true", help="row_outliers 1, 2, 3 vs draft alone and row 'mean' "
+                    "(see the module docstring)")
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps of the embedded capture (--outliers)")
+    ap.add_argument("--smoke", action="store_true", help="with --outliers: tiny grids, one seed, no embedded "
+                    "capture, nothing written")
     args = ap.parse_args(argv)
+    if args.outliers:
+        return _main_outliers(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     layout = (TokenLayout(frames=2, height=16, width=16, tile=(1, 4, 4)) if args.small
               else TokenLayout(frames=4, height=32, width=32, tile=(1, 8, 8)))
@@ -112,6 +240,32 @@ def main(argv=None) -> int:
     print("\nworst-head error / draft alone's, over families, seeds and densities")
     print("worst: " + " ".join(f"{k}={max(v):.2f}" for k, v in ratios.items()))
     print("mean:  " + " ".join(f"{k}={sum(v) / len(v):.2f}" for k, v in ratios.items()))
+    return 0
+
+
+def _main_outliers(args) -> int:
+    from benchmarks._common import RESULTS, environment, print_table, write_json
+
+    result = run_outliers(smoke=args.smoke, seeds=1 if args.smoke else args.seeds, steps=args.steps)
+    cols = ["selection", "source", "cases", "density"] + list(OUTLIER_METHODS) + [
+        f"{m}/draft" for m in OUTLIER_METHODS[1:]] + [f"{m} worst/draft" for m in OUTLIER_METHODS[1:]]
+    print()
+    print_table(result["summary"], cols)
+    print()
+    print_table(result["key_counts"], list(result["key_counts"][0]))
+    for m, v in result["verdict"].items():
+        print(f"{m}: {v}")
+    print(f"smallest row_outliers never worse than draft alone: {result['smallest_row_outliers_never_worse']}")
+    if args.smoke:
+        return 0
+    path = write_json("row-outliers", {"environment": environment(), **result})
+    lines = ["Row mode with 1-3 exact keys per skipped block (`row_outliers`) vs draft alone and one mean key, on the "
+             "same mask: relative L2 error vs dense (mean over cases), the ratio of means, and the worst per-head "
+             "ratio; 2-core CPU, float32 (`python benchmarks/row_safeguard.py --outliers`).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(s[c]) for c in cols) + " |" for s in result["summary"]]
+    (RESULTS / "row-outliers.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {path}, {RESULTS / 'row-outliers.md'}")
     return 0
 
 

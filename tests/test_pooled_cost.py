@@ -40,16 +40,19 @@ def test_timing_code_runs_on_cpu_smoke(tmp_path):
 
 def test_key_counts_against_a_direct_count():
     """Independent count from the layout: kept video blocks + text blocks in slots; the segment walks one pooled
-    key per video block ("mean", plus one gate dot each) or two ("outlier"), and reads the skipped ones."""
-    for row in key_counts(0.1, shapes=("wan2.1-480p",)):
+    key per video block ("mean", plus one gate dot each) or M + 1 ("outlier", M = row_outliers exact keys + the
+    pooled rest), and reads the skipped ones."""
+    rows = key_counts(0.1, shapes=("wan2.1-480p",), row_outliers=(1, 3))
+    assert [(r["row_keys"], r["row_outliers"]) for r in rows] == [("mean", None), ("outlier", 1), ("outlier", 3)]
+    for row in rows:
         layout = TokenLayout(frames=21, height=30, width=52)
         nv = layout.num_video_blocks
         kept = keep_blocks(nv, 0.9)
         assert (nv, kept) == (256, 26)
         assert row["plan_keys"] == kept * 128
-        per_block = 1 if row["row_keys"] == "mean" else 2
+        per_block = 1 if row["row_keys"] == "mean" else row["row_outliers"] + 1
         assert row["segment_keys"] == per_block * nv and row["segment_read"] == per_block * (nv - kept)
-        assert row["segment_dots"] == 2 * nv
+        assert row["segment_dots"] == (2 * nv if row["row_keys"] == "mean" else per_block * nv)
 
 
 def test_readme_quotes_the_computed_key_counts():

@@ -268,5 +268,8 @@ def test_torch_one_pass_equals_two_pass():
     with pytest.raises(ValueError, match="two_pass"):
         row_rectified_attention(qp, kp, vp, layout, mask, PooledRectificationConfig(combine="row"), 0.4,
                                 stats=stats, backend="torch", two_pass=True)
-    with pytest.raises(ValueError, match="outliers=True"):
+    with pytest.raises(ValueError, match="outliers=config.row_outliers"):
         pooled_segment(layout, mask, PooledRectificationConfig(combine="row"), stats=stats)
+    with pytest.raises(ValueError, match="outliers=3"):  # stats with one outlier per block, config wants three
+        pooled_segment(layout, mask, PooledRectificationConfig(combine="row", row_outliers=3),
+                       stats=block_statistics(qp, kp, vp, layout, outliers=1))
