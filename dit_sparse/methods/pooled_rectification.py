@@ -123,9 +123,12 @@ class PooledRectificationConfig:
             tokens enters wholly exactly, no pooled key); no gate (``gapr`` is ignored). A block mean hides an
             isolated bright key and a row's remainder then over-weights the dark field; the exact outliers restore
             it (measured in ``benchmarks/row_safeguard.py`` and ``benchmarks/pooled_peers.py``).
-        row_outliers (`int`, defaults to 1): with ``row_keys="outlier"``, how many most deviating keys of each
+        row_outliers (`int`, defaults to 2): with ``row_keys="outlier"``, how many most deviating keys of each
             skipped block are kept exactly (``>= 1``; the segment then holds ``(row_outliers + 1) * Nv`` keys).
-            Ignored by ``row_keys="mean"`` (like ``gapr`` by ``"outlier"``).
+            Ignored by ``row_keys="mean"`` (like ``gapr`` by ``"outlier"``). 2 is the smallest count never worse
+            than the selection alone on the structured families at 16- and 128-token blocks and on the embedded
+            model's attention (1 is worse at 128-token blocks, where a block can hold several bright keys;
+            ``python benchmarks/row_safeguard.py --outliers``).
 
     Example::
 
@@ -141,7 +144,7 @@ class PooledRectificationConfig:
     rectify: bool = True
     combine: str = "block"
     row_keys: str = "outlier"
-    row_outliers: int = 1
+    row_outliers: int = 2
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "top_p"):
