@@ -12,8 +12,8 @@ Variants (the ablation):
   draft                DraftAttention row_topk on pooled q/k
   draft+rect           draft selection + pooled rectification epilogue (IPAR + GAPR), per query block
   draft+rect (row)     draft selection + per-row rectification (combine="row": exact read keys and, per skipped
-                       block, its most deviating key exactly plus the mean of the rest, in one softmax per query
-                       row, fused into the kernel; row_keys="outlier")
+                       block, its row_outliers most deviating keys exactly plus the mean of the rest, in one
+                       softmax per query row, fused into the kernel; row_keys="outlier")
   draft+rect+reuse     ... with the plan reused for 3 steps
   neighborhood         3-D tile window with the density closest to the target
 

@@ -12,8 +12,9 @@ Methods, all on the same key-block selection except Sol-Attn, which routes its o
   draft               DraftAttention row_topk alone (no compensation)
   draft+rect (block)  + the reference per-query-block rectification (IPAR + GAPR epilogue)
   draft+row (mean)    + the per-row remainder, one mean key per skipped block, GAPR per row (row_keys="mean")
-  draft+row           + the per-row remainder, each skipped block's most deviating key exactly plus the mean of
-                      the rest (row_keys="outlier", the default of combine="row"): the sharp-attention safeguard
+  draft+row           + the per-row remainder, each skipped block's ``row_outliers`` (default 2) most deviating
+                      keys exactly plus the mean of the rest (row_keys="outlier", the default of combine="row"):
+                      the sharp-attention safeguard
   sol-attn            comfy-kitchen's eager ``sol_attn`` reference (CPU), ``topk_ratio`` routing, pooled tail
 
 Sol-Attn takes ``(B, T, H, 128)`` tensors in 64-token blocks. Each of our tiles becomes one of its blocks (the tile's
@@ -28,7 +29,8 @@ grouped by its selection and rectification settings (the dense policy aside), on
 and head dim 128 on the three structured families (5 x 30 x 52 grid: Wan 480p rows and columns, 5 latent frames,
 7,800 tokens, 61 blocks; 2 heads, seed 0), and at the embedded model's own 16-token blocks on its captured
 attention: relative error of the selection alone, of block rectification and of row rectification (the shipped
-``row_keys="outlier"``) on the same mask. Writes benchmarks/results/pooled-presets-cpu.json and pooled-presets.md.
+``row_keys="outlier"``, default ``row_outliers``) on the same mask. Writes
+benchmarks/results/pooled-presets-cpu.json and pooled-presets.md.
 
 Needs ``pip install comfy-kitchen`` (not a dependency of dit_sparse); without it the Sol-Attn column is skipped.
 The CUDA Sol-Attn kernel is not timed here: :func:`sol_attn_cuda_hook` is the entry for the GPU suite.

@@ -75,6 +75,7 @@ def test_suite_runs_from_another_folder(tmp_path):
 
 @pytest.mark.parametrize("script,extra", [("pooled_peers.py", ["--smoke", "--ratios", "0.25"]),
                                           ("row_safeguard.py", ["--small", "--seeds", "1"]),
+                                          ("row_safeguard.py", ["--outliers", "--smoke"]),
                                           ("preset_density.py", ["--steps", "2"])])
 def test_pooled_benchmarks_run_from_another_folder(script, extra, tmp_path):
     """As the README shows them (python benchmarks/...), started from another folder."""
