@@ -46,6 +46,7 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    env["packages"] = package_versions()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
@@ -58,6 +59,22 @@ def environment() -> dict:
 LONG_CALL_MS = 40.0
 #: timed repetitions of a long call (after one more warm-up call)
 LONG_CALL_REPS = 3
+
+
+#: optional packages whose versions every result records (None: not installed)
+OPTIONAL_PACKAGES = ("diffusers", "flash-attn-4", "nvidia-cutlass-dsl", "quack-kernels", "comfy-kitchen", "xformers")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for name in OPTIONAL_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def bench(fn, *, warmup: int = 3, rep: int = 10) -> float:

@@ -2,44 +2,62 @@
 
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
-1. ``tests``      — the kernel tests compiled (``TRITON_INTERPRET=0``: ``tests/test_kernels``) and every test
-   marked ``gpu`` (CUDA-graph capture of a sparse call included, where that test exists);
-2. ``op``         — ``benchmarks/attention.py``: ours vs cuDNN / flash / efficient SDPA, xformers, flex on the same
-   mask, flash-attn-4 dense and block-sparse, Sol-Attn (each where installed), packed and tiled layouts;
+1. ``tests``      — ``tests/test_kernels`` compiled (``TRITON_INTERPRET=0``) and every other test file with a
+   ``gpu`` mark: the kernel cases, every registered backend against the fp32 reference
+   (``test_backends_gpu.py``) and the CUDA-graph capture of a sparse call for every backend that can run it
+   (``test_cuda_graph.py``; both parametrized over ``dit_sparse.backends.BACKENDS``). ``-n 4`` with pytest-xdist;
+2. ``op``         — ``benchmarks/attention.py``: every registered backend of ours (checked against the fp32
+   reference first; a backend that cannot run says why), automatic dispatch and whether it took the fastest, the
+   row mode's pooled segment, and the peers: cuDNN / flash / efficient SDPA, xformers, flex on the same mask,
+   flash-attn-4 dense and block-sparse, Sol-Attn (each where installed); packed, then tiled layouts, HunyuanVideo
+   720p first, rows started only inside a time budget;
 3. ``breakdown``  — ``benchmarks/layer_breakdown.py``: one sparse layer call split into plan / permute / kernel /
    epilogue / unpermute with CUDA events, and the share of the call outside the kernel;
 4. ``end_to_end`` — ``benchmarks/end_to_end.py``: denoising-step speedup per preset against diffusers' masked
    dense step and against the best unmasked SDPA, and the share of the Amdahl limit.
 
-Writes into OUT (at most 3 files, so that all come back from a device run): ``gpu_suite.json`` (every stage's
-status, log tail and the benchmarks' full JSON), ``summary.md`` (tables and the issue's targets, each marked
-measured or not) and ``suite.log`` (all output).
+Stages 2-4 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
+shapes, the later stages reuse it. Writes into OUT (3 files, so that all come back from a device run):
+``gpu_suite.json`` (every stage's status, log tail and the benchmarks' full JSON), ``summary.md`` (tables and the
+issue's targets, each marked measured or not) and ``suite.log`` (all output).
 
     python benchmarks/gpu_suite.py OUT                  # on a CUDA machine
     python benchmarks/gpu_suite.py OUT --dry-run        # print the stage commands, run nothing
     python benchmarks/gpu_suite.py OUT --smoke          # CPU dry run of the pipeline (smoke modes, no numbers)
 
-Device-run recipe (ENVIRONMENT.md §2; the GPU machine has torch and triton but no diffusers): on the CPU machine
+Device-run recipe (ENVIRONMENT.md §2). The GPU machine has torch, triton, pytest, pytest-xdist and hypothesis but
+no diffusers, flash-attn-4 or comfy-kitchen, and one call carries at most 64 MiB with the repository. On the CPU
+machine, in the checkout the device calls send:
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata \
-        hypothesis sortedcontainers attrs                  # the kernel tests use hypothesis (not on the machine)
+    python scripts/device_wheels.py prepare      # ~15 min once (xz); then `... commands` re-measures and prints
 
-then one device call that carries ``.whl`` and runs, with a ``timeout_s`` of about 540:
+It downloads the pinned wheels, installs them into a staging folder (pip --target, for Python 3.12), compresses
+them and splits them into the ignored folders ``.carry_a`` and ``.carry_b`` (each fits one call next to the
+repository), and prints the two device commands:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl \\
-      && export PYTHONPATH="$PWD/.site:$PWD" PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_suite.py "$OUT"
+* call 1, carry ``[".carry_a"]``, timeout_s 120 — copies part A to ``/tmp`` and writes a probe there:
 
-(flash-attn-4 and comfy-kitchen are larger than one call can carry: bring them as ENVIRONMENT.md §2 describes,
-or their rows say "not installed".)
+      python3 scripts/device_wheels.py stash --carry .carry_a --stash /tmp/carry
+
+* call 2 AT ONCE (the machine stays warm about 30 s), carry ``[".carry_b"]``, timeout_s 600 — joins, checks,
+  extracts and runs this suite:
+
+      python3 scripts/device_wheels.py unpack --carry .carry_b --stash /tmp/carry --site /tmp/site &&
+      export PYTHONPATH="$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages" PYTHONUNBUFFERED=1 &&
+      python3 benchmarks/gpu_suite.py "$OUT"
+
+  (``scripts/device_wheels.py commands`` prints both on one line each, as ``run`` takes them). If the machine went
+  back between the calls, call 2 says so and runs the suite with diffusers only: the flash-attn-4 and Sol-Attn
+  rows then say "not installed".
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,17 +65,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-#: stage -> (seconds allowed, commands); ``{raw}`` is the folder the benchmarks write their JSON into
+#: the op stage's shapes and densities, most important first (the issue's targets are HunyuanVideo 720p at 0.10
+#: and all-dense; the Triton autotuner tunes at the first call of a kind, here a 0.10 call at about 55 ms)
+OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--packing", "both"]
+#: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
+#: ``{gpu_tests}`` the test files (tests/test_kernels and every other file with a ``gpu`` mark), ``{xdist}``
+#: ``-n 4`` where pytest-xdist is installed (the tests' kernel compiles then run on 4 processes)
 STAGES = {
-    "tests": (130, [
-        [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels"],
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests",
-         "--ignore=tests/test_kernels"],
-    ]),
-    "op": (170, [[sys.executable, "benchmarks/attention.py", "--shapes", "hunyuan-720p,wan2.1-480p",
-                  "--densities", "1.0,0.1", "--packing", "both", "--out", "{raw}"]]),
-    "breakdown": (70, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "both", "--out", "{raw}"]]),
-    "end_to_end": (110, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
+    "tests": (100, [[sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "{xdist}",
+                     "{gpu_tests}"]]),
+    # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
+    "op": (220, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "165", "--out", "{raw}"]]),
+    "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
+    "end_to_end": (100, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
 }
 SMOKE = {
     "tests": (0, []),
@@ -66,6 +86,10 @@ SMOKE = {
     "breakdown": (300, [[sys.executable, "benchmarks/layer_breakdown.py", "--smoke", "--out", "{raw}"]]),
     "end_to_end": (300, [[sys.executable, "benchmarks/end_to_end.py", "--smoke", "--out", "{raw}"]]),
 }
+#: stages whose processes share Triton's autotuning results through its on-disk cache (the op stage tunes at
+#: model shapes, the later stages reuse its choice instead of tuning again). Not the tests: they must not leave
+#: a choice tuned on small test shapes for the benchmarks.
+AUTOTUNE_CACHE_STAGES = ("op", "breakdown", "end_to_end")
 #: the issue's targets: (label, how it is read from the results, threshold, direction)
 TARGETS = [
     ("All-dense plan, vs cuDNN SDPA", "dense_vs_cudnn", 0.85),
@@ -76,6 +100,26 @@ TARGETS = [
     ("HunyuanVideo 720p draft-90 step, share of the Amdahl limit", "hy_amdahl_share", 0.90),
     ("Wan2.1-1.3B 480p draft-80 step speedup", "wan_step", 1.35),
 ]
+def gpu_test_files() -> list[str]:
+    """tests/test_kernels, and every other test file that carries a ``gpu`` mark (found by its text)."""
+    files = ["tests/test_kernels"]
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("tests/test_kernels/") and "mark.gpu" in path.read_text():
+            files.append(rel)
+    return files
+
+
+def expand(cmd: list[str], raw: Path | str) -> list[str]:
+    out = []
+    for c in cmd:
+        if c == "{gpu_tests}":
+            out += gpu_test_files()
+        elif c == "{xdist}":
+            out += ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
+        else:
+            out.append(c.replace("{raw}", str(raw)))
+    return out
 
 
 def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, env: dict) -> dict:
@@ -84,15 +128,19 @@ def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, 
     if not commands:
         return {"stage": name, "status": "skipped (needs CUDA)", "seconds": 0.0, "tail": ""}
     for cmd in commands:
-        cmd = [c.replace("{raw}", str(raw)) for c in cmd]
+        cmd = expand(cmd, raw)
         left = limit - (time.perf_counter() - started)
         log.write(f"\n===== {name}: {' '.join(cmd)} (limit {left:.0f} s)\n")
         log.flush()
         try:
-            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(left, 1))
+            stage_env = {**env, **({"TRITON_CACHE_AUTOTUNING": "1"} if name in AUTOTUNE_CACHE_STAGES else {})}
+            res = subprocess.run(cmd, cwd=ROOT, env=stage_env, capture_output=True, text=True,
+                                 timeout=max(left, 1))
             outputs.append(res.stdout + res.stderr)
             log.write(res.stdout + res.stderr)
-            if res.returncode != 0:
+            if res.returncode == 5 and "pytest" in cmd:
+                status = "failed (pytest collected no test)"
+            elif res.returncode != 0:
                 status = f"failed (exit {res.returncode})"
         except subprocess.TimeoutExpired as e:
             text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -102,8 +150,10 @@ def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, 
         log.flush()
         if status != "ok":
             break
+    text = "".join(outputs)
+    counts = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
     return {"stage": name, "status": status, "seconds": round(time.perf_counter() - started, 1),
-            "tail": "".join(outputs)[-3000:]}
+            "result": counts[-1] if counts else "", "tail": text[-3000:]}
 
 
 def _load(raw: Path, prefix: str) -> dict | None:
@@ -155,15 +205,41 @@ def render_summary(payload: dict) -> str:
     env = payload.get("environment", {})
     out = ["# GPU suite", "", f"Machine: {env.get('gpu') or 'no GPU (smoke run: no numbers worth reporting)'}; "
            f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}. "
-           f"Total {payload.get('seconds')} s.", "", "## Stages", "",
-           _md_table(payload["stages"], ["stage", "status", "seconds"]), ""]
+           f"Total {payload.get('seconds')} s.", "",
+           "Optional packages: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in
+                                             env.get("packages", {}).items()), "", "## Stages", "",
+           _md_table(payload["stages"], ["stage", "status", "seconds", "result"]), ""]
+    for st in payload["stages"]:
+        if st["status"] not in ("ok", "skipped (needs CUDA)"):
+            out += [f"{st['stage']} ({st['status']}), last lines:", "", "```", st["tail"][-1500:].strip(), "```", ""]
     res = payload.get("results", {})
     if res.get("op"):
-        out += ["## Op benchmark (ms, median)", "", _md_table(res["op"]["rows"], [
-            "shape", "packing", "tokens", "padded_tokens", "density", "sdpa_cudnn_ms", "sdpa_flash_ms",
-            "sdpa_efficient_ms", "xformers_ms", "fa4_dense_ms", "flex_ms", "fa4_sparse_ms", "sol_attn_ms", "ours_ms",
-            "speedup_vs_dense", "speedup_vs_flex"]), "",
-            "Peers: " + json.dumps(res["op"]["rows"][0].get("peers", {})), ""]
+        rows = res["op"]["rows"]
+        ours = sorted({k for r in rows for k in r if k.startswith("ours_") and k.endswith("_ms") and k != "ours_ms"})
+        pooled = sorted({k for r in rows for k in r if k.startswith("pooled_") and k.endswith("_ms")
+                         and k != "pooled_ms"})
+        out += ["## Op benchmark (ms, median)", "",
+                "`ours_<backend>_ms`: each registered backend, checked against the fp32 reference first; "
+                "`ours_backend` / `ours_ms`: what automatic dispatch picks, through the public call; "
+                "`pooled_*`: the same call with the row mode's pooled key segment.", "",
+                _md_table(rows, ["shape", "packing", "tokens", "padded_tokens", "density", "sdpa_cudnn_ms",
+                                 "sdpa_flash_ms", "sdpa_efficient_ms", "xformers_ms", "fa4_dense_ms", "flex_ms",
+                                 "fa4_sparse_ms", "sol_attn_ms", *ours, "ours_backend", "ours_ms",
+                                 "auto_is_fastest", "fastest_backend", *pooled, "pooled_backend", "pooled_ms",
+                                 "speedup_vs_dense", "speedup_vs_flex", "rel_err_ours"]), ""]
+        statuses: dict[str, set] = {}
+        for r in rows:
+            for prefix, group in (("", r.get("backends", {})), ("pooled ", r.get("pooled_backends", {}))):
+                for name, b in group.items():
+                    if b.get("status") != "ok":
+                        statuses.setdefault(prefix + name, set()).add(b.get("status"))
+        if statuses:
+            out += ["Backends that did not run somewhere (row status):", ""]
+            out += [f"- {name}: " + " | ".join(sorted(map(str, st))) for name, st in sorted(statuses.items())]
+            out.append("")
+        out += ["Peers: " + json.dumps(rows[0].get("peers", {})), ""]
+        if res["op"].get("skipped"):
+            out += ["Rows not started (the op stage's time budget): " + ", ".join(res["op"]["skipped"]), ""]
     if res.get("breakdown"):
         out += ["## Sparse layer call, stage by stage (ms)", "", _md_table(res["breakdown"]["rows"], [
             "shape", "preset", "packing", "padding", "density", "permute_ms", "select_ms", "plan_ms", "epilogue_ms",
@@ -199,7 +275,7 @@ def main(argv=None) -> int:
         for s in stages:
             limit, cmds = table[s]
             for cmd in cmds:
-                print(f"[{s}, <= {limit} s] {' '.join(cmd)}")
+                print(f"[{s}, <= {limit} s] {' '.join(expand(cmd, '<raw>'))}")
         print(f"total limit {sum(table[s][0] for s in stages)} s")
         return 0
     import torch

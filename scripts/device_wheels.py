@@ -49,7 +49,7 @@ DEFAULT_MARGIN = 2 * MIB
 #: the device run's ``run`` command limit
 COMMAND_LIMIT = 2000
 CARRY_A, CARRY_B = ".carry_a", ".carry_b"
-STASH, SITE = "/tmp/dit_sparse_carry", "/tmp/dit_sparse_site"
+STASH, SITE = "/tmp/carry", "/tmp/site"
 SUITE = 'python3 benchmarks/gpu_suite.py "$OUT"'
 
 #: pinned cp312 wheels. base: diffusers and what it needs beyond the device's packages (importlib_metadata 10
@@ -176,16 +176,17 @@ def sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def split(base: Path, extras: Path | None, root: Path, margin: int, packages: dict) -> dict:
+def split(base: Path, extras: Path | None, root: Path, margin: int, packages: dict,
+          limit: int = CALL_LIMIT) -> dict:
     """Write ``.carry_a`` / ``.carry_b`` under ``root``: part A as large as call 1 allows, the rest of the extras
     with base and the manifest in part B. Raises SystemExit when the two calls cannot hold it all."""
     tree = tree_bytes(root)
-    room = CALL_LIMIT - tree - margin
+    room = limit - tree - margin
     extras_size = extras.stat().st_size if extras else 0
     room_b = room - base.stat().st_size - 64 * 1024  # manifest
     if room <= 0 or room_b < 0 or extras_size > room + room_b:
         raise SystemExit(
-            f"The packages do not fit in two device calls: each call carries at most {CALL_LIMIT / MIB:.0f} MiB, "
+            f"The packages do not fit in two device calls: each call carries at most {limit / MIB:.2f} MiB, "
             f"the repository takes {tree / MIB:.1f} MiB of it (margin {margin / MIB:.1f} MiB), base is "
             f"{base.stat().st_size / MIB:.1f} MiB and the extras {extras_size / MIB:.1f} MiB. Drop a group "
             "(--without comfy or --without fa4), or make the repository smaller.")
@@ -196,8 +197,9 @@ def split(base: Path, extras: Path | None, root: Path, margin: int, packages: di
         d.mkdir()
     parts = []
     if extras:
-        # part A as large as call 1 allows, so that call 2 (which also carries base) carries the least
-        cut = min(extras_size, room)
+        # balanced: both calls carry about the same, so that each keeps the same slack for files added to the
+        # repository before the device run
+        cut = min(room, max(extras_size - room_b, (extras_size + base.stat().st_size) // 2))
         with open(extras, "rb") as src:
             for folder, size in ((a, cut), (b, extras_size - cut)):
                 part = folder / f"extras.part{len(parts)}"
