@@ -222,11 +222,15 @@ def render_summary(payload: dict) -> str:
                 "`ours_<backend>_ms`: each registered backend, checked against the fp32 reference first; "
                 "`ours_backend` / `ours_ms`: what automatic dispatch picks, through the public call; "
                 "`pooled_*`: the same call with the row mode's pooled key segment.", "",
-                _md_table(rows, ["shape", "packing", "tokens", "padded_tokens", "density", "sdpa_cudnn_ms",
-                                 "sdpa_flash_ms", "sdpa_efficient_ms", "xformers_ms", "fa4_dense_ms", "flex_ms",
-                                 "fa4_sparse_ms", "sol_attn_ms", *ours, "ours_backend", "ours_ms",
-                                 "auto_is_fastest", "fastest_backend", *pooled, "pooled_backend", "pooled_ms",
-                                 "speedup_vs_dense", "speedup_vs_flex", "rel_err_ours"]), ""]
+                # a timing column empty in every row (a peer not installed, a backend that never runs) is left
+                # out; the statuses below say why
+                _md_table(rows, [c for c in ["shape", "packing", "tokens", "padded_tokens", "density", "sdpa_cudnn_ms",
+                                             "sdpa_flash_ms", "sdpa_efficient_ms", "sdpa_math_ms", "xformers_ms",
+                                             "fa4_dense_ms", "flex_ms", "fa4_sparse_ms", "sol_attn_ms", *ours,
+                                             "ours_backend", "ours_ms", "auto_is_fastest", "fastest_backend",
+                                             *pooled, "pooled_backend", "pooled_ms", "speedup_vs_dense",
+                                             "speedup_vs_flex", "rel_err_ours"]
+                                 if not c.endswith("_ms") or any(r.get(c) is not None for r in rows)]), ""]
         statuses: dict[str, set] = {}
         for r in rows:
             for prefix, group in (("", r.get("backends", {})), ("pooled ", r.get("pooled_backends", {}))):
