@@ -143,3 +143,20 @@ def test_device_commands_fit_the_run_tool_and_are_documented():
     assert dw.CARRY_A in call1 and dw.CARRY_B in call2 and 'benchmarks/gpu_suite.py "$OUT"' in call2
     doc = " ".join((ROOT / "benchmarks" / "gpu_suite.py").read_text().split())
     assert call1 in doc and call2 in doc, "gpu_suite.py's docstring must show the device commands as printed"
+
+
+def test_cli_from_another_folder(tmp_path):
+    """As the README shows it: `python scripts/device_wheels.py ...`, here from another folder. (`prepare` downloads
+    about 270 MB and compresses for minutes: run by hand, not here.) `commands` prints the device commands where
+    `prepare` has split the parts, and otherwise says to run it."""
+    script = str(ROOT / "scripts" / "device_wheels.py")
+    res = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "prepare" in res.stdout and "unpack" in res.stdout
+    res = subprocess.run([sys.executable, script, "commands"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    if (ROOT / dw.CARRY_B).exists():
+        assert res.returncode == 0, res.stderr
+        call1, call2 = dw.device_commands()
+        assert call1 in res.stdout and call2 in res.stdout and "MiB" in res.stdout
+    else:
+        assert res.returncode == 1 and "device_wheels.py prepare` first" in res.stderr
