@@ -279,9 +279,41 @@ def dense_peers(q, k, v, device) -> dict:
     return {"dense": dense, "xformers": xf, "fa4_dense": fa4_ms, "peers": peers, "sol": sol}
 
 
+def build_row(shape: Shape, layout: TokenLayout, q, plan: SparsePlan, density: float, peers: dict, ours: dict,
+              pooled: dict, m: dict) -> dict:
+    """The JSON row from what has been measured so far (``m``: the peers' times, statuses and errors)."""
+    dense = peers["dense"]
+    best_dense = min((t for t in dense.values() if t is not None), default=None)
+    auto = ours["auto"]
+    ours_ms = auto["ms"]
+    row = {"shape": shape.name, "packing": layout.packing, "tile": layout.tile, "tokens": layout.seq_len,
+           "padded_tokens": layout.padded_len, "padding": round(layout.padding_fraction, 5),
+           "heads": shape.heads, "head_dim": shape.head_dim, "dtype": str(q.dtype).replace("torch.", ""),
+           "density_requested": density, "density": round(plan.density, 4),
+           **{f"sdpa_{n}_ms": t for n, t in dense.items()},
+           "xformers_ms": peers["xformers"], "fa4_dense_ms": peers["fa4_dense"], "flex_ms": m["flex_ms"],
+           "fa4_sparse_ms": m["fa4_sparse_ms"], "sol_attn_ms": m["sol_ms"],
+           # ours = what a user gets: the backend automatic dispatch picks, timed through the public call
+           "ours_ms": ours_ms, "ours_backend": auto["backend"], "fastest_backend": auto["fastest"],
+           "auto_is_fastest": auto["is_fastest"],
+           **{f"ours_{n}_ms": r["ms"] for n, r in ours.items() if n != "auto"},
+           "pooled_ms": pooled.get("auto", {}).get("ms"), "pooled_backend": pooled.get("auto", {}).get("backend"),
+           **{f"pooled_{n}_ms": r["ms"] for n, r in pooled.items() if n != "auto"},
+           "permute_ms": m["permute_ms"], "backends": ours, "pooled_backends": pooled,
+           "peers": {**peers["peers"], "fa4_sparse": m["fa4_status"], "sol_attn": m["sol_status"]},
+           "rel_err_fa4_vs_ref": m["fa4_err"], "rel_err_flex_vs_ref": m["flex_err"],
+           "rel_err_ours": auto["rel_err"],
+           "speedup_vs_dense": None if best_dense is None or not ours_ms else best_dense / ours_ms,
+           "speedup_vs_flex": None if m["flex_ms"] is None or not ours_ms else m["flex_ms"] / ours_ms}
+    return row
+
+
 def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: float, device, smoke: bool,
-            tol: float) -> dict:
-    """One (shape, packing, density) row: peers, every backend of ours (plain and with the pooled segment)."""
+            tol: float, save=None) -> dict:
+    """One (shape, packing, density) row: every backend of ours, the peers, then the pooled segment.
+
+    ``save(partial_row)`` is called once ours and the flex peer are measured (the issue's targets need only
+    those), so that a stage killed at its time limit in a long row still keeps them."""
     rep = 2 if smoke else 10
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     permute_ms = _bench(lambda: [layout.permute(t) for t in (q, k, v)] + [layout.unpermute(qp)], rep=3)
@@ -298,6 +330,10 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
         err = ref.rel_err(flex_out)
     except Exception as e:  # flex failing is a data point, not a crash
         print(f"  flex at density {density}: {_why(e)}")
+    if save is not None:
+        save({**build_row(shape, layout, q, plan, density, peers, ours, {}, dict(
+            flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=None, fa4_status="not reached", fa4_err=None,
+            sol_ms=None, sol_status="not reached", permute_ms=permute_ms)), "partial": True})
     fa4_sparse_ms = fa4_err = None
     fa4_call, fa4_status = fa4_sparse_fn(plan) if device.type == "cuda" else (None, "cuda only")
     if fa4_call is not None:
@@ -321,29 +357,10 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
             pooled = our_backends(qp, kp, vp, plan, RowReference(qp, kp, vp, layout, plan, seg), tol, rep, seg)
         except Exception as e:
             pooled = {"auto": {"status": _why(e), "ms": None, "rel_err": None, "backend": None}}
-    dense = peers["dense"]
-    best_dense = min((t for t in dense.values() if t is not None), default=None)
-    auto = ours["auto"]
-    ours_ms = auto["ms"]
-    row = {"shape": shape.name, "packing": layout.packing, "tile": layout.tile, "tokens": layout.seq_len,
-           "padded_tokens": layout.padded_len, "padding": round(layout.padding_fraction, 5),
-           "heads": shape.heads, "head_dim": shape.head_dim, "dtype": str(q.dtype).replace("torch.", ""),
-           "density_requested": density, "density": round(plan.density, 4),
-           **{f"sdpa_{n}_ms": t for n, t in dense.items()},
-           "xformers_ms": peers["xformers"], "fa4_dense_ms": peers["fa4_dense"], "flex_ms": flex_ms,
-           "fa4_sparse_ms": fa4_sparse_ms, "sol_attn_ms": sol_ms,
-           # ours = what a user gets: the backend automatic dispatch picks, timed through the public call
-           "ours_ms": ours_ms, "ours_backend": auto["backend"], "fastest_backend": auto["fastest"],
-           "auto_is_fastest": auto["is_fastest"],
-           **{f"ours_{n}_ms": r["ms"] for n, r in ours.items() if n != "auto"},
-           "pooled_ms": pooled.get("auto", {}).get("ms"), "pooled_backend": pooled.get("auto", {}).get("backend"),
-           **{f"pooled_{n}_ms": r["ms"] for n, r in pooled.items() if n != "auto"},
-           "permute_ms": permute_ms, "backends": ours, "pooled_backends": pooled,
-           "peers": {**peers["peers"], "fa4_sparse": fa4_status, "sol_attn": sol_status},
-           "rel_err_fa4_vs_ref": fa4_err, "rel_err_flex_vs_ref": err,
-           "rel_err_ours": auto["rel_err"],
-           "speedup_vs_dense": None if best_dense is None or not ours_ms else best_dense / ours_ms,
-           "speedup_vs_flex": None if flex_ms is None or not ours_ms else flex_ms / ours_ms}
+    row = build_row(shape, layout, q, plan, density, peers, ours, pooled, dict(
+        flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=fa4_sparse_ms, fa4_status=fa4_status, fa4_err=fa4_err,
+        sol_ms=sol_ms, sol_status=sol_status, permute_ms=permute_ms))
+    best_dense = min((t for t in peers["dense"].values() if t is not None), default=None)
     states = ", ".join(f"{n} {_fmt_ms(r)}" for n, r in ours.items())
     print(f"  density {density:<5} {states}; flex peer {_fmt_ms({'ms': flex_ms})}; best dense "
           f"{_fmt_ms({'ms': best_dense})}" + (f"; pooled: {', '.join(f'{n} {_fmt_ms(r)}' for n, r in pooled.items())}"
@@ -392,6 +409,15 @@ def main(argv=None) -> int:
     skipped: list[str] = []
     cache: dict[str, tuple] = {}  # shape -> (q, k, v, dense peers): model order, the same for every packing
     packings = ["packed", "tiled"] if args.packing == "both" else [args.packing]
+    path = None
+
+    def save(done: list[dict]) -> None:
+        """JSON after every row and inside a row: a stage killed at its time limit keeps what it measured."""
+        nonlocal path
+        if write:
+            path = write_json("attention", {"environment": environment(), "rows": done, "skipped": skipped},
+                              folder=args.out)
+
     with torch.no_grad():
         for packing in packings:
             for shape in shapes:
@@ -413,10 +439,9 @@ def main(argv=None) -> int:
                     q, k, v, peers = cache[shape.name]
                     if density == densities[0]:
                         print(f"{shape.name}: {layout!r}")
-                    rows.append(run_row(shape, layout, q, k, v, peers, density, device, args.smoke, tol))
-                    if write:  # after every row: a stage killed at its time limit keeps what it measured
-                        path = write_json("attention", {"environment": environment(), "rows": rows,
-                                                        "skipped": skipped}, folder=args.out)
+                    rows.append(run_row(shape, layout, q, k, v, peers, density, device, args.smoke, tol,
+                                        save=lambda partial: save(rows + [partial])))
+                    save(rows)
     if not rows:
         print(f"no row measured within --budget {args.budget} s", file=sys.stderr)
         return 1

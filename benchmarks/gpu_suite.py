@@ -230,7 +230,8 @@ def render_summary(payload: dict) -> str:
                                              "ours_backend", "ours_ms", "auto_is_fastest", "fastest_backend",
                                              *pooled, "pooled_backend", "pooled_ms", "speedup_vs_dense",
                                              "speedup_vs_flex", "rel_err_ours"]
-                                 if not c.endswith("_ms") or any(r.get(c) is not None for r in rows)]), ""]
+                                 if not c.endswith("_ms") or any(r.get(c) is not None for r in rows)]
+                         + (["partial"] if any(r.get("partial") for r in rows) else [])), ""]
         statuses: dict[str, set] = {}
         for r in rows:
             for prefix, group in (("", r.get("backends", {})), ("pooled ", r.get("pooled_backends", {}))):

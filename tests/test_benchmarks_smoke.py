@@ -105,3 +105,27 @@ def test_pooled_benchmarks_run_from_another_folder(script, extra, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "draft" in res.stdout  # every script prints its draft rows
+
+
+def test_op_row_is_saved_before_its_slow_tail(monkeypatch):
+    """attention.py saves a row as soon as ours and the flex peer are measured (a stage killed later in the row keeps
+    them), and a --budget already spent starts no row."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import attention as att
+    from benchmarks._common import Shape
+    from dit_sparse import TokenLayout
+
+    monkeypatch.setattr(att, "_SMOKE", True)
+    shape = Shape("t", 1, 4, 8, 1, text=4, head_dim=16)
+    layout = TokenLayout(frames=1, height=4, width=8, text_tokens=4, tile=(1, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, shape.tokens, 1, 16, generator=g) for _ in range(3))
+    peers = att.dense_peers(q, k, v, torch.device("cpu"))
+    saved = []
+    with torch.no_grad():
+        row = att.run_row(shape, layout, q, k, v, peers, 0.5, torch.device("cpu"), True, 1e-3, save=saved.append)
+    assert len(saved) == 1 and saved[0]["partial"] is True
+    assert saved[0]["ours_ms"] == row["ours_ms"] and saved[0]["flex_ms"] == row["flex_ms"]
+    assert saved[0]["pooled_ms"] is None and row["pooled_ms"] is not None and "partial" not in row
+    res = run("benchmarks/attention.py", "--smoke", "--budget", "0")
+    assert res.returncode == 1 and "no row measured within --budget" in res.stderr
