@@ -7,12 +7,24 @@ times (median ms) with the same shapes and, for the sparse peers, the same block
 * sparse peers: flex_attention (compiled) on the same plan, flash-attn-4 block-sparse on the same plan (the ``fa4``
   backend: its ``block_sparse_tensors`` input in flex's BlockMask layout, padding slots masked), and the Sol-Attn
   kernel of comfy-kitchen (its own block selection, asked for the same density);
-* ours (Triton) on the permuted sequence (the padding slots count in its time); permute + unpermute timed apart.
+* ours: every backend registered in ``dit_sparse.backends.BACKENDS`` but ``torch`` (``ours_<name>_ms``; a backend
+  added later appears with no change here) on the permuted sequence (the padding slots count in its time). Each
+  is first checked against the fp32 torch reference on the rows of a few query blocks (first, middle, last video,
+  last; real tokens only) and timed only within ``2e-2`` relative error (bf16; a larger error is a ``WRONG`` row
+  status and a non-zero exit); one that cannot run the call records its own reasons (``not_supported_reasons`` +
+  ``segment_reasons``) as its status. Then ``auto``: the backend ``choose_backend`` picks, timed through the
+  public call (``ours_ms``, ``ours_backend``), the fastest backend, and whether automatic dispatch took it
+  (within 3%: ``auto_is_fastest``);
+* the same for the row mode's pooled key segment (``pooled_<name>_ms``, ``pooled_ms``; sparse densities only):
+  the plan's call with the ``PooledSegment`` of ``combine="row"`` (outlier keys) read in the same softmax, on
+  every backend that reads it;
+* permute + unpermute timed apart.
 
 Every peer is optional: one that is not installed, or whose API does not take the call, gives a row with the
 reason (``peers`` in the JSON), never a crash. Each row carries the real and the padded token counts
 (``tokens``, ``padded_tokens``, ``padding``) of the layout (``--packing packed|tiled``). Prints a table and writes
-JSON to benchmarks/results/attention-<gpu>.json (or ``--out DIR``).
+JSON to benchmarks/results/attention-<gpu>.json (or ``--out DIR``) after every row, and once inside a row when ours
+and the flex peer are measured (``"partial": true``); ``--budget S`` starts no row after S seconds.
 
     python benchmarks/attention.py                     # needs a CUDA GPU
     python benchmarks/attention.py --out results_dir   # JSON into that folder
@@ -104,20 +116,6 @@ def fa4_dense_time(q, k, v) -> tuple[float | None, str]:
         return _bench(lambda: flash_attn_func(q, k, v)), "ok"
     except Exception as e:  # a peer that cannot run is a data point
         return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-
-
-def fa4_sparse_fn(plan: SparsePlan):
-    """flash-attn-4 block-sparse forward on our plan through the ``fa4`` backend (full blocks unmasked, blocks with
-    padding slots masked by key validity: the same numerics as ours), or the reason it cannot run. Its time
-    includes the backend's plan conversion, as a sparse call pays it."""
-    missing = _peer_status("flash_attn.cute")
-    if missing:
-        return None, missing
-
-    def call(q, k, v):
-        return block_sparse_attention(q, k, v, plan, backend="fa4")
-
-    return call, "ok"
 
 
 def sol_attn_fn():
@@ -317,19 +315,15 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
         err = ref.rel_err(flex_out)
     except Exception as e:  # flex failing is a data point, not a crash
         print(f"  flex at density {density}: {_why(e)}")
+    # flash-attn-4 block-sparse on the same plan is the ``fa4`` backend (timed above with ours, its plan
+    # conversion included, as a sparse call pays it): its columns repeat that entry
+    fa4 = ours.get("fa4", {"status": "no fa4 backend registered", "ms": None, "rel_err": None})
+    fa4_sparse_ms, fa4_err = fa4["ms"], fa4["rel_err"]
+    fa4_status = "ok" if fa4["status"] == "ok" else (_peer_status("flash_attn.cute") or fa4["status"])
     if save is not None:
         save({**build_row(shape, layout, q, plan, density, peers, ours, {}, dict(
-            flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=None, fa4_status="not reached", fa4_err=None,
+            flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=fa4_sparse_ms, fa4_status=fa4_status, fa4_err=fa4_err,
             sol_ms=None, sol_status="not reached", permute_ms=permute_ms)), "partial": True})
-    fa4_sparse_ms = fa4_err = None
-    fa4_call, fa4_status = fa4_sparse_fn(plan) if device.type == "cuda" else (None, "cuda only")
-    if fa4_call is not None:
-        try:
-            out4 = fa4_call(qp, kp, vp)
-            fa4_sparse_ms = _bench(lambda c=fa4_call: c(qp, kp, vp), rep=10)
-            fa4_err = ref.rel_err(out4)  # all blocks passed as full: padding slots not masked (see fa4_sparse_fn)
-        except Exception as e:
-            fa4_status = _why(e)
     sol_ms, sol_status = None, peers["peers"]["sol_attn"]
     if peers["sol"] is not None:
         try:  # its own selection, asked for our density (model order: it does its own layout)

@@ -2,10 +2,11 @@
 
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
-1. ``tests``      — ``tests/test_kernels`` compiled (``TRITON_INTERPRET=0``) and every other test file with a
-   ``gpu`` mark: the kernel cases, every registered backend against the fp32 reference
-   (``test_backends_gpu.py``) and the CUDA-graph capture of a sparse call for every backend that can run it
-   (``test_cuda_graph.py``; both parametrized over ``dit_sparse.backends.BACKENDS``). ``-n 4`` with pytest-xdist;
+1. ``tests``      — ``tests/test_kernels`` compiled (``TRITON_INTERPRET=0``; ``-n 4`` with pytest-xdist) and the
+   ``gpu`` tests of every other file that has one (flash-attn-4 against the reference, for one): the cases of both
+   Triton kernels, every registered backend against the fp32 reference (``test_backends_gpu.py``) and the
+   CUDA-graph capture of a sparse call for every backend that can run it (``test_cuda_graph.py``; both
+   parametrized over ``dit_sparse.backends.BACKENDS``);
 2. ``op``         — ``benchmarks/attention.py``: every registered backend of ours (checked against the fp32
    reference first; a backend that cannot run says why), automatic dispatch and whether it took the fastest, the
    row mode's pooled segment, and the peers: cuDNN / flash / efficient SDPA, xformers, flex on the same mask,
@@ -69,11 +70,12 @@ ROOT = Path(__file__).resolve().parent.parent
 #: and all-dense; the Triton autotuner tunes at the first call of a kind, here a 0.10 call at about 55 ms)
 OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--packing", "both"]
 #: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
-#: ``{gpu_tests}`` the test files (tests/test_kernels and every other file with a ``gpu`` mark), ``{xdist}``
-#: ``-n 4`` where pytest-xdist is installed (the tests' kernel compiles then run on 4 processes)
+#: ``{gpu_files}`` every test file outside tests/test_kernels with a ``gpu`` mark (its ``gpu`` tests run; a command
+#: left with no file is skipped), ``{xdist}`` ``-n 4`` where pytest-xdist is installed (the kernel tests'
+#: compiles then run on 4 processes)
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
 STAGES = {
-    "tests": (100, [[sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "{xdist}",
-                     "{gpu_tests}"]]),
+    "tests": (100, [[*PYTEST, "{xdist}", "tests/test_kernels"], [*PYTEST, "-m", "gpu", "{gpu_files}"]]),
     # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
     "op": (220, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "165", "--out", "{raw}"]]),
     "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
@@ -101,8 +103,8 @@ TARGETS = [
     ("Wan2.1-1.3B 480p draft-80 step speedup", "wan_step", 1.35),
 ]
 def gpu_test_files() -> list[str]:
-    """tests/test_kernels, and every other test file that carries a ``gpu`` mark (found by its text)."""
-    files = ["tests/test_kernels"]
+    """Every test file outside tests/test_kernels that carries a ``gpu`` mark (found by its text)."""
+    files = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         rel = path.relative_to(ROOT).as_posix()
         if not rel.startswith("tests/test_kernels/") and "mark.gpu" in path.read_text():
@@ -110,11 +112,15 @@ def gpu_test_files() -> list[str]:
     return files
 
 
-def expand(cmd: list[str], raw: Path | str) -> list[str]:
+def expand(cmd: list[str], raw: Path | str) -> list[str] | None:
+    """``cmd`` with its placeholders filled in; None when ``{gpu_files}`` finds no file (nothing to run)."""
     out = []
     for c in cmd:
-        if c == "{gpu_tests}":
-            out += gpu_test_files()
+        if c == "{gpu_files}":
+            files = gpu_test_files()
+            if not files:
+                return None
+            out += files
         elif c == "{xdist}":
             out += ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
         else:
@@ -129,6 +135,8 @@ def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, 
         return {"stage": name, "status": "skipped (needs CUDA)", "seconds": 0.0, "tail": ""}
     for cmd in commands:
         cmd = expand(cmd, raw)
+        if cmd is None:
+            continue
         left = limit - (time.perf_counter() - started)
         log.write(f"\n===== {name}: {' '.join(cmd)} (limit {left:.0f} s)\n")
         log.flush()
@@ -280,7 +288,9 @@ def main(argv=None) -> int:
         for s in stages:
             limit, cmds = table[s]
             for cmd in cmds:
-                print(f"[{s}, <= {limit} s] {' '.join(expand(cmd, '<raw>'))}")
+                full = expand(cmd, "<raw>")
+                shown = "(no file: skipped) " + " ".join(cmd) if full is None else " ".join(full)
+                print(f"[{s}, <= {limit} s] {shown}")
         print(f"total limit {sum(table[s][0] for s in stages)} s")
         return 0
     import torch
