@@ -169,21 +169,32 @@ def _load(raw: Path, prefix: str) -> dict | None:
     return json.loads(files[0].read_text()) if files else None
 
 
-def targets(results: dict) -> dict[str, float | None]:
-    """The issue's target metrics from the benchmark JSON (None where not measured)."""
+def _best_of_ours(row: dict) -> tuple[str | None, float | None]:
+    """The fastest registered backend of an op row (checked against the reference, timed) and its time."""
+    timed = {n: b["ms"] for n, b in row.get("backends", {}).items() if n != "auto" and b.get("ms")}
+    if not timed:
+        return None, None
+    name = min(timed, key=timed.get)
+    return name, timed[name]
+
+
+def targets(results: dict, best: bool = False) -> dict[str, float | None]:
+    """The issue's target metrics from the benchmark JSON (None where not measured). The op targets read ``ours``
+    as automatic dispatch runs it, or with ``best`` the fastest registered backend (a named-only one included)."""
     got: dict[str, float | None] = {key: None for _, key, _ in TARGETS}
     op = results.get("op") or {}
     for r in op.get("rows", []):
-        if r.get("shape") != "hunyuan-720p" or r.get("packing") != "packed" or not r.get("ours_ms"):
+        ours = _best_of_ours(r)[1] if best else r.get("ours_ms")
+        if r.get("shape") != "hunyuan-720p" or r.get("packing") != "packed" or not ours:
             continue
         cudnn = r.get("sdpa_cudnn_ms")
         if r["density_requested"] == 1.0 and cudnn:
-            got["dense_vs_cudnn"] = cudnn / r["ours_ms"]
+            got["dense_vs_cudnn"] = cudnn / ours
         if abs(r["density_requested"] - 0.1) < 1e-9:
             if cudnn:
-                got["d10_vs_cudnn"] = cudnn / r["ours_ms"]
+                got["d10_vs_cudnn"] = cudnn / ours
             if r.get("flex_ms"):
-                got["d10_vs_flex"] = r["flex_ms"] / r["ours_ms"]
+                got["d10_vs_flex"] = r["flex_ms"] / ours
     for r in (results.get("breakdown") or {}).get("rows", []):
         if r.get("preset") == "hunyuanvideo:draft-90" and r.get("packing") == "packed":
             got["outside_kernel"] = r.get("outside_kernel_share")
@@ -262,13 +273,22 @@ def render_summary(payload: dict) -> str:
             "model", "preset", "tokens", "padded_tokens", "attention_share", "density", "step_speedup",
             "step_speedup_vs_unmasked", "best_unmasked_backend", "amdahl_limit", "of_limit"]), ""]
     got = {key: None for _, key, _ in TARGETS} if payload.get("smoke") else targets(res)
-    out += ["## Issue 15 targets", "", "| Metric | Target | Measured | Met |", "|---|---|---|---|"]
+    best = {key: None for _, key, _ in TARGETS} if payload.get("smoke") else targets(res, best=True)
+    names = {}
+    for r in (res.get("op") or {}).get("rows", []):
+        if r.get("shape") == "hunyuan-720p" and r.get("packing") == "packed":
+            names[r["density_requested"]] = (r.get("ours_backend"), _best_of_ours(r)[0])
+    out += ["## Issue 15 targets", "",
+            "Measured = what automatic dispatch runs; the last column reads the op targets with the fastest "
+            "registered backend instead (a named-only one included), for the dispatch order's next step. "
+            f"HunyuanVideo 720p packed, (auto, fastest) backend by density: {names or '-'}.", "",
+            "| Metric | Target | Measured | Met | Fastest backend |", "|---|---|---|---|---|"]
     for label, key, thr in TARGETS:
-        v = got[key]
+        v, b = got[key], best[key]
         lower_is_better = key == "outside_kernel"
         met = "not measured" if v is None else ("yes" if (v <= thr if lower_is_better else v >= thr) else "no")
         out.append(f"| {label} | {'<=' if lower_is_better else '>='} {thr} | "
-                   f"{'-' if v is None else f'{v:.3f}'} | {met} |")
+                   f"{'-' if v is None else f'{v:.3f}'} | {met} | {'-' if b is None or b == v else f'{b:.3f}'} |")
     return "\n".join(out) + "\n"
 
 

@@ -129,3 +129,26 @@ def test_op_row_is_saved_before_its_slow_tail(monkeypatch):
     assert saved[0]["pooled_ms"] is None and row["pooled_ms"] is not None and "partial" not in row
     res = run("benchmarks/attention.py", "--smoke", "--budget", "0")
     assert res.returncode == 1 and "no row measured within --budget" in res.stderr
+
+
+def test_targets_read_auto_and_the_fastest_backend():
+    """The op targets from made-up rows: as automatic dispatch runs (``ours_ms``) and with the fastest backend."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import gpu_suite
+
+    def row(density, auto_ms, times):
+        return {"shape": "hunyuan-720p", "packing": "packed", "density_requested": density, "ours_ms": auto_ms,
+                "ours_backend": "triton", "sdpa_cudnn_ms": 300.0, "flex_ms": 60.0,
+                "backends": {**{n: {"status": "ok", "ms": t} for n, t in times.items()},
+                             "fa4": {"status": "cannot run: x", "ms": None}, "auto": {"ms": auto_ms}}}
+
+    results = {"op": {"rows": [row(0.1, 50.0, {"triton": 50.0, "hopper": 40.0}),
+                               row(1.0, 400.0, {"triton": 400.0, "hopper": 375.0}),
+                               {**row(0.1, 1.0, {"triton": 1.0}), "packing": "tiled"}]}}
+    auto, best = gpu_suite.targets(results), gpu_suite.targets(results, best=True)
+    assert (auto["d10_vs_cudnn"], auto["d10_vs_flex"], auto["dense_vs_cudnn"]) == (6.0, 1.2, 0.75)
+    assert (best["d10_vs_cudnn"], best["d10_vs_flex"], best["dense_vs_cudnn"]) == (7.5, 1.5, 0.8)
+    summary = gpu_suite.render_summary({"environment": {}, "stages": [], "results": results})
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| Density 0.10, vs flex"))
+    assert line.split("|")[3:6] == [" 1.200 ", " no ", " 1.500 "]
+    assert "{0.1: ('triton', 'hopper'), 1.0: ('triton', 'hopper')}" in summary
