@@ -2,11 +2,11 @@
 
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
-1. ``tests``      — ``tests/test_kernels`` compiled (``TRITON_INTERPRET=0``; ``-n 4`` with pytest-xdist) and the
-   ``gpu`` tests of every other file that has one (flash-attn-4 against the reference, for one): the cases of both
-   Triton kernels, every registered backend against the fp32 reference (``test_backends_gpu.py``) and the
-   CUDA-graph capture of a sparse call for every backend that can run it (``test_cuda_graph.py``; both
-   parametrized over ``dit_sparse.backends.BACKENDS``);
+1. ``tests``      — compiled (``TRITON_INTERPRET=0``; ``-n 4`` with pytest-xdist): first every ``gpu`` test
+   (tests/test_kernels and any other file that has one): real shapes of both Triton kernels, every registered
+   backend against the fp32 reference (``test_backends_gpu.py``), the CUDA-graph capture of a sparse call for every
+   backend that can run it (``test_cuda_graph.py``; both parametrized over ``dit_sparse.backends.BACKENDS``),
+   flash-attn-4 against the reference; then, with the time left, the small kernel cases of tests/test_kernels;
 2. ``op``         — ``benchmarks/attention.py``: every registered backend of ours (checked against the fp32
    reference first; a backend that cannot run says why), automatic dispatch and whether it took the fastest, the
    row mode's pooled segment, and the peers: cuDNN / flash / efficient SDPA, xformers, flex on the same mask,
@@ -70,12 +70,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: and all-dense; the Triton autotuner tunes at the first call of a kind, here a 0.10 call at about 55 ms)
 OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--packing", "both"]
 #: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
-#: ``{gpu_files}`` every test file outside tests/test_kernels with a ``gpu`` mark (its ``gpu`` tests run; a command
-#: left with no file is skipped), ``{xdist}`` ``-n 4`` where pytest-xdist is installed (the kernel tests'
-#: compiles then run on 4 processes)
+#: ``{gpu_files}`` every test file outside tests/test_kernels with a ``gpu`` mark, ``{xdist}`` ``-n 4`` where
+#: pytest-xdist is installed (the kernel tests' compiles then run on 4 processes)
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
 STAGES = {
-    "tests": (100, [[*PYTEST, "{xdist}", "tests/test_kernels"], [*PYTEST, "-m", "gpu", "{gpu_files}"]]),
+    # first every ``gpu`` test (real shapes, each backend vs the reference, CUDA graphs, flash-attn-4), then the
+    # small interpreter-sized kernel cases compiled, with the time left
+    "tests": (100, [[*PYTEST, "{xdist}", "-m", "gpu", "tests/test_kernels", "{gpu_files}"],
+                    [*PYTEST, "{xdist}", "-m", "not gpu", "tests/test_kernels"]]),
     # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
     "op": (220, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "165", "--out", "{raw}"]]),
     "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
@@ -113,14 +115,11 @@ def gpu_test_files() -> list[str]:
 
 
 def expand(cmd: list[str], raw: Path | str) -> list[str] | None:
-    """``cmd`` with its placeholders filled in; None when ``{gpu_files}`` finds no file (nothing to run)."""
+    """``cmd`` with its placeholders filled in (None: nothing to run)."""
     out = []
     for c in cmd:
         if c == "{gpu_files}":
-            files = gpu_test_files()
-            if not files:
-                return None
-            out += files
+            out += gpu_test_files()
         elif c == "{xdist}":
             out += ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
         else:
@@ -129,10 +128,12 @@ def expand(cmd: list[str], raw: Path | str) -> list[str] | None:
 
 
 def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, env: dict) -> dict:
+    """Run a stage's commands in turn inside its time limit. A failing command is recorded and the next one still
+    runs (the tests stage's second command after its first); a timeout ends the stage."""
     started = time.perf_counter()
-    status, outputs = "ok", []
+    status, outputs, results = "ok", [], []
     if not commands:
-        return {"stage": name, "status": "skipped (needs CUDA)", "seconds": 0.0, "tail": ""}
+        return {"stage": name, "status": "skipped (needs CUDA)", "seconds": 0.0, "result": "", "tail": ""}
     for cmd in commands:
         cmd = expand(cmd, raw)
         if cmd is None:
@@ -140,28 +141,31 @@ def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, 
         left = limit - (time.perf_counter() - started)
         log.write(f"\n===== {name}: {' '.join(cmd)} (limit {left:.0f} s)\n")
         log.flush()
+        timed_out = False
         try:
             stage_env = {**env, **({"TRITON_CACHE_AUTOTUNING": "1"} if name in AUTOTUNE_CACHE_STAGES else {})}
             res = subprocess.run(cmd, cwd=ROOT, env=stage_env, capture_output=True, text=True,
                                  timeout=max(left, 1))
-            outputs.append(res.stdout + res.stderr)
-            log.write(res.stdout + res.stderr)
+            text = res.stdout + res.stderr
             if res.returncode == 5 and "pytest" in cmd:
-                status = "failed (pytest collected no test)"
-            elif res.returncode != 0:
-                status = f"failed (exit {res.returncode})"
+                this = "failed (pytest collected no test)"
+            else:
+                this = "ok" if res.returncode == 0 else f"failed (exit {res.returncode})"
         except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            outputs.append(text)
-            log.write(text)
-            status = f"timed out after {limit} s"
+            text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                           for x in (e.stdout, e.stderr))
+            this, timed_out = f"timed out after {limit} s", True
+        outputs.append(text)
+        log.write(text)
         log.flush()
-        if status != "ok":
+        counts = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
+        results.append(counts[-1] if counts else ("" if this == "ok" else this))
+        if status == "ok" and this != "ok":
+            status = this
+        if timed_out:
             break
-    text = "".join(outputs)
-    counts = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
     return {"stage": name, "status": status, "seconds": round(time.perf_counter() - started, 1),
-            "result": counts[-1] if counts else "", "tail": text[-3000:]}
+            "result": "; ".join(r for r in results if r), "tail": "".join(outputs)[-3000:]}
 
 
 def _load(raw: Path, prefix: str) -> dict | None:
