@@ -56,12 +56,28 @@ def test_sparse_calls_do_not_sync(name):
 
 
 def test_the_guard_catches_a_sync():
-    """The guard itself: reading a value, nonzero, or a boolean-mask index each fail."""
+    """The guard itself: reading a value, nonzero, a boolean-mask index, and the host copies that dispatch nothing
+    on CPU (``tolist``, ``numpy``, ``cpu``) each fail."""
     x = torch.randn(5)
-    for fn in (lambda: float(x.sum()), lambda: x.nonzero(), lambda: x[x > 0], lambda: bool((x > 0).any())):
+    for fn in (lambda: float(x.sum()), lambda: x.nonzero(), lambda: x[x > 0], lambda: bool((x > 0).any()),
+               lambda: x.tolist(), lambda: x.max().tolist(), lambda: x.numpy(), lambda: x.cpu()):
         with pytest.raises(AssertionError, match="sync"):
             with no_host_sync():
                 fn()
+
+
+def test_the_guard_allows_a_documented_read():
+    """``rec.allow(reason)`` pauses recording for its body only; the reason is kept."""
+    x = torch.randn(5)
+    with no_host_sync() as rec:
+        with rec.allow("a documented read"):
+            x.tolist(), float(x.sum())
+    assert rec.allowed == ["a documented read"] and not rec.hits
+    with pytest.raises(AssertionError, match="sync"):
+        with no_host_sync() as rec:
+            with rec.allow("a documented read"):
+                pass
+            x.tolist()
 
 
 @pytest.mark.parametrize("name", ["draft_row_topk", "rect_block", "rect_row", "neighborhood_tokens", "dense_heads",
