@@ -9,13 +9,17 @@ Some reads never reach the dispatcher on CPU: ``.tolist()``, ``.numpy()`` and ``
 host (a sync there) but are no-ops or direct memory reads on a CPU tensor. A ``TorchFunctionMode`` records those
 calls by name, whatever the device (on the per-layer path a ``.cpu()`` of a CPU tensor is just as suspect).
 
-``allow(reason)``: a context manager that pauses recording for a body that is a *documented* host read (e.g. the
-context hook's once-per-forward read of the timestep); the reason is kept in ``allowed``.
+Documented host reads are allowed two ways, and kept (with their reason) in ``rec.allowed`` instead of failing:
+
+* ``no_host_sync(..., allow=(dit_sparse.context.host_read,))``: every sync made inside a call of one of these
+  functions (found on the stack; the reason is that call's ``why`` argument);
+* ``with rec.allow(reason):`` around a body.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 
 import torch
@@ -53,16 +57,35 @@ def _where() -> str:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, allow=()):
         super().__init__()
         self.hits: list[str] = []
         self.allowed: list[str] = []
         self.paused = 0
+        self._allow_codes = {fn.__code__ for fn in allow}
+
+    def _allowed_by(self) -> str | None:
+        """The ``why`` of the innermost allowed function on the stack, or None."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code in self._allow_codes:
+                return str(frame.f_locals.get("why", frame.f_code.co_name))
+            frame = frame.f_back
+        return None
+
+    def record(self, what: str) -> None:
+        if self.paused:
+            return
+        why = self._allowed_by() if self._allow_codes else None
+        if why is not None:
+            self.allowed.append(why)
+        else:
+            self.hits.append(f"{what}\n" + _where())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.paused and _is_sync(func, args, kwargs):
-            self.hits.append(f"{func}\n" + _where())
+        if _is_sync(func, args, kwargs):
+            self.record(str(func))
         return func(*args, **kwargs)
 
 
@@ -72,18 +95,19 @@ class _HostReads(TorchFunctionMode):
         self.rec = rec
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.rec.paused and func in HOST_READS:
-            self.rec.hits.append(f"Tensor.{func.__name__}\n" + _where())
+        if func in HOST_READS:
+            self.rec.record(f"Tensor.{func.__name__}")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def no_host_sync(what: str = "the call"):
+def no_host_sync(what: str = "the call", allow=()):
     """Fail (AssertionError naming each op and where it came from) if the body runs an op that syncs.
 
-    Yields the recorder; ``rec.allow(reason)`` pauses recording for a documented host read.
+    Yields the recorder; syncs inside a call of a function in ``allow``, or in a ``rec.allow(reason)`` body, are
+    documented reads: kept in ``rec.allowed`` (their reasons), not failures.
     """
-    rec = _Recorder()
+    rec = _Recorder(allow)
 
     @contextlib.contextmanager
     def allow(reason: str):

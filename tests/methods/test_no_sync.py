@@ -80,6 +80,21 @@ def test_the_guard_allows_a_documented_read():
             x.tolist()
 
 
+def test_the_guard_allows_reads_inside_named_functions():
+    """``allow=(fn,)``: syncs made inside a call of ``fn`` are kept with that call's ``why``; others still fail."""
+    from dit_sparse.context import host_read
+
+    x = torch.randn(5)
+    with no_host_sync(allow=(host_read,)) as rec:
+        host_read("a reason", lambda: x.tolist())
+        host_read("another", lambda: float(x.sum()))
+    assert rec.allowed == ["a reason", "another"]
+    with pytest.raises(AssertionError, match="sync"):
+        with no_host_sync(allow=(host_read,)):
+            host_read("a reason", lambda: None)
+            x.tolist()
+
+
 @pytest.mark.parametrize("name", ["draft_row_topk", "rect_block", "rect_row", "neighborhood_tokens", "dense_heads",
                                   "reuse_retention", "reuse_rect"])
 @torch.no_grad()
