@@ -117,6 +117,21 @@ def test_engine_compiles_without_graph_breaks(name):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [dict(kernel_size=(3, 5, 5), stride=(1, 2, 2)), dict(window=(1, 3, 3))])
+@torch.no_grad()
+def test_token_exact_neighborhood_does_not_sync(window):
+    """The token-exact torch path (``neighborhood_attention_exact``): its gather width comes from the static plan,
+    read once per (layout, window), not per call."""
+    from dit_sparse.methods.neighborhood import neighborhood_attention_exact
+
+    cfg = NeighborhoodConfig(**window, exact=True)
+    q, k, v = (LAYOUT.permute(t) for t in _qkv(0))
+    ref = neighborhood_attention_exact(q, k, v, LAYOUT, cfg)  # warm-up: plan and width cached
+    with no_host_sync("neighborhood_attention_exact"):
+        out = neighborhood_attention_exact(q, k, v, LAYOUT, cfg)
+    assert torch.equal(out, ref)
+
+
 @torch.no_grad()
 def test_drift_refresh_is_the_documented_sync():
     """``drift_threshold`` decides on the host whether to rebuild: the one opt-in sync (TemporalReuseConfig doc)."""
