@@ -4,8 +4,8 @@ For Wan2.1 480p / 720p and HunyuanVideo 720p (head_dim 128, bf16) and densities 
 times (median ms) with the same shapes and, for the sparse peers, the same block mask:
 
 * dense peers: SDPA per backend (cuDNN, flash, efficient), xformers, flash-attn-4 (``flash_attn.cute``) dense;
-* sparse peers: flex_attention (compiled) on the same plan, flash-attn-4 block-sparse on the same plan (its
-  ``block_sparse_tensors`` input, flex's BlockMask layout, where the installed version takes it), and the Sol-Attn
+* sparse peers: flex_attention (compiled) on the same plan, flash-attn-4 block-sparse on the same plan (the ``fa4``
+  backend: its ``block_sparse_tensors`` input in flex's BlockMask layout, padding slots masked), and the Sol-Attn
   kernel of comfy-kitchen (its own block selection, asked for the same density);
 * ours (Triton) on the permuted sequence (the padding slots count in its time); permute + unpermute timed apart.
 
@@ -103,28 +103,15 @@ def fa4_dense_time(q, k, v) -> tuple[float | None, str]:
 
 
 def fa4_sparse_fn(plan: SparsePlan):
-    """flash-attn-4 block-sparse forward on our plan (CSR in flex's BlockMask layout), or the reason it cannot.
-
-    Every block of the plan is passed as a "full" block (no mask_mod): padding slots inside a key block (the
-    last video block and the last text block of a packed layout) are then not masked, so its numerics differ
-    from ours there; the work is the same. Its q/k tile must equal the plan's block size.
-    """
+    """flash-attn-4 block-sparse forward on our plan through the ``fa4`` backend (full blocks unmasked, blocks with
+    padding slots masked by key validity: the same numerics as ours), or the reason it cannot run. Its time
+    includes the backend's plan conversion, as a sparse call pays it."""
     missing = _peer_status("flash_attn.cute")
     if missing:
         return None, missing
-    try:
-        from flash_attn.cute import flash_attn_func
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    except Exception as e:
-        return None, f"no block-sparse API in this flash-attn-4 ({type(e).__name__})"
-    num, idx = plan.kv_num_blocks, plan.kv_indices
-    zero_num, zero_idx = torch.zeros_like(num), torch.zeros_like(idx)
-    tensors = BlockSparseTensorsTorch(mask_block_cnt=zero_num, mask_block_idx=zero_idx, full_block_cnt=num,
-                                      full_block_idx=idx)
 
     def call(q, k, v):
-        out = flash_attn_func(q, k, v, block_sparse_tensors=tensors)
-        return out[0] if isinstance(out, tuple) else out
+        return block_sparse_attention(q, k, v, plan, backend="fa4")
 
     return call, "ok"
 

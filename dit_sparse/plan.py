@@ -287,6 +287,43 @@ class SparsePlan:
         full[-1] = self.seq_k - (self.num_k_blocks - 1) * self.block_k
         return bool((self.kv_block_valid >= full).all())
 
+    def key_block_whole(self) -> torch.Tensor:
+        """Bool ``[Mk]``: key blocks whose ``block_k`` slots are all real keys (no padding slot, not the ragged
+        last block). Tensor ops only (no device sync)."""
+        mk, bk = self.num_k_blocks, self.block_k
+        real = torch.full((mk,), bk, dtype=torch.int32, device=self.device)
+        real[-1] = self.seq_k - (mk - 1) * bk
+        if self.kv_block_valid is not None:
+            real = torch.minimum(real, self.kv_block_valid)
+        return real >= bk
+
+    def split_full(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plan's read entries split into *full* key blocks (every slot a real key: read without a key mask)
+        and *partial* ones (padding slots or the ragged tail: masked), as flex's ``BlockMask`` and
+        FlashAttention-4 hold them.
+
+        Returns ``(full_num, full_idx, partial_num, partial_idx)``: int32 ``[B, H, Mq]`` counts and
+        ``[B, H, Mq, W]`` indices (``W`` the plan's width), each row sorted ascending, unique and in range: the
+        entries :func:`read_entries` reads (malformed rows normalised by the one read rule), zero past the count.
+        Tensor ops only (a stable sort per row): no device sync, widths independent of the data.
+        """
+        num, idx = self.kv_num_blocks, self.kv_indices
+        mk = self.num_k_blocks
+        read = read_entries(num, idx, mk)
+        whole = self.key_block_whole()[idx.clamp(0, mk - 1).long()]
+        pos = torch.arange(idx.shape[-1], device=idx.device, dtype=torch.int32)
+
+        def compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # selected entries first, in their (ascending) row order; a stable sort on the 0/1 key keeps it
+            order = torch.sort((~sel).to(torch.uint8), dim=-1, stable=True).indices
+            count = sel.sum(-1, dtype=torch.int32)
+            out = torch.where(pos < count.unsqueeze(-1), idx.gather(-1, order), torch.zeros_like(idx))
+            return count, out
+
+        full_num, full_idx = compact(read & whole)
+        partial_num, partial_idx = compact(read & ~whole)
+        return full_num, full_idx, partial_num, partial_idx
+
     # ------------------------------------------------------------------ derivations
     def with_epilogue(self, out_scale: torch.Tensor | None = None,
                       out_bias: torch.Tensor | None = None) -> SparsePlan:
@@ -358,15 +395,12 @@ class SparsePlan:
         def mask_mod(b, h, q_idx, kv_idx):
             return kmask[kv_idx]
 
-        whole = kmask.view(mk, bk).all(-1)  # key blocks with no padding slot
-        full, partial = blocks & whole, blocks & ~whole
-        p = SparsePlan.from_dense(partial, block_q=bq, block_k=bk, seq_q=self.seq_q, seq_k=seq_k)
-        f = SparsePlan.from_dense(full, block_q=bq, block_k=bk, seq_q=self.seq_q, seq_k=seq_k)
+        full_num, full_idx, part_num, part_idx = self.split_full()
 
-        def pad(t):
+        def pad(t):  # flex reads the number of key blocks from the width
             return torch.nn.functional.pad(t, (0, mk - t.shape[-1]))
 
-        return BlockMask.from_kv_blocks(p.kv_num_blocks, pad(p.kv_indices), f.kv_num_blocks, pad(f.kv_indices),
+        return BlockMask.from_kv_blocks(part_num, pad(part_idx), full_num, pad(full_idx),
                                         BLOCK_SIZE=(bq, bk), mask_mod=mask_mod, seq_lengths=(self.seq_q, seq_k))
 
     def __repr__(self) -> str:

@@ -1,9 +1,14 @@
 """Backend registry and dispatch.
 
-Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``triton`` (CUDA) -> ``flex`` (CUDA) ->
-``torch`` (the reference; always runs). A backend named explicitly (argument, :func:`use_backend` context or
-``DIT_SPARSE_BACKEND``) that cannot run raises ``NotImplementedError`` with its reasons; there is no silent
-fallback. Skipped backends are logged at DEBUG on the ``dit_sparse.backends`` logger.
+Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``fa4`` (flash-attn-4, CUDA; opt-in, see
+below) -> ``triton`` (CUDA) -> ``flex`` (CUDA) -> ``torch`` (the reference; always runs). The order is by design
+and unmeasured: no GPU run has timed these backends against each other yet (the GPU suite will). ``fa4`` sits
+before ``triton`` because FA4 is the FA3-class kernel the issue aims for, but it is ``auto = False`` (used only
+when named) until a GPU run has checked it against the reference and timed it; then it is one line to switch on.
+
+A backend named explicitly (argument, :func:`use_backend` context or ``DIT_SPARSE_BACKEND``) that cannot run raises
+``NotImplementedError`` with its reasons; there is no silent fallback. Skipped backends are logged at DEBUG on
+the ``dit_sparse.backends`` logger.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from .._env import env_backend
 from .._logging import get_logger
 from .base import AttentionInputs, Backend
 from .dense import SDPABackend, XFormersBackend
+from .fa4 import FA4Backend
 from .flex import FlexBackend
 from .torch_ref import TorchBackend
 from .triton import TritonBackend
@@ -24,7 +30,7 @@ __all__ = ["BACKENDS", "AttentionInputs", "Backend", "available_backends", "choo
 logger = get_logger("dit_sparse.backends")
 
 #: registry in automatic-dispatch priority order
-BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TritonBackend(), FlexBackend(),
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FA4Backend(), TritonBackend(), FlexBackend(),
                                                     XFormersBackend(), TorchBackend())}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dit_sparse_backend", default=None)

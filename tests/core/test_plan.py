@@ -112,3 +112,56 @@ def test_to_flex_compiled_form_lists_full_and_partial_blocks():
     # only key block 1 carries padding: it is the only partial block, every other listed block is full
     assert torch.equal(flex.kv_num_blocks, mask[..., 1].int())
     assert torch.equal(flex.full_kv_num_blocks, (mask & (valid == 32)).sum(-1).int())
+
+
+def _loop_split(num, idx, mk, whole):
+    """Independent per-row Python reading of the CSR rule, split by key-block wholeness: two lists per row."""
+    b, h, mq, w = idx.shape
+    full, part = {}, {}
+    for key in [(bi, hi, m) for bi in range(b) for hi in range(h) for m in range(mq)]:
+        top, f, p = -1, [], []
+        for e in range(min(max(int(num[key]), 0), w)):
+            j = int(idx[key + (e,)])
+            if 0 <= j < mk and j > top:
+                (f if whole[j] else p).append(j)
+                top = j
+        full[key], part[key] = f, p
+    return full, part
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 2), mq=st.integers(1, 5), mk=st.integers(1, 7),
+       w=st.integers(1, 7), block=st.sampled_from([16, 32]), tail=st.integers(1, 32), padded=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_split_full_matches_loop_oracle(b, h, mq, mk, w, block, tail, padded, seed):
+    """Full / partial split of any plan (malformed rows included): exactly the entries the read rule reads,
+    each row ascending, blocks with padding slots or the ragged tail partial, zero past the count."""
+    w = min(w, mk)
+    tail = min(tail, block)
+    g = torch.Generator().manual_seed(seed)
+    num = torch.randint(-1, w + 2, (b, h, mq), generator=g, dtype=torch.int32)
+    idx = torch.randint(-1, mk + 1, (b, h, mq, w), generator=g, dtype=torch.int32)
+    valid = (torch.randint(1, block + 1, (mk,), generator=g, dtype=torch.int32)
+             .where(torch.rand(mk, generator=g) < 0.4, torch.tensor(block, dtype=torch.int32)) if padded else None)
+    seq_k = (mk - 1) * block + tail
+    plan = SparsePlan(num, idx, block_q=block, block_k=block, seq_q=mq * block, seq_k=seq_k, kv_block_valid=valid)
+    whole = [(block if j < mk - 1 else tail) == block and (valid is None or int(valid[j]) == block)
+             for j in range(mk)]
+    full, part = _loop_split(num, idx, mk, whole)
+    fn, fi, pn, pi = plan.split_full()
+    assert fi.shape == pi.shape == idx.shape and fn.dtype == fi.dtype == torch.int32
+    for key, want in full.items():
+        assert int(fn[key]) == len(want) and fi[key][:len(want)].tolist() == want
+        assert int(pn[key]) == len(part[key]) and pi[key][:len(part[key])].tolist() == part[key]
+        assert not fi[key][len(want):].any() and not pi[key][len(part[key]):].any()
+
+
+def test_split_full_builds_without_a_host_sync():
+    from tests.sync_guard import no_host_sync
+
+    mask = torch.rand(2, 3, 5, 6) < 0.5
+    valid = torch.tensor([32, 32, 7, 32, 32, 32], dtype=torch.int32)
+    plan = SparsePlan.from_dense(mask, block_q=32, block_k=32, seq_q=150, seq_k=180, kv_block_valid=valid)
+    with no_host_sync():
+        fn, fi, pn, pi = plan.split_full()
+    assert torch.equal(fn + pn, mask.sum(-1).int())
