@@ -57,9 +57,15 @@ def host_read(why: str, read: Callable[[], T]) -> T:
 
 #: forwards seen by any context hook: keys :func:`host_memo` entries of tensors without a version counter
 _FORWARDS = itertools.count()
-_forward_epoch = 0
+_forward_epoch = next(_FORWARDS)
 _MEMO: dict = {}
 _MEMO_SIZE = 64
+
+
+def _next_forward() -> None:
+    """A transformer forward starts: :func:`host_memo` entries of inference tensors expire."""
+    global _forward_epoch
+    _forward_epoch = next(_FORWARDS)
 
 
 def host_memo(why: str, tensor: torch.Tensor, extra: Hashable, compute: Callable[[], T]) -> T:
@@ -172,8 +178,7 @@ class ContextHook(ModelHook):
         self.context.reset()
 
     def pre_forward(self, module, *args, **kwargs):
-        global _forward_epoch
-        _forward_epoch = next(_FORWARDS)
+        _next_forward()
         ctx = self.context
         cache_ctx = self.state_manager._context
         step_index = getattr(cache_ctx, "step_index", None)

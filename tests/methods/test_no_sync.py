@@ -143,3 +143,25 @@ def test_drift_refresh_is_the_documented_sync():
     with pytest.raises(AssertionError, match="_local_scalar_dense"):
         with no_host_sync("drift check"):
             engine(*_qkv(1), step=1, **kw)
+
+
+def test_host_memo_reads_once_per_tensor_object():
+    """Same tensor object and version: one read; an in-place change, another object with equal values, or a new
+    forward (for inference tensors, which have no version counter) read again."""
+    from dit_sparse import context
+
+    calls = []
+
+    def read(t):
+        return context.host_memo("test", t, None, lambda: calls.append(1) or float(t.sum()))
+
+    x = torch.ones(3)
+    assert read(x) == read(x) == 3.0 and len(calls) == 1
+    x.add_(1)
+    assert read(x) == 6.0 and len(calls) == 2
+    assert read(x.clone()) == 6.0 and len(calls) == 3
+    with torch.inference_mode():
+        y = torch.ones(2)
+    assert read(y) == read(y) == 2.0 and len(calls) == 4
+    context._next_forward()  # what the context hook does at every forward
+    assert read(y) == 2.0 and len(calls) == 5
