@@ -93,3 +93,25 @@ def test_a_wrong_bound_is_caught_with_checks(monkeypatch):
     monkeypatch.setenv("DIT_SPARSE_CHECKS", "1")
     with pytest.raises(ValueError, match="plan_width=1 is below"):
         SparseAttention(config)(*_qkv(layout, 0), layout=layout, step=0, layer=0, branch="cond")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@torch.no_grad()
+def test_backends_read_a_narrowed_plan_as_the_full_one(backend):
+    """A plan cut to its row bound (``W < Mk``) gives bit-identical output to the full-width plan (Triton in the
+    interpreter on CPU)."""
+    from dit_sparse import block_sparse_attention
+    from dit_sparse.methods.base import plan_from_mask
+    from dit_sparse.methods.temporal_reuse import _narrowed
+
+    layout = TokenLayout(frames=2, height=8, width=12, tile=(1, 4, 4))  # 12 blocks of 16
+    cfg = SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75, sink=False), **TINY)
+    q, k, v = (layout.permute(t) for t in _qkv(layout, 3))
+    mask = SparseAttention(cfg).build_mask(q, k, layout)
+    full = plan_from_mask(mask, layout)
+    width = plan_row_bound(cfg, layout, ())
+    narrow = _narrowed(full, width)
+    assert narrow.kv_indices.shape[-1] == width < layout.num_blocks
+    assert torch.equal(narrow.to_dense(), full.to_dense())
+    assert torch.equal(block_sparse_attention(q, k, v, narrow, backend=backend),
+                       block_sparse_attention(q, k, v, full, backend=backend))
