@@ -74,10 +74,10 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             over the keys read (``-inf`` for rows that read none).
 
     Other Parameters:
-        backend (`str`, *optional*): ``"triton"``, ``"torch"``, ``"flex"``, ``"sdpa"``, ``"xformers"``, ``"fa4"``
-            (flash-attn-4; only when named) or None (automatic: SDPA for all-dense plans, then Triton on CUDA, then
-            flex on CUDA, then the torch reference). A named backend that cannot run raises ``NotImplementedError``
-            listing why.
+        backend (`str`, *optional*): ``"hopper"``, ``"triton"``, ``"torch"``, ``"flex"``, ``"sdpa"``,
+            ``"xformers"``, ``"fa4"`` (flash-attn-4; only when named) or None (automatic: SDPA for all-dense plans,
+            then the Hopper kernel on sm90+ GPUs, then the portable Triton kernel on CUDA, then flex on CUDA, then
+            the torch reference). A named backend that cannot run raises ``NotImplementedError`` listing why.
 
     Returns:
         ``out [B, S_q, H, D]`` in the input dtype, or ``(out, lse)``.

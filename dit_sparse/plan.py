@@ -324,14 +324,29 @@ class SparsePlan:
         partial_num, partial_idx = compact(read & ~whole)
         return full_num, full_idx, partial_num, partial_idx
 
+    @functools.cached_property
+    def full_split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`split_full`, computed once per plan (its sort over ``[B, H, Mq, W]`` is paid once by a reused
+        plan; :meth:`with_epilogue` and :meth:`without_epilogue` carry it over, as they keep the CSR tables).
+        Sync-free like :meth:`split_full`. Treat the tensors as read-only."""
+        return self.split_full()
+
     # ------------------------------------------------------------------ derivations
     def with_epilogue(self, out_scale: torch.Tensor | None = None,
                       out_bias: torch.Tensor | None = None) -> SparsePlan:
         """A copy of this plan with epilogue terms ``out = out_scale * attention + out_bias``."""
-        return dataclasses.replace(self, out_scale=out_scale, out_bias=out_bias)
+        return self._same_blocks(out_scale=out_scale, out_bias=out_bias)
 
     def without_epilogue(self) -> SparsePlan:
-        return dataclasses.replace(self, out_scale=None, out_bias=None)
+        return self._same_blocks(out_scale=None, out_bias=None)
+
+    def _same_blocks(self, **changes) -> SparsePlan:
+        """``dataclasses.replace`` for changes that keep the block structure: cached block views carry over."""
+        new = dataclasses.replace(self, **changes)
+        for name in ("full_split", "density", "keys_all_valid", "is_dense"):
+            if name in self.__dict__:
+                new.__dict__[name] = self.__dict__[name]
+        return new
 
     def to(self, device: torch.device | str) -> SparsePlan:
         def mv(t):

@@ -1,10 +1,15 @@
 """Backend registry and dispatch.
 
 Priority for automatic choice: ``sdpa`` (all-dense plans only) -> ``fa4`` (flash-attn-4, CUDA; opt-in, see
-below) -> ``triton`` (CUDA) -> ``flex`` (CUDA) -> ``torch`` (the reference; always runs). The order is by design
-and unmeasured: no GPU run has timed these backends against each other yet (the GPU suite will). ``fa4`` sits
-before ``triton`` because FA4 is the FA3-class kernel the issue aims for, but it is ``auto = False`` (used only
+below) -> ``hopper`` (CUDA sm90+; opt-in, see below) -> ``triton`` (CUDA) -> ``flex`` (CUDA) -> ``torch`` (the
+reference; always runs). The order is by design and unmeasured: no GPU run has timed these backends against each
+other yet (``benchmarks/gpu_suite.py``, which iterates over :data:`BACKENDS`, will; the order follows the numbers
+then).
+``fa4`` sits first because FA4 is the FA3-class kernel the issue aims for, but it is ``auto = False`` (used only
 when named) until a GPU run has checked it against the reference and timed it; then it is one line to switch on.
+``hopper`` (our Triton kernel for sm90+: TMA descriptors, full/partial block loops, conditional rescaling) has
+only run in the Triton interpreter so far, so it is ``auto = False`` as well: automatic dispatch runs the portable
+``triton`` kernel on every CUDA GPU until the suite has compiled, checked and timed ``hopper`` on sm90.
 
 A backend named explicitly (argument, :func:`use_backend` context or ``DIT_SPARSE_BACKEND``) that cannot run raises
 ``NotImplementedError`` with its reasons; there is no silent fallback. Skipped backends are logged at DEBUG on
@@ -22,6 +27,7 @@ from .base import AttentionInputs, Backend
 from .dense import SDPABackend, XFormersBackend
 from .fa4 import FA4Backend
 from .flex import FlexBackend
+from .hopper import HopperBackend
 from .torch_ref import TorchBackend
 from .triton import TritonBackend
 
@@ -30,8 +36,8 @@ __all__ = ["BACKENDS", "AttentionInputs", "Backend", "available_backends", "choo
 logger = get_logger("dit_sparse.backends")
 
 #: registry in automatic-dispatch priority order
-BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FA4Backend(), TritonBackend(), FlexBackend(),
-                                                    XFormersBackend(), TorchBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FA4Backend(), HopperBackend(), TritonBackend(),
+                                                    FlexBackend(), XFormersBackend(), TorchBackend())}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dit_sparse_backend", default=None)
 

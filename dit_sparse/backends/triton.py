@@ -47,12 +47,28 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def kernel_input_reasons(inputs: AttentionInputs) -> list[str]:
+    """What both Triton kernels (portable and Hopper) refuse: dtype, head dim, block sizes, autograd."""
+    q, plan = inputs.query, inputs.plan
+    reasons = []
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
+    if q.shape[-1] > MAX_HEAD_DIM or inputs.value.shape[-1] != q.shape[-1]:
+        reasons.append(f"head_dim {q.shape[-1]} (value {inputs.value.shape[-1]}) is not supported: "
+                       f"query and value head_dim must be equal and <= {MAX_HEAD_DIM}")
+    if plan.block_q % 16 or plan.block_k % 16:
+        reasons.append(f"block sizes must be multiples of 16 for tl.dot, got ({plan.block_q}, {plan.block_k})")
+    if q.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad:
+        reasons.append("the kernel is forward-only: wrap inference in torch.no_grad()")
+    return reasons
+
+
 class TritonBackend(Backend):
     name = "triton"
     reads_pooled_segment = True
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
-        q, plan = inputs.query, inputs.plan
+        q = inputs.query
         reasons = []
         if not has_triton():
             reasons.append("triton is not installed: pip install 'dit_sparse[triton]'")
@@ -61,16 +77,7 @@ class TritonBackend(Backend):
                            "use backend='torch' on CPU)")
         elif q.device.type not in ("cpu", "cuda"):
             reasons.append(f"device {q.device} is not supported (CUDA, or CPU in the Triton interpreter)")
-        if q.dtype not in TRITON_DTYPES:
-            reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32); use backend='torch'")
-        if q.shape[-1] > MAX_HEAD_DIM or inputs.value.shape[-1] != q.shape[-1]:
-            reasons.append(f"head_dim {q.shape[-1]} (value {inputs.value.shape[-1]}) is not supported: "
-                           f"query and value head_dim must be equal and <= {MAX_HEAD_DIM}")
-        if plan.block_q % 16 or plan.block_k % 16:
-            reasons.append(f"block sizes must be multiples of 16 for tl.dot, got ({plan.block_q}, {plan.block_k})")
-        if q.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad:
-            reasons.append("the kernel is forward-only: wrap inference in torch.no_grad()")
-        return reasons
+        return reasons + kernel_input_reasons(inputs)
 
     def auto_reasons(self, inputs: AttentionInputs) -> list[str]:
         if not inputs.query.is_cuda:

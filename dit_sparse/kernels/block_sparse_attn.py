@@ -88,20 +88,20 @@ _AUTOTUNE_CONFIGS = [
 _SMEM_BUDGET = 200 * 1024
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles that divide the plan blocks: BLOCK_M in {64, 128} dividing block_q (else the largest power of
-    two dividing it), the same for BLOCK_N and block_k; drop configs whose q tile + pipelined k/v tiles overflow
-    shared memory (keeping the smallest if none fits)."""
-    args = {**named_args, **kwargs}
+def _prune_tiles(configs, args, *, m_sizes=(64, 128), n_sizes=(64, 128), m_first: bool = False):
+    """Keep tiles that divide the plan blocks: BLOCK_M in ``m_sizes`` dividing block_q (only the first that divides
+    with ``m_first``; else the largest power of two dividing it), the same for BLOCK_N in ``n_sizes`` and block_k;
+    no 8 warps on tiles under 64; drop configs whose q tile + pipelined k/v tiles overflow shared memory (keeping
+    the smallest if none fits)."""
     block_q, block_k = args["PLAN_BLOCK_Q"], args["PLAN_BLOCK_K"]
     block_d = args["BLOCK_D"]
     elsize = args["Q"].element_size()
 
-    def sizes(block):
-        big = [t for t in (64, 128) if block % t == 0]
-        return big or [_largest_pow2_divisor(block, 128)]
+    def sizes(block, pref, first):
+        big = [t for t in pref if block % t == 0]
+        return (big[:1] if first else big) or [_largest_pow2_divisor(block, 128)]
 
-    ms, ns = sizes(block_q), sizes(block_k)
+    ms, ns = sizes(block_q, m_sizes, m_first), sizes(block_k, n_sizes, False)
     small = min(ms) < 64 or min(ns) < 64
     keep = [c for c in configs if c.kwargs["BLOCK_M"] in ms and c.kwargs["BLOCK_N"] in ns
             and not (small and c.num_warps == 8)]
@@ -111,6 +111,147 @@ def _prune_configs(configs, named_args, **kwargs):
 
     fits = [c for c in keep if smem(c) <= _SMEM_BUDGET]
     return fits or [min(keep, key=smem)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The portable kernel's prune: BLOCK_M / BLOCK_N in {64, 128} dividing the plan blocks (``_prune_tiles``)."""
+    return _prune_tiles(configs, {**named_args, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device helpers shared by every forward kernel of this op (this one and ``block_sparse_attn_hopper``)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, acc, IEEE_DOT: tl.constexpr):
+    """``a @ b (+ acc)``; IEEE fp32 (no TF32) for fp32 inputs."""
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr):
+    """One online-softmax step over a sub-tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (-inf = not read) and
+    its values ``v`` [BLOCK_N, BLOCK_D]. Returns the new ``(m_i, l_i, acc)``.
+
+    ``RESCALE_THRESHOLD == 0``: the running max follows every increase (FlashAttention-2). ``> 0`` (conditional
+    rescaling, FlashAttention-4): ``acc`` and ``l_i`` are rescaled only when some row's max grows by more than the
+    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (no overflow in fp32) and the
+    result is exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per
+    tile (a max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
+    warp, and a skipped rescale skips the ``[BLOCK_M, BLOCK_D]`` multiply for all warps. FA4 decides per row
+    group inside its softmax warps; Triton gives no per-warp control, so a tile-wide test is the closest form.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if RESCALE_THRESHOLD > 0:
+        if tl.max(m_new - m_i, 0) > RESCALE_THRESHOLD:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+    else:
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    p = tl.math.exp2(s - m_i[:, None])
+    l_i = l_i + tl.sum(p, 1)
+    acc = _mm(p.to(v.dtype), v, acc, IEEE_DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
+                    PK, PV, PBias, PRead, PGate,
+                    stride_pkb, stride_pkh, stride_pkn,
+                    stride_pvb, stride_pvh, stride_pvn,
+                    stride_rb, stride_rh, stride_rm, stride_rn,
+                    stride_gb, stride_gh, stride_gn,
+                    NUM_POOLED, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, HAS_GATE: tl.constexpr,
+                    RESCALE_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring): continues the caller's
+    online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read."""
+    pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
+    pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
+    pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
+    pg_base = PGate + off_b * stride_gb + off_h * stride_gh
+    for start_p in range(0, NUM_POOLED, BLOCK_N):
+        offs_p = start_p + offs_n
+        p_ok = offs_p < NUM_POOLED
+        p_ok = p_ok & (tl.load(pr_base + offs_p * stride_rn, mask=p_ok, other=0) != 0)
+        if EVEN_D:
+            p_mask = p_ok[:, None]
+        else:
+            p_mask = p_ok[:, None] & d_ok[None, :]
+        pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
+        pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
+        pk = pk.to(q.dtype)
+        pv = pv.to(q.dtype)
+        pqk = _mm(q, tl.trans(pk), None, IEEE_DOT)
+        p_read = p_ok[None, :]
+        if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
+            pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
+            pqg = _mm(q, tl.trans(pg.to(q.dtype)), None, IEEE_DOT)
+            p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
+        # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
+        p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
+        plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
+        m_i, l_i, acc = _softmax_step(plog, pv, m_i, l_i, acc, IEEE_DOT, RESCALE_THRESHOLD)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,
+              Lse, OutScale, OutBias,
+              stride_sb, stride_sh, stride_ss,
+              stride_bb, stride_bs, stride_bh, stride_bd,
+              H, SEQ_Q,
+              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SCALE_PER_BLOCK: tl.constexpr, BIAS_PER_BLOCK: tl.constexpr):
+    """``out = out_scale * (acc / l) + out_bias`` (fp32, returned; the caller stores it) and the natural-log lse
+    (stored here). Rows that read no real key keep ``acc = 0``: ``out = out_bias`` (or 0), ``lse = -inf``."""
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if HAS_SCALE:
+        s_base = OutScale + off_b * stride_sb + off_h * stride_sh
+        if SCALE_PER_BLOCK:
+            o = o * tl.load(s_base + row.to(tl.int64) * stride_ss).to(tl.float32)
+        else:
+            s_ptrs = s_base + start_m.to(tl.int64) * stride_ss + offs_m * stride_ss
+            o = o * tl.load(s_ptrs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        b_base = OutBias + off_b * stride_bb + off_h * stride_bh
+        if BIAS_PER_BLOCK:
+            bias = tl.load(b_base + row.to(tl.int64) * stride_bs + offs_d * stride_bd, mask=d_ok, other=0.0)
+            o = o + bias.to(tl.float32)[None, :]
+        else:
+            b_ptrs = (b_base + start_m.to(tl.int64) * stride_bs
+                      + (offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd))
+            bias = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            o = o + bias.to(tl.float32)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
+    lse_ptrs = Lse + (off_b * H + off_h) * SEQ_Q + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+    return o
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile, rows past the sequence and columns past the head dim read as 0."""
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptrs, value, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """Store a ``[rows, BLOCK_D]`` tile, skipping rows past the sequence and columns past the head dim."""
+    if EVEN_D:
+        tl.store(ptrs, value, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, value, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -164,10 +305,7 @@ def _block_sparse_attn_fwd(
     # -- load the q tile once
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qs
               + (offs_m[:, None] * stride_qs + offs_d[None, :]))
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(q_ptrs, row_ok, d_ok, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -239,86 +377,25 @@ def _block_sparse_attn_fwd(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # ============================================================================================================
-    # pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring). Self-contained: it reads q,
-    # m_i, l_i, acc and the tile/row coordinates, and continues the same online softmax. Keep it in other kernels.
-    # ============================================================================================================
+    # -- the pooled key segment (ALGORITHMS.md §4.6b): same online softmax, per-row read mask, optional gate
     if HAS_POOLED:
-        pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
-        pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
-        pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
-        pg_base = PGate + off_b * stride_gb + off_h * stride_gh
-        for start_p in range(0, NUM_POOLED, BLOCK_N):
-            offs_p = start_p + offs_n
-            p_ok = offs_p < NUM_POOLED
-            p_ok = p_ok & (tl.load(pr_base + offs_p * stride_rn, mask=p_ok, other=0) != 0)
-            if EVEN_D:
-                p_mask = p_ok[:, None]
-            else:
-                p_mask = p_ok[:, None] & d_ok[None, :]
-            pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
-            pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
-            pk = pk.to(q.dtype)
-            pv = pv.to(q.dtype)
-            if IEEE_DOT:
-                pqk = tl.dot(q, tl.trans(pk), input_precision="ieee")
-            else:
-                pqk = tl.dot(q, tl.trans(pk))
-            p_read = p_ok[None, :]
-            if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
-                pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
-                pg = pg.to(q.dtype)
-                if IEEE_DOT:
-                    pqg = tl.dot(q, tl.trans(pg), input_precision="ieee")
-                else:
-                    pqg = tl.dot(q, tl.trans(pg))
-                p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
-            # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
-            p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
-            plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(plog, 1))
-            p = tl.math.exp2(plog - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if IEEE_DOT:
-                acc = tl.dot(p.to(pv.dtype), pv, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(pv.dtype), pv, acc)
-            m_i = m_new
-    # ============================================================================================================
+        m_i, l_i, acc = _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
+                                        PK, PV, PBias, PRead, PGate,
+                                        stride_pkb, stride_pkh, stride_pkn,
+                                        stride_pvb, stride_pvh, stride_pvn,
+                                        stride_rb, stride_rh, stride_rm, stride_rn,
+                                        stride_gb, stride_gh, stride_gn,
+                                        NUM_POOLED, EVEN_D, IEEE_DOT, HAS_GATE, 0.0, BLOCK_N)
 
-    # -- epilogue: out = out_scale * (acc / l) + out_bias; rows that read no real key keep acc = 0
-    has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if HAS_SCALE:
-        s_base = OutScale + off_b * stride_sb + off_h * stride_sh
-        if SCALE_PER_BLOCK:
-            o = o * tl.load(s_base + row.to(tl.int64) * stride_ss).to(tl.float32)
-        else:
-            s_ptrs = s_base + start_m.to(tl.int64) * stride_ss + offs_m * stride_ss
-            o = o * tl.load(s_ptrs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if HAS_BIAS:
-        b_base = OutBias + off_b * stride_bb + off_h * stride_bh
-        if BIAS_PER_BLOCK:
-            bias = tl.load(b_base + row.to(tl.int64) * stride_bs + offs_d * stride_bd, mask=d_ok, other=0.0)
-            o = o + bias.to(tl.float32)[None, :]
-        else:
-            b_ptrs = (b_base + start_m.to(tl.int64) * stride_bs
-                      + (offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd))
-            bias = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            o = o + bias.to(tl.float32)
-
-    # -- store out and the natural-log lse
+    # -- epilogue (out = out_scale * (acc / l) + out_bias, natural-log lse), then store out
+    o = _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,
+                  Lse, OutScale, OutBias,
+                  stride_sb, stride_sh, stride_ss,
+                  stride_bb, stride_bs, stride_bh, stride_bd,
+                  H, SEQ_Q, HAS_SCALE, HAS_BIAS, SCALE_PER_BLOCK, BIAS_PER_BLOCK)
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_os
               + (offs_m[:, None] * stride_os + offs_d[None, :]))
-    if EVEN_D:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * _LN2, float("-inf"))
-    lse_ptrs = Lse + (off_b * H + off_h) * SEQ_Q + start_m + offs_m
-    tl.store(lse_ptrs, lse, mask=row_ok)
+    _store_rows(o_ptrs, o.to(Out.dtype.element_ty), row_ok, d_ok, EVEN_D)
 
 
 @functools.cache
@@ -330,6 +407,36 @@ def _autotuned_kernel():
         key=["PLAN_BLOCK_Q", "PLAN_BLOCK_K", "HEAD_DIM", "HAS_POOLED"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
+
+
+def _optional_operands(out, lse, stand_in, kv_block_valid, out_scale, out_bias, pooled_keys, pooled_values,
+                       pooled_log_count, pooled_read, pooled_gate) -> dict:
+    """Kernel arguments of the optional operands, shared by both launchers: ``epilogue`` (kv_block_valid,
+    out_scale, out_bias pointers), ``epilogue_strides``, ``pooled`` (the segment's pointers, strides and length)
+    and the constexpr flags in ``meta``. Absent operands get a harmless stand-in pointer (never read: their
+    constexpr flag is off)."""
+    dim = out.shape[-1]
+    epilogue = (kv_block_valid if kv_block_valid is not None else stand_in,
+                out_scale if out_scale is not None else lse,
+                out_bias if out_bias is not None else out)
+    strides = ((_bcast_strides(out_scale) if out_scale is not None else (0, 0, 0))
+               + (_bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)))
+    has_pooled = pooled_keys is not None
+    has_gate = has_pooled and pooled_gate is not None
+    if has_pooled:
+        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+                      for t in (pooled_keys, pooled_values, pooled_gate))
+        pbias = (pooled_log_count.float() * _LOG2E).contiguous()  # base-2 bias
+        pread = pooled_read.view(torch.uint8)
+        seg_strides = (*_bcast_strides(pk)[:3], *_bcast_strides(pv)[:3], *_bcast_strides(pread),
+                       *(_bcast_strides(pg)[:3] if has_gate else (0, 0, 0)))
+        pooled = (pk, pv, pbias, pread, pg if has_gate else pk, *seg_strides, pk.shape[2])
+    else:
+        pooled = (lse, lse, lse, stand_in, lse, *(0,) * 13, 0)
+    meta = dict(HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)), HAS_KV_VALID=kv_block_valid is not None,
+                HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None, HAS_POOLED=has_pooled,
+                HAS_GATE=has_gate)
+    return dict(epilogue=epilogue, epilogue_strides=strides, pooled=pooled, meta=meta)
 
 
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
@@ -367,59 +474,26 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     if bsz == 0 or seq_q == 0 or heads == 0:
         return out, lse
 
-    # unused optional operands get a harmless stand-in pointer (never read: the constexpr flags are off)
-    kbv = kv_block_valid if kv_block_valid is not None else kv_num_blocks
-    sc = out_scale if out_scale is not None else lse
-    sc_strides = _bcast_strides(out_scale) if out_scale is not None else (0, 0, 0)
-    bi = out_bias if out_bias is not None else out
-    bi_strides = _bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)
-
-    # pooled key segment operands (stand-ins when absent, never read)
-    has_pooled = pooled_keys is not None
-    has_gate = has_pooled and pooled_gate is not None
-    if has_pooled:
-        pk, pv, pg = (None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-                      for t in (pooled_keys, pooled_values, pooled_gate))
-        pbias = (pooled_log_count.float() * _LOG2E).contiguous()
-        pread = pooled_read.view(torch.uint8)
-        num_pooled = pk.shape[2]
-        pk_strides, pv_strides = _bcast_strides(pk)[:3], _bcast_strides(pv)[:3]
-        pr_strides = _bcast_strides(pread)
-        pg_strides = _bcast_strides(pg)[:3] if has_gate else (0, 0, 0)
-        pg = pg if has_gate else pk
-    else:
-        pk = pv = pg = pbias = lse
-        pread = kv_num_blocks
-        num_pooled = 0
-        pk_strides = pv_strides = pg_strides = (0, 0, 0)
-        pr_strides = (0, 0, 0, 0)
-
+    ops = _optional_operands(out, lse, kv_num_blocks, kv_block_valid, out_scale, out_bias, pooled_keys,
+                             pooled_values, pooled_log_count, pooled_read, pooled_gate)
     interpreted = _is_interpreted(_block_sparse_attn_fwd)
     args = (
         q, k, v, out, lse,
-        kv_num_blocks, kv_indices, kbv, sc, bi,
+        kv_num_blocks, kv_indices, *ops["epilogue"],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *_bcast_strides(kv_num_blocks),
         *_bcast_strides(kv_indices),
-        *sc_strides,
-        *bi_strides,
+        *ops["epilogue_strides"],
         heads, seq_q, seq_k, kv_indices.shape[-1], float(scale) * _LOG2E,
-        pk, pv, pbias, pread, pg,
-        *pk_strides, *pv_strides, *pr_strides, *pg_strides,
-        num_pooled,
+        *ops["pooled"],
     )
-    meta = dict(
-        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k),
-        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)),
-        HAS_KV_VALID=kv_block_valid is not None, HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None,
-        SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
-        UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
-        IEEE_DOT=q.dtype == torch.float32,                  # no TF32 for fp32 inputs
-        HAS_POOLED=has_pooled, HAS_GATE=has_gate,
-    )
+    meta = dict(PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), **ops["meta"],
+                SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
+                UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
+                IEEE_DOT=q.dtype == torch.float32)                  # no TF32 for fp32 inputs
 
     if interpreted:
         # one fixed config, the largest tiles (the interpreter's cost is per program x sub-tile)

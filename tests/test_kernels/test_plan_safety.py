@@ -2,7 +2,8 @@
 
 * Non-unit head-dim stride (``x[..., ::2]``): the Triton backend copies such inputs (it used to read them wrong).
 * Malformed hand-built CSR plans with checks off (counts above the width, negative or out-of-range indices,
-  duplicates, unsorted rows): the Triton kernel (interpreter on CPU) and the torch backend read the same blocks,
+  duplicates, unsorted rows): the Triton kernels (portable and Hopper; interpreter on CPU) and the torch backend
+  read the same blocks,
   the rule of ``dit_sparse.plan`` (count clamped, an entry read only when in range and above every entry read
   before it), checked against an independent per-row Python oracle; and ``DIT_SPARSE_CHECKS=1`` rejects them.
 """
@@ -107,7 +108,7 @@ def test_malformed_plans_read_in_bounds_and_backends_agree(name, num, idx, monke
     good = SparsePlan.from_dense(expected.to(DEV), block_q=BLOCK, block_k=BLOCK, seq_q=SEQ, seq_k=SEQ,
                                  kv_block_valid=valid.to(DEV))
     ref, ref_lse = block_sparse_attention_reference(q.double(), k.double(), v.double(), good, return_lse=True)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "hopper"):
         out, lse = block_sparse_attention(q, k, v, plan, backend=backend, return_lse=True)
         assert torch.isfinite(out).all(), backend
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5, msg=f"{name} {backend}")
@@ -131,6 +132,26 @@ def test_kernel_alone_clamps_malformed_rows():
     ref, ref_lse = block_sparse_attention_reference(q, k, v, good, scale=0.25, return_lse=True)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tma", [False, None], ids=["pointer", "tma"])
+def test_hopper_kernel_alone_stays_in_bounds(tma):
+    """The Hopper launcher fed garbage full/partial lists (its contract is split_full's well-formed lists): counts
+    past the width, wild indices, and a "full" list naming the ragged last block. k / v are views into a buffer
+    that is NaN past the keys, so any read past them would turn the output NaN."""
+    from dit_sparse.kernels.block_sparse_attn_hopper import HopperOptions, block_sparse_attn_hopper_fwd
+
+    q, k, v = _qkv(3)
+    buf = torch.full((2, B, 2 * SEQ, H, D), float("nan"), device=DEV)
+    buf[:, :, :SEQ] = torch.stack([k, v])
+    k, v = buf[0, :, :SEQ], buf[1, :, :SEQ]
+    num = torch.full((B, H, MK), 2**30, dtype=torch.int32)  # far more entries than the width
+    idx = torch.tensor([-5, MK - 1, 2**31 - 1, MK, 3], dtype=torch.int32).expand(B, H, MK, 5).contiguous()
+    num, idx = num.to(DEV), idx.to(DEV)
+    out, lse = block_sparse_attn_hopper_fwd(q, k, v, num, idx, num, idx, block_q=BLOCK, block_k=BLOCK, scale=0.25,
+                                            options=HopperOptions(tma=tma))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
 def test_cheap_invariants_are_checked_at_construction():

@@ -56,8 +56,8 @@ def _random_segment(gen, batch, heads, mq, npooled, dim, *, gate: bool, bcast: b
                          gate=None if g is None else g.to(DEV))
 
 
-def _run_both(q, k, v, plan, seg, scale):
-    got = dit_sparse.block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True, backend="triton",
+def _run_both(q, k, v, plan, seg, scale, backend="triton"):
+    got = dit_sparse.block_sparse_attention(q, k, v, plan, scale=scale, return_lse=True, backend=backend,
                                             pooled=seg)
     want = dit_sparse.block_sparse_attention(q.cpu(), k.cpu(), v.cpu(), plan.to("cpu"), scale=scale,
                                              return_lse=True, backend="torch", pooled=None if seg is None else
@@ -69,10 +69,16 @@ def _run_both(q, k, v, plan, seg, scale):
 
 
 # ---------------------------------------------------------------------------------------------------- kernel level
+KERNELS = [pytest.param("triton", id="portable"),
+           pytest.param("hopper", id="hopper", marks=pytest.mark.skipif(
+               DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9, reason="the Hopper kernel needs sm90+"))]
+
+
 @needs_kernel
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("gate", [False, True], ids=["nogate", "gate"])
 @pytest.mark.parametrize("seq,npooled,dim,bcast", [(70, 5, 16, False), (96, 37, 24, True), (33, 16, 32, False)])
-def test_kernel_matches_reference(seq, npooled, dim, bcast, gate):
+def test_kernel_matches_reference(seq, npooled, dim, bcast, gate, backend):
     gen = torch.Generator().manual_seed(seq + npooled)
     batch, heads, bq = 2, 2, 16
     mq = _cdiv(seq, bq)
@@ -81,22 +87,23 @@ def test_kernel_matches_reference(seq, npooled, dim, bcast, gate):
     mask[0, 0, 1] = False  # a row with no exact key: the pooled keys alone
     plan = SparsePlan.from_dense(mask.to(DEV), block_q=bq, block_k=bq, seq_q=seq, seq_k=seq)
     seg = _random_segment(gen, batch, heads, mq, npooled, dim, gate=gate, bcast=bcast)
-    (out, lse), (want, want_lse) = _run_both(q, k, v, plan, seg, 0.37)
+    (out, lse), (want, want_lse) = _run_both(q, k, v, plan, seg, 0.37, backend)
     atol, rtol = TOL[torch.float32]
     torch.testing.assert_close(out.cpu(), want, atol=atol, rtol=rtol)
     torch.testing.assert_close(lse.cpu(), want_lse, atol=atol, rtol=rtol)
     # the segment changed something, and a read mask of all False is exactly no segment
-    plain = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.37, return_lse=True, backend="triton")
+    plain = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.37, return_lse=True, backend=backend)
     assert (plain[0] - out).abs().max() > 1e-2
     off = PooledSegment(keys=seg.keys, values=seg.values, log_count=seg.log_count,
                         read=torch.zeros_like(seg.read), gate=seg.gate)
-    none = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.37, return_lse=True, backend="triton",
+    none = dit_sparse.block_sparse_attention(q, k, v, plan, scale=0.37, return_lse=True, backend=backend,
                                              pooled=off)
     assert torch.equal(none[0], plain[0]) and torch.equal(none[1], plain[1])
 
 
 @needs_kernel
-def test_kernel_bf16_and_epilogue():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_bf16_and_epilogue(backend):
     gen = torch.Generator().manual_seed(4)
     batch, heads, seq, dim, bq = 1, 2, 48, 32, 16
     mq = _cdiv(seq, bq)
@@ -106,10 +113,10 @@ def test_kernel_bf16_and_epilogue():
     plan = plan.with_epilogue(out_scale=torch.rand(batch, heads, mq, generator=gen).to(DEV) + 0.5,
                               out_bias=torch.randn(batch, mq, heads, dim, generator=gen).to(DEV))
     seg = _random_segment(gen, batch, heads, mq, 9, dim, gate=True)
-    (out, lse), (want, want_lse) = _run_both(q, k, v, plan, seg, 0.2)  # fp32: epilogue after the joint softmax
+    (out, lse), (want, want_lse) = _run_both(q, k, v, plan, seg, 0.2, backend)  # fp32: epilogue after the softmax
     torch.testing.assert_close(out.cpu(), want, atol=2e-5, rtol=2e-5)
     bf = tuple(t.bfloat16() for t in (q, k, v))
-    (out, lse), (want, want_lse) = _run_both(*bf, plan, seg, 0.2)
+    (out, lse), (want, want_lse) = _run_both(*bf, plan, seg, 0.2, backend)
     atol, rtol = TOL[torch.bfloat16]
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.cpu().float(), want.float(), atol=atol, rtol=rtol)
@@ -165,7 +172,8 @@ def _qkv(layout, batch, heads, dim, seed):
     return q, k, v
 
 
-def _three_ways(layout, batch, heads, dim, density, gapr, seed, dense_heads=(), scale=None, row_keys="mean"):
+def _three_ways(layout, batch, heads, dim, density, gapr, seed, dense_heads=(), scale=None, row_keys="mean",
+                backend="triton"):
     """Fused kernel, the second form (two-pass merge for "mean"; the torch one-pass for "outlier") and the
     float64 oracle."""
     q, k, v = _qkv(layout, batch, heads, dim, seed)
@@ -176,7 +184,7 @@ def _three_ways(layout, batch, heads, dim, density, gapr, seed, dense_heads=(), 
     outliers = row_keys == "outlier"
     stats = block_statistics(qp, kp, vp, layout, outliers=outliers)
     fused, lse = row_rectified_attention(qp, kp, vp, layout, mask.to(DEV), cfg, scale, stats=stats,
-                                         backend="triton", return_lse=True)
+                                         backend=backend, return_lse=True)
     stats_c = block_statistics(qp.cpu(), kp.cpu(), vp.cpu(), layout, outliers=outliers)
     two, two_lse = row_rectified_attention(qp.cpu(), kp.cpu(), vp.cpu(), layout, mask, cfg, scale, stats=stats_c,
                                            backend="torch", two_pass=not outliers, return_lse=True)
@@ -198,6 +206,14 @@ def _assert_agree(layout, fused, lse, two, two_lse, ref):
 @pytest.mark.parametrize("gapr", [True, False], ids=["gapr", "naive"])
 def test_fused_row_equals_two_pass_and_oracle(name, gapr):
     _assert_agree(*_three_ways(LAYOUTS[name], 2, 3, 16, 0.35, gapr, seed=5, dense_heads=(1,)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", KERNELS[1:])
+@pytest.mark.parametrize("name", ["text_before_partial", "text_after_partial"])
+def test_fused_row_hopper_kernel(name, backend):
+    """The per-row rectification through the Hopper kernel (full/partial split on packed layouts with text)."""
+    _assert_agree(*_three_ways(LAYOUTS[name], 2, 3, 16, 0.35, True, seed=6, dense_heads=(1,), backend=backend))
 
 
 @needs_kernel

@@ -1,4 +1,5 @@
-"""The Triton block-sparse attention forward against the torch reference.
+"""The Triton block-sparse attention forwards against the torch reference: the portable kernel and the Hopper
+kernel (``kernel`` fixture; the Hopper kernel reads the plan as ``SparsePlan.full_split``).
 
 On CPU the kernel runs in the Triton interpreter (``TRITON_INTERPRET=1``, set below before the kernel module is
 imported; ``tests/conftest.py`` does the same). The interpreter costs ~5 ms per program x key sub-tile, so CPU
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from dit_sparse.kernels.block_sparse_attn import block_sparse_attn_fwd  # noqa: E402
+from dit_sparse.kernels.block_sparse_attn_hopper import HopperOptions, block_sparse_attn_hopper_fwd  # noqa: E402
 from dit_sparse.plan import SparsePlan  # noqa: E402
 from dit_sparse.reference.attention import block_sparse_attention_reference  # noqa: E402
 from tests.utils import TOLERANCES  # noqa: E402
@@ -33,6 +35,19 @@ needs_kernel = pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs the Tri
 
 # (atol, rtol) by input dtype, for out and for the fp32 lse alike (tests/utils.py); the GPU's exp2 is approximate
 TOL = {**TOLERANCES, **({torch.float32: (1e-4, 1e-4)} if DEV == "cuda" else {})}
+HOPPER_GPU = CUDA and torch.cuda.get_device_capability()[0] >= 9
+# the Hopper kernel's switch settings the fuzz draws from: the default, pointer loads, and every block masked with
+# a rescale at every step (the portable kernel's numerics)
+HOPPER_VARIANTS = [HopperOptions(), HopperOptions(tma=False),
+                   HopperOptions(split_full=False, rescale_threshold=0.0, tma=False)]
+
+
+@pytest.fixture(scope="module", params=["portable", "hopper"])
+def kernel(request):
+    """Which forward kernel a test runs; the Hopper kernel compiled only on sm90+ GPUs."""
+    if request.param == "hopper" and DEV == "cuda" and not HOPPER_GPU:
+        pytest.skip("the Hopper kernel needs compute capability >= 9.0")
+    return request.param
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -66,28 +81,33 @@ def random_valid(gen: torch.Generator, seq_k: int, block_k: int, device=DEV) -> 
     return valid.to(device)
 
 
-def run_kernel(q, k, v, plan: SparsePlan, scale: float, *, expand: bool = True):
-    """Launch the kernel with the plan's tables (expanded to ``[B, H, ...]`` views unless ``expand=False``)."""
+def run_kernel(q, k, v, plan: SparsePlan, scale: float, *, expand: bool = True, kernel: str = "portable",
+               options: HopperOptions | None = None):
+    """Launch a kernel with the plan's tables (expanded to ``[B, H, ...]`` views unless ``expand=False``): the
+    portable one on the CSR, the Hopper one (with ``options``) on ``plan.full_split``."""
     bsz, heads = q.shape[0], q.shape[2]
-    num, idx = plan.kv_num_blocks, plan.kv_indices
+    tables = (plan.kv_num_blocks, plan.kv_indices) if kernel == "portable" else plan.full_split
     out_scale, out_bias = plan.out_scale, plan.out_bias
     if expand:
-        num, idx = plan.expand(bsz, heads)
+        tables = tuple(t.expand(bsz, heads, *t.shape[2:]) for t in tables)
         if out_scale is not None:
             out_scale = out_scale.expand(bsz, heads, out_scale.shape[-1])
         if out_bias is not None:
             out_bias = out_bias.expand(bsz, out_bias.shape[1], heads, out_bias.shape[-1])
-    return block_sparse_attn_fwd(q, k, v, num, idx, block_q=plan.block_q, block_k=plan.block_k,
-                                 kv_block_valid=plan.kv_block_valid, scale=scale, out_scale=out_scale,
-                                 out_bias=out_bias, scale_per_block=plan.scale_per_block,
-                                 bias_per_block=plan.bias_per_block)
+    kw = dict(block_q=plan.block_q, block_k=plan.block_k, kv_block_valid=plan.kv_block_valid, scale=scale,
+              out_scale=out_scale, out_bias=out_bias, scale_per_block=plan.scale_per_block,
+              bias_per_block=plan.bias_per_block)
+    if kernel == "portable":
+        return block_sparse_attn_fwd(q, k, v, *tables, **kw)
+    return block_sparse_attn_hopper_fwd(q, k, v, *tables, **kw, options=options or HopperOptions())
 
 
-def check(q, k, v, plan: SparsePlan, *, scale: float | None = None, expand: bool = True, tol=None):
+def check(q, k, v, plan: SparsePlan, *, scale: float | None = None, expand: bool = True, tol=None,
+          kernel: str = "portable", options: HopperOptions | None = None):
     """Kernel vs reference: out within the dtype tolerance, lse equal in -inf pattern and close elsewhere,
     no NaN, and rows that read no real key exactly equal to the reference (``out_bias`` or 0)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = run_kernel(q, k, v, plan, scale, expand=expand)
+    out, lse = run_kernel(q, k, v, plan, scale, expand=expand, kernel=kernel, options=options)
     ref_out, ref_lse = block_sparse_attention_reference(q, k, v, plan, scale=scale, return_lse=True)
 
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
@@ -130,32 +150,32 @@ def epilogue(gen, plan: SparsePlan, bsz: int, heads: int, dim: int, scale_kind: 
 # ----------------------------------------------------------------------------------------------------------------
 @needs_kernel
 @pytest.mark.parametrize("dim", [16, 24, 64], ids=lambda d: f"D{d}")
-def test_awkward_lengths_random_plan(dim):
+def test_awkward_lengths_random_plan(dim, kernel):
     gen = torch.Generator().manual_seed(dim)
     bsz, heads, seq_q, seq_k = 2, 2, 113, 203
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, 64, 64, density=0.5)
     assert bool((plan.kv_num_blocks == 0).any())
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan)
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, kernel=kernel)
 
 
 @needs_kernel
 @pytest.mark.parametrize("block_q,block_k", [(64, 128), (128, 64), (48, 80), (32, 96)],
                          ids=lambda b: str(b))
-def test_block_sizes(block_q, block_k):
+def test_block_sizes(block_q, block_k, kernel):
     """Different q/k blocks and non-power-of-two blocks (several kernel tiles per plan block)."""
     gen = torch.Generator().manual_seed(block_q * 1000 + block_k)
     bsz, heads, seq_q, seq_k, dim = 1, 2, 150, 230, 32
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, block_q, block_k, density=0.6)
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan)
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, kernel=kernel)
 
 
 @needs_kernel
-def test_dense_plan_matches_sdpa():
+def test_dense_plan_matches_sdpa(kernel):
     gen = torch.Generator().manual_seed(1)
     bsz, heads, seq, dim = 1, 2, 200, 40
     q, k, v = qkv(gen, bsz, seq, seq, heads, dim)
     plan = SparsePlan.dense(seq_q=seq, seq_k=seq, block_q=64, block_k=64, device=DEV)
-    out, lse = run_kernel(q, k, v, plan, 0.3)
+    out, lse = run_kernel(q, k, v, plan, 0.3, kernel=kernel)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                             v.transpose(1, 2), scale=0.3).transpose(1, 2)
     atol, rtol = TOL[torch.float32]
@@ -165,7 +185,7 @@ def test_dense_plan_matches_sdpa():
 
 
 @needs_kernel
-def test_key_block_padding():
+def test_key_block_padding(kernel):
     """kv_block_valid masks padding slots (including a block of pure padding) on top of the ragged tail."""
     gen = torch.Generator().manual_seed(2)
     bsz, heads, seq_q, seq_k, dim = 1, 2, 128, 300, 32
@@ -178,15 +198,15 @@ def test_key_block_padding():
     plan = SparsePlan.from_dense(mask.to(DEV), block_q=64, block_k=64, seq_q=seq_q, seq_k=seq_k,
                                  kv_block_valid=valid.to(DEV))
     q, k, v = qkv(gen, bsz, seq_q, seq_k, heads, dim)
-    _, lse, empty = check(q, k, v, plan)
+    _, lse, empty = check(q, k, v, plan, kernel=kernel)
     assert bool(empty[0, 0].all()) and not bool(empty[0, 1].any())
 
     # padding must not leak: garbage (even NaN) in padding slots leaves out unchanged
     pad = ((torch.arange(seq_k) % 64) >= valid.long()[torch.arange(seq_k) // 64]).to(DEV)
     k2, v2 = k.clone(), v.clone()
     k2[:, pad], v2[:, pad] = float("nan"), float("nan")
-    out_a, _ = run_kernel(q, k, v, plan, 0.2)
-    out_b, _ = run_kernel(q, k2, v2, plan, 0.2)
+    out_a, _ = run_kernel(q, k, v, plan, 0.2, kernel=kernel)
+    out_b, _ = run_kernel(q, k2, v2, plan, 0.2, kernel=kernel)
     assert torch.equal(out_a, out_b)
 
 
@@ -194,12 +214,12 @@ def test_key_block_padding():
 @pytest.mark.parametrize("scale_kind,bias_kind", [("row", None), (None, "row"), ("row", "row"),
                                                   ("block", "block"), ("row", "block"), ("block", "row")],
                          ids=lambda k: str(k))
-def test_epilogue(scale_kind, bias_kind):
+def test_epilogue(scale_kind, bias_kind, kernel):
     gen = torch.Generator().manual_seed(3)
     bsz, heads, seq_q, seq_k, dim = 2, 2, 113, 150, 24
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, 64, 64, density=0.5)
     plan = epilogue(gen, plan, bsz, heads, dim, scale_kind, bias_kind)
-    out, _, empty = check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan)
+    out, _, empty = check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, kernel=kernel)
     if bias_kind is not None:
         assert bool(empty.any())
         bias = plan.out_bias
@@ -211,29 +231,29 @@ def test_epilogue(scale_kind, bias_kind):
 
 @needs_kernel
 @pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
-def test_epilogue_bias_dtype_differs(bias_dtype):
+def test_epilogue_bias_dtype_differs(bias_dtype, kernel):
     """out_bias in another dtype than fp32 q (the epilogue computes in fp32 and casts once)."""
     gen = torch.Generator().manual_seed(4)
     bsz, heads, seq, dim = 1, 2, 100, 16
     plan = random_plan(gen, bsz, heads, seq, seq, 64, 64)
     plan = epilogue(gen, plan, bsz, heads, dim, "block", "row", bias_dtype=bias_dtype)
-    check(*qkv(gen, bsz, seq, seq, heads, dim), plan)
+    check(*qkv(gen, bsz, seq, seq, heads, dim), plan, kernel=kernel)
 
 
 @needs_kernel
 @pytest.mark.parametrize("plan_b,plan_h", [(1, 1), (1, 3), (2, 1)], ids=lambda x: str(x))
 @pytest.mark.parametrize("expand", [True, False], ids=["expanded", "size1"])
-def test_broadcast_plan(plan_b, plan_h, expand):
+def test_broadcast_plan(plan_b, plan_h, expand, kernel):
     """Plans and epilogues with batch or head 1: as stride-0 expanded views, or passed with their size-1 dims."""
     gen = torch.Generator().manual_seed(plan_b * 10 + plan_h)
     bsz, heads, seq_q, seq_k, dim = 2, 3, 96, 160, 16
     plan = random_plan(gen, plan_b, plan_h, seq_q, seq_k, 64, 64, density=0.5)
     plan = epilogue(gen, plan, bsz, heads, dim, "row", "block", bcast=True)
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, expand=expand)
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, expand=expand, kernel=kernel)
 
 
 @needs_kernel
-def test_non_contiguous_fused_qkv():
+def test_non_contiguous_fused_qkv(kernel):
     """q, k, v as slices of a fused [B, S, 3, H, D] tensor, and a [B, H, S, D] tensor seen as [B, S, H, D]."""
     gen = torch.Generator().manual_seed(5)
     bsz, heads, seq, dim = 2, 2, 140, 24
@@ -241,45 +261,45 @@ def test_non_contiguous_fused_qkv():
     q, k, v = fused.unbind(2)
     assert not q.is_contiguous()
     plan = random_plan(gen, bsz, heads, seq, seq, 64, 64, density=0.6)
-    check(q, k, v, plan)
+    check(q, k, v, plan, kernel=kernel)
 
     kv_cross = torch.randn(bsz, heads, 2 * seq + 3, dim, generator=gen).to(DEV).transpose(1, 2)  # [B,S,H,D] view
     q2 = torch.randn(bsz, heads, seq, dim, generator=gen).to(DEV).transpose(1, 2)
     plan2 = random_plan(gen, bsz, heads, seq, 2 * seq + 3, 64, 64, density=0.5)
-    check(q2, kv_cross, kv_cross.flip(1)[:, :], plan2)
+    check(q2, kv_cross, kv_cross.flip(1)[:, :], plan2, kernel=kernel)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision(dtype):
+def test_half_precision(dtype, kernel):
     """fp16 dots in the interpreter, and bf16 through the fp32 upcast (the interpreter's bf16 tl.dot is wrong)."""
     gen = torch.Generator().manual_seed(6)
     bsz, heads, seq_q, seq_k, dim = 1, 2, 113, 203, 64
     valid = random_valid(gen, seq_k, 64)
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, 64, 64, density=0.6, kv_block_valid=valid)
     plan = epilogue(gen, plan, bsz, heads, dim, "row", "block", bias_dtype=dtype)
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim, dtype), plan)
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim, dtype), plan, kernel=kernel)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dim", [1, 8, 72, 130], ids=lambda d: f"D{d}")
-def test_head_dims_padded(dim):
+def test_head_dims_padded(dim, kernel):
     gen = torch.Generator().manual_seed(7 + dim)
     bsz, heads, seq_q, seq_k = 1, 1, 70, 90
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, 64, 32, density=0.7)
     plan = epilogue(gen, plan, bsz, heads, dim, None, "row")
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan)
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, kernel=kernel)
 
 
 @needs_kernel
-def test_zero_blocks_everywhere():
+def test_zero_blocks_everywhere(kernel):
     """A plan that reads nothing: out = out_bias exactly, lse = -inf everywhere."""
     gen = torch.Generator().manual_seed(8)
     bsz, heads, seq, dim = 1, 2, 80, 16
     mask = torch.zeros(1, 1, 2, 2, dtype=torch.bool, device=DEV)
     plan = SparsePlan.from_dense(mask, block_q=64, block_k=64, seq_q=seq, seq_k=seq)
     plan = epilogue(gen, plan, bsz, heads, dim, "row", "row")
-    out, lse, _ = check(*qkv(gen, bsz, seq, seq, heads, dim), plan)
+    out, lse, _ = check(*qkv(gen, bsz, seq, seq, heads, dim), plan, kernel=kernel)
     assert bool(torch.isneginf(lse).all())
     assert torch.equal(out, plan.out_bias)
 
@@ -291,14 +311,16 @@ def test_zero_blocks_everywhere():
        dim=st.integers(1, 80), block_q=st.sampled_from([16, 32, 48, 64]), block_k=st.sampled_from([16, 32, 48, 64]),
        density=st.sampled_from([0.5, 0.25, 0.8, 1.0, 0.0]), padded=st.booleans(),
        scale_kind=st.sampled_from([None, "row", "block"]), bias_kind=st.sampled_from([None, "row", "block"]),
-       seed=st.integers(0, 2**31 - 1))
-def test_fuzz(bsz, heads, seq_q, seq_k, dim, block_q, block_k, density, padded, scale_kind, bias_kind, seed):
+       seed=st.integers(0, 2**31 - 1), options=st.sampled_from(HOPPER_VARIANTS))
+def test_fuzz(bsz, heads, seq_q, seq_k, dim, block_q, block_k, density, padded, scale_kind, bias_kind, seed, options,
+              kernel):
     gen = torch.Generator().manual_seed(seed)
     valid = random_valid(gen, seq_k, block_k) if padded else None
     plan = random_plan(gen, bsz, heads, seq_q, seq_k, block_q, block_k, density=density, empty_row=False,
                        kv_block_valid=valid)
     plan = epilogue(gen, plan, bsz, heads, dim, scale_kind, bias_kind)
-    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, scale=0.5 / math.sqrt(dim))
+    check(*qkv(gen, bsz, seq_q, seq_k, heads, dim), plan, scale=0.5 / math.sqrt(dim), kernel=kernel,
+          options=options)  # options: the Hopper kernel's switches (unused by the portable kernel)
 
 
 def test_autotune_prune_keeps_dividing_tiles():
@@ -326,7 +348,7 @@ def test_autotune_prune_keeps_dividing_tiles():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernel)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_real_shape(dtype):
+def test_gpu_real_shape(dtype, kernel):
     """B=1, H=2, S=32768, D=128, block 128, density ~0.1, padded key blocks and an epilogue."""
     gen = torch.Generator().manual_seed(10)
     bsz, heads, seq, dim, block = 1, 2, 32768, 128, 128
@@ -335,7 +357,7 @@ def test_gpu_real_shape(dtype):
     plan = epilogue(gen, plan, bsz, heads, dim, "row", "block", bias_dtype=dtype)
     q, k, v = qkv(gen, bsz, seq, seq, heads, dim, dtype, device="cuda")
     q = (q.float() * 2).to(dtype)  # peakier softmax: outputs of order 0.1-1, so tolerances mean something
-    out, _, _ = check(q, k, v, plan)
+    out, _, _ = check(q, k, v, plan, kernel=kernel)
     assert out.is_cuda
 
 
@@ -344,7 +366,7 @@ def test_gpu_real_shape(dtype):
 @pytest.mark.parametrize("block_q,block_k,dim", [(128, 64, 64), (48, 80, 72), (64, 128, 256), (128, 128, 16)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_gpu_configs(block_q, block_k, dim, dtype):
+def test_gpu_configs(block_q, block_k, dim, dtype, kernel):
     """Every autotuned tile family compiles and matches: odd blocks, padded head dims, fp32 without TF32."""
     gen = torch.Generator().manual_seed(block_q + block_k + dim)
     bsz, heads, seq_q, seq_k = 2, 3, 1000, 1203
@@ -354,7 +376,7 @@ def test_gpu_configs(block_q, block_k, dim, dtype):
     plan = epilogue(gen, plan, bsz, heads, dim, "block", "row", bias_dtype=dtype)
     tol = (1e-4, 1e-4) if dtype == torch.float32 else None  # exp2 is approximate on the GPU
     q, k, v = qkv(gen, bsz, seq_q, seq_k, heads, dim, dtype, device="cuda")
-    check(q, k, v, plan, tol=tol)
+    check(q, k, v, plan, tol=tol, kernel=kernel)
 
 
 def _free_cuda_bytes() -> int:
@@ -364,7 +386,7 @@ def _free_cuda_bytes() -> int:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernel)")
 @pytest.mark.skipif(_free_cuda_bytes() < 12 * 2**30, reason="needs a CUDA GPU with >= 12 GiB free")
-def test_gpu_64bit_offsets():
+def test_gpu_64bit_offsets(kernel):
     """HunyuanVideo 720p-like fused QKV with CFG batch 2: the view spans > 2^31 elements."""
     bsz, seq, heads, dim, block = 2, 119_808, 24, 128, 128
     fused = torch.empty(bsz, seq, 3, heads, dim, dtype=torch.bfloat16, device="cuda")
@@ -377,7 +399,7 @@ def test_gpu_64bit_offsets():
     idx[0, 1] = 1
     num = torch.full((1, 1, mq), 2, dtype=torch.int32)
     plan = SparsePlan(num.cuda(), idx[None, None].cuda(), block, block, seq, seq)
-    out, lse = run_kernel(q, k, v, plan, 1.0 / math.sqrt(dim))
+    out, lse = run_kernel(q, k, v, plan, 1.0 / math.sqrt(dim), kernel=kernel)
 
     b, tail = bsz - 1, 300  # the last rows of the last batch sit past 2^31 elements of the fused view
     rows = torch.arange(seq - tail, seq, device="cuda")

@@ -1,0 +1,153 @@
+"""The ``hopper`` backend: the Hopper (sm90+) kernel of ``kernels/block_sparse_attn_hopper.py`` as a
+``torch.library`` custom op. NOT YET RUN ON A GPU: like ``fa4`` it is ``auto = False`` (used only when named,
+``backend="hopper"``) until ``benchmarks/gpu_suite.py`` has compiled it on sm90, checked it against the reference
+and timed it against ``triton``; then it is one line to put it into automatic dispatch, before ``triton``.
+
+It reads the plan as full and partial key blocks (:attr:`SparsePlan.full_split`, cached on the plan, sync-free).
+On CPU it runs in Triton's interpreter when ``TRITON_INTERPRET=1`` and is named (tests); automatic dispatch
+never picks it. Named, it needs a CUDA device of compute capability >= 9.0. Which path the kernel takes (TMA
+descriptors or pointer loads, and why) is logged at DEBUG on ``dit_sparse.backends``, once per distinct path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._env import has_triton, triton_interpret
+from .._logging import get_logger
+from .base import AttentionInputs
+from .triton import TritonBackend, _unit_stride, kernel_input_reasons
+
+logger = get_logger("dit_sparse.backends")
+_logged: set[str] = set()
+
+
+@torch.library.custom_op("dit_sparse::block_sparse_attn_hopper", mutates_args=())
+def _hopper_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
+               partial_num: torch.Tensor, partial_idx: torch.Tensor, kv_block_valid: torch.Tensor | None,
+               out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, block_q: int, block_k: int,
+               scale: float, scale_per_block: bool, bias_per_block: bool, split_full: bool,
+               rescale_threshold: float, tma: int, warp_specialize: bool,
+               pooled_keys: torch.Tensor | None = None, pooled_values: torch.Tensor | None = None,
+               pooled_log_count: torch.Tensor | None = None, pooled_read: torch.Tensor | None = None,
+               pooled_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.block_sparse_attn_hopper import HopperOptions, block_sparse_attn_hopper_fwd
+
+    opts = HopperOptions(split_full=split_full, rescale_threshold=rescale_threshold,
+                         tma=None if tma < 0 else bool(tma), warp_specialize=warp_specialize)
+    return block_sparse_attn_hopper_fwd(q, k, v, full_num, full_idx, partial_num, partial_idx, block_q=block_q,
+                                        block_k=block_k, kv_block_valid=kv_block_valid, scale=scale,
+                                        out_scale=out_scale, out_bias=out_bias, scale_per_block=scale_per_block,
+                                        bias_per_block=bias_per_block, pooled_keys=pooled_keys,
+                                        pooled_values=pooled_values, pooled_log_count=pooled_log_count,
+                                        pooled_read=pooled_read, pooled_gate=pooled_gate, options=opts)
+
+
+@_hopper_op.register_fake
+def _(q, k, v, full_num, full_idx, partial_num, partial_idx, kv_block_valid, out_scale, out_bias, block_q, block_k,
+      scale, scale_per_block, bias_per_block, split_full, rescale_threshold, tma, warp_specialize, pooled_keys=None,
+      pooled_values=None, pooled_log_count=None, pooled_read=None, pooled_gate=None):
+    b, s, h, _ = q.shape
+    return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
+
+
+class HopperBackend(TritonBackend):
+    """The Hopper kernel (a :class:`TritonBackend` with its own kernel, reasons and switches). ``options``
+    (:class:`~dit_sparse.kernels.block_sparse_attn_hopper.HopperOptions`) holds its switches;
+    replace it (``BACKENDS["hopper"].options = HopperOptions(...)``) to measure them."""
+
+    name = "hopper"
+    reads_pooled_segment = True
+    #: never compiled on a GPU yet: named only (``backend="hopper"``) until the GPU suite has checked and timed it
+    auto = False
+
+    def __init__(self, options=None):
+        self._options = options
+
+    @property
+    def options(self):
+        if self._options is None:
+            from ..kernels.block_sparse_attn_hopper import HopperOptions
+
+            self._options = HopperOptions()
+        return self._options
+
+    @options.setter
+    def options(self, value) -> None:
+        from ..kernels.block_sparse_attn_hopper import HopperOptions
+
+        if not isinstance(value, HopperOptions):
+            raise ValueError(f"HopperBackend.options must be a HopperOptions, got {type(value).__name__}.")
+        self._options = value
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        q = inputs.query
+        reasons = []
+        if not has_triton():
+            return ["triton is not installed: pip install 'dit_sparse[triton]'"]
+        if q.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 9:
+                reasons.append(f"compute capability {major}.{minor} < 9.0: the Hopper kernel needs sm90+ (TMA, "
+                               "warpgroup MMA); backend='triton' runs the portable kernel here")
+        elif q.device.type == "cpu":
+            if not triton_interpret():
+                reasons.append("tensors are on CPU and TRITON_INTERPRET is not 1 (the Hopper kernel needs an sm90+ "
+                               "GPU; use backend='torch' on CPU)")
+        else:
+            reasons.append(f"device {q.device} is not supported (CUDA sm90+, or CPU in the Triton interpreter)")
+        reasons += kernel_input_reasons(inputs)
+        opts = self.options
+        if opts.warp_specialize:
+            from ..kernels.block_sparse_attn_hopper import has_warp_specialize
+
+            if not has_warp_specialize():
+                import triton
+
+                reasons.append("HopperOptions(warp_specialize=True) needs Triton >= 3.4 (tl.range(warp_specialize=)), "
+                               f"this is {triton.__version__}")
+        if opts.tma and not reasons:
+            from ..kernels.block_sparse_attn_hopper import tma_reasons
+
+            reasons += [f"HopperOptions(tma=True): {r}" for r in tma_reasons(*self._operands(inputs))]
+        return reasons
+
+    @staticmethod
+    def _operands(inputs: AttentionInputs):
+        # the kernel addresses the head dim with unit stride (x[..., ::2] would be read wrong): copy such inputs
+        return tuple(_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
+
+    def describe(self, inputs: AttentionInputs) -> str:
+        """Which kernel path these inputs take (TMA or pointer loads and why; the switches)."""
+        from ..kernels.block_sparse_attn_hopper import kernel_path
+
+        return kernel_path(*self._operands(inputs), self.options)
+
+    def forward(self, inputs: AttentionInputs):
+        plan, opts = inputs.plan, self.options
+        q, k, v = self._operands(inputs)
+        b, h = q.shape[0], q.shape[2]
+        if logger.isEnabledFor(10):  # DEBUG: say which path ran, once per distinct path
+            path = self.describe(inputs)
+            if path not in _logged:
+                _logged.add(path)
+                logger.debug("%s (%s)", path, inputs.describe())
+        plan.expand(b, h)  # the plan's own error when its batch/head dims do not broadcast
+        full_num, full_idx, part_num, part_idx = plan.full_split
+        mq, w = full_idx.shape[-2:]
+        tables = (full_num.expand(b, h, mq), full_idx.expand(b, h, mq, w), part_num.expand(b, h, mq),
+                  part_idx.expand(b, h, mq, w))
+        kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()
+        scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(b, h, plan.out_scale.shape[-1])
+        bias_t = None if plan.out_bias is None else plan.out_bias.expand(b, plan.out_bias.shape[1], h,
+                                                                          plan.out_bias.shape[-1])
+        seg = ()
+        if inputs.pooled is not None:
+            ps = inputs.pooled
+            seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
+                   ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
+        tma = -1 if opts.tma is None else int(opts.tma)
+        out, lse = _hopper_op(q, k, v, *tables, kbv, scale_t, bias_t, plan.block_q, plan.block_k,
+                              float(inputs.scale), plan.scale_per_block, plan.bias_per_block, opts.split_full,
+                              float(opts.rescale_threshold), tma, opts.warp_specialize, *seg)
+        return out, (lse if inputs.return_lse else None)
