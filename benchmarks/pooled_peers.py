@@ -23,11 +23,19 @@ measured by a probe (one-hot block values with ``tail=False``) and our draft kee
 that stay at or below it (``floor(density * Nv)``): the "density" columns give both. It forces the blocks at +-1 in its
 block order (our tile raster order) and scores the pooled tail with the query block's centroid, shared by its rows.
 
+``--presets`` (issue 14 item 5, the real-model presets' combine): every real-model preset with pooled rectification,
+grouped by its selection and rectification settings (the dense policy aside), on its own selection at block 128
+and head dim 128 on the three structured families (5 x 30 x 52 grid: Wan 480p rows and columns, 5 latent frames,
+7,800 tokens, 61 blocks; 2 heads, seed 0), and at the embedded model's own 16-token blocks on its captured
+attention: relative error of the selection alone, of block rectification and of row rectification (the shipped
+``row_keys="outlier"``) on the same mask. Writes benchmarks/results/pooled-presets-cpu.json and pooled-presets.md.
+
 Needs ``pip install comfy-kitchen`` (not a dependency of dit_sparse); without it the Sol-Attn column is skipped.
 The CUDA Sol-Attn kernel is not timed here: :func:`sol_attn_cuda_hook` is the entry for the GPU suite.
 
     python benchmarks/pooled_peers.py                      # about 4 minutes on 2 CPU cores
     python benchmarks/pooled_peers.py --no-embedded --seeds 1 --ratios 0.1
+    python benchmarks/pooled_peers.py --presets            # about 6 minutes on 2 CPU cores
 
 Writes benchmarks/results/pooled-peers-cpu.json and pooled-peers.md.
 """
@@ -35,6 +43,7 @@ Writes benchmarks/results/pooled-peers-cpu.json and pooled-peers.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -53,6 +62,9 @@ from dit_sparse.ops import block_sparse_attention  # noqa: E402
 METHODS = ("draft", "draft+rect (block)", "draft+row (mean)", "draft+row", "sol-attn")
 SOL_BLOCK, SOL_DIM = 64, 128
 FAMILY_LAYOUT = TokenLayout(frames=4, height=32, width=32, tile=(1, 8, 8))
+#: the real-model presets' comparison: block 128 (tile picked as for a model), Wan 480p rows and columns
+PRESET_LAYOUT = TokenLayout(frames=5, height=30, width=52)
+PRESET_VARIANTS = ("selection", "block", "row")
 
 
 def has_comfy_kitchen() -> bool:
@@ -155,14 +167,14 @@ def evaluate(q, k, v, layout: TokenLayout, *, scale: float, topk_ratio: float, w
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def family_inputs(seeds: int, layout: TokenLayout = FAMILY_LAYOUT):
+def family_inputs(seeds: int, layout: TokenLayout = FAMILY_LAYOUT, dim: int = 32):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from utils import FAMILIES, structured_family
 
     for family in FAMILIES:
         for seed in range(seeds):
-            q, k, v = structured_family(layout, family, heads=2, dim=32, seed=seed, dtype=torch.float32)
-            yield family, f"seed {seed}", layout, (q, k, v), 1 / math.sqrt(32)
+            q, k, v = structured_family(layout, family, heads=2, dim=dim, seed=seed, dtype=torch.float32)
+            yield family, f"seed {seed}", layout, (q, k, v), 1 / math.sqrt(dim)
 
 
 class _Capture:
@@ -211,6 +223,81 @@ def embedded_inputs(steps: int):
         yield "embedded", case, layout, (q, k, v), scale
 
 
+# ---------------------------------------------------------------------------------------------------- presets
+def preset_groups() -> list[tuple[str, object, list[str]]]:
+    """The real-model presets with pooled rectification, grouped by selection + rectification settings (dense
+    policy and ``combine`` aside): ``[(label, SparseAttentionConfig, preset names)]``."""
+    from dit_sparse import SparseAttentionConfig
+    from dit_sparse.pipelines.presets import TINY_PRESET_PREFIX, list_presets
+
+    groups: dict = {}
+    for p in list_presets():
+        c = p.config
+        if p.name.startswith(TINY_PRESET_PREFIX) or c.rectification is None or not c.rectification.rectify:
+            continue
+        rect = dataclasses.replace(c.rectification, combine="block")
+        groups.setdefault((c.draft, c.neighborhood, rect), []).append(p.name)
+    out = []
+    for (draft, nb, rect), names in groups.items():
+        sel = (f"draft {draft.sparsity:g}" if draft else "") + (" + window" if nb else "")
+        label = (sel + " + rect" if sel else f"rect {rect.sparsity:g}")
+        out.append((label, SparseAttentionConfig(draft=draft, neighborhood=nb, rectification=rect), names))
+    return out
+
+
+def evaluate_preset(q, k, v, layout: TokenLayout, config, *, scale: float) -> dict:
+    """Errors vs dense of a preset's selection alone, block and row rectification on one mask (the preset's own
+    selection on this input)."""
+    from dit_sparse.methods.composite import SparseAttention
+
+    qp, kp, vp = (layout.permute(t.float()) for t in (q, k, v))
+    dense = _dense(q, k, v, scale)
+    mask = SparseAttention(config).build_mask(qp, kp, layout, scale)
+    nv = layout.num_video_blocks
+    row = {"density": float(mask[..., :nv, :nv].float().mean())}
+    rect = config.rectification
+    for name, cfg in (("selection", dataclasses.replace(rect, rectify=False)),
+                      ("block", dataclasses.replace(rect, combine="block")),
+                      ("row", dataclasses.replace(rect, combine="row"))):
+        out = rectified_attention(qp, kp, vp, layout, cfg, scale, mask=mask, backend="torch")
+        row[name] = _err(layout.unpermute(out), dense)
+    return row
+
+
+def run_presets(steps: int, embedded: bool = True, layout: TokenLayout = PRESET_LAYOUT) -> dict:
+    """The ``--presets`` comparison: rows per (group, input) and a summary per (group, source)."""
+    inputs = list(family_inputs(1, layout, dim=128))
+    if embedded:
+        inputs += list(embedded_inputs(steps))
+    groups = preset_groups()
+    rows = []
+    for label, config, _ in groups:
+        for source, case, lay, (q, k, v), scale in inputs:
+            r = evaluate_preset(q, k, v, lay, config, scale=scale)
+            rows.append({"group": label, "source": source, "case": case, "block_size": lay.block_size, **r})
+            print(f"{label:<20} {source:<12} {case:<24} density {r['density']:.3f} " + " ".join(
+                f"{m}={r[m]:.4f}" for m in PRESET_VARIANTS), flush=True)
+    summary = []
+    for label, _, _ in groups:
+        for source in dict.fromkeys(r["source"] for r in rows):
+            sel = [r for r in rows if r["group"] == label and r["source"] == source]
+            s = {"group": label, "source": source, "cases": len(sel),
+                 "density": round(sum(r["density"] for r in sel) / len(sel), 3)}
+            for m in PRESET_VARIANTS:
+                s[m] = round(sum(r[m] for r in sel) / len(sel), 4)
+            s["row/block"] = round(s["row"] / s["block"], 3) if s["block"] else None
+            s["row/selection"] = round(s["row"] / s["selection"], 3) if s["selection"] else None
+            s["row < block (cases)"] = sum(r["row"] < r["block"] for r in sel)
+            s["row > selection (cases)"] = sum(r["row"] > r["selection"] for r in sel)
+            summary.append(s)
+    verdict = {label: {"presets": names, "row_wins_every_source": all(
+        s["row"] < s["block"] for s in summary if s["group"] == label), "row_wins_every_case": all(
+        r["row"] < r["block"] for r in rows if r["group"] == label)} for label, _, names in groups}
+    return {"layout": {"grid": layout.grid, "tile": layout.tile, "block_size": layout.block_size,
+                       "video_blocks": layout.num_video_blocks, "heads": 2, "head_dim": 128},
+            "rows": rows, "summary": summary, "verdict": verdict}
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,12 +306,30 @@ def main(argv=None) -> int:
                     "density Sol-Attn reaches)")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps of the embedded capture")
     ap.add_argument("--no-embedded", action="store_true")
+    ap.add_argument("--presets", action="store_true", help="the real-model presets: block vs row rectification on "
+                    "their own selection (see the module docstring)")
     ap.add_argument("--smoke", action="store_true", help="tiny dry run: 2x16x16 grid, one seed, no embedded "
                     "capture, nothing written")
     args = ap.parse_args(argv)
     if args.smoke:
         args.seeds, args.no_embedded = 1, True
     torch.manual_seed(0)
+    if args.presets:
+        layout = TokenLayout(frames=1, height=16, width=24, block_size=16) if args.smoke else PRESET_LAYOUT
+        result = run_presets(args.steps, embedded=not args.no_embedded, layout=layout)
+        print()
+        print_table(result["summary"], list(result["summary"][0]))
+        for label, v in result["verdict"].items():
+            print(f"{label}: row below block on every source: {v['row_wins_every_source']}, in every case: "
+                  f"{v['row_wins_every_case']} ({', '.join(v['presets'])})")
+        if args.smoke:
+            return 0
+        path = write_json("pooled-presets", {"environment": environment(), **result})
+        write_markdown(result["summary"], RESULTS / "pooled-presets.md",
+                       "Real-model presets' selection: relative L2 error vs dense (mean over cases) of the selection "
+                       "alone, block and row rectification on the same mask; 2-core CPU, float32.")
+        print(f"\nwrote {path}, {RESULTS / 'pooled-presets.md'}")
+        return 0
     with_sol = has_comfy_kitchen()
     if not with_sol:
         print("comfy-kitchen is not installed (pip install comfy-kitchen): the sol-attn column is skipped")
@@ -271,10 +376,10 @@ def summarise(rows, with_sol: bool):
     return out
 
 
-def write_markdown(summary, path: Path) -> None:
+def write_markdown(summary, path: Path, title: str = "Relative L2 error of the attention output vs dense (mean over "
+                   "cases), at Sol-Attn's measured density; 2-core CPU, float32.") -> None:
     cols = list(summary[0])
-    lines = ["Relative L2 error of the attention output vs dense (mean over cases), at Sol-Attn's measured density; "
-             "2-core CPU, float32.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(s[c]) for c in cols) + " |" for s in summary]
     path.write_text("\n".join(lines) + "\n")
 

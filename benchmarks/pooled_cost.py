@@ -1,0 +1,169 @@
+"""What the fused pooled-key segment (row rectification in one pass) costs over the plain sparse kernel (issue 14).
+
+Target: the remainder costs <= 5% over the plain sparse kernel at density 0.1.
+
+* :func:`key_counts` (any machine): the analytic count per video query row at density 0.1, at the HunyuanVideo
+  720p and Wan2.1 480p op shapes (packed layout, 128-token blocks): keys of the plan (kept video blocks + text, in
+  block slots) against what the segment adds. The kernel walks every pooled key of the segment (``Nv`` for
+  ``row_keys="mean"``, ``2 Nv`` for ``"outlier"``) in ``BLOCK_N`` chunks: one q . k dot product each (plus one q . gate
+  dot each with ``"mean"``'s per-row GAPR gate), and loads and exponentiates only the ones its query block skipped.
+  A count, not a time.
+* :func:`run` (CUDA only): times with ``triton.testing.do_bench`` (median ms) at those shapes, bf16, a random
+  per-head plan at density 0.1 (text dense): the plain sparse kernel, block rectification (the same kernel with its
+  ``R``, ``c`` epilogue) and the one-pass row mode (``row_keys`` "mean" and "outlier"), each on a prebuilt plan /
+  segment; and, apart, building the block epilogue and the segments from q, k, v. Writes
+  ``pooled-cost-<gpu>.json`` into ``out_dir``.
+
+    python benchmarks/pooled_cost.py            # CPU: the key counts, and says the timing is CUDA-only (exit 0)
+    python benchmarks/pooled_cost.py OUT        # CUDA: the timing too, JSON into OUT (default benchmarks/results)
+    python benchmarks/pooled_cost.py --smoke    # CPU dry run of the timing code on a tiny shape (torch backend)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import RESULTS, SHAPES, Shape, environment, print_table, write_json  # noqa: E402
+from dit_sparse import TokenLayout  # noqa: E402
+from dit_sparse.methods.base import keep_blocks  # noqa: E402
+
+DENSITY = 0.1
+COST_SHAPES = ("hunyuan-720p", "wan2.1-480p")
+CUDA_ONLY = "the timing needs a CUDA GPU (triton.testing.do_bench); none is present, so nothing was timed"
+
+
+def _layout(shape: Shape) -> TokenLayout:
+    return TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text)
+
+
+def key_counts(density: float = DENSITY, shapes=COST_SHAPES) -> list[dict]:
+    """Per video query row: plan keys vs the pooled segment's keys, for ``row_keys`` "mean" and "outlier"."""
+    rows = []
+    for name in shapes:
+        layout = _layout(SHAPES[name])
+        nv, bs = layout.num_video_blocks, layout.block_size
+        kept = keep_blocks(nv, 1.0 - density)
+        plan_keys = (kept + layout.num_blocks - nv) * bs  # kept video blocks + every text block, in slots
+        skipped = nv - kept
+        for row_keys, walked, dots, read in (("mean", nv, 2 * nv, skipped), ("outlier", 2 * nv, 2 * nv, 2 * skipped)):
+            rows.append({"shape": name, "video_blocks": nv, "kept_blocks": kept, "plan_keys": plan_keys,
+                         "row_keys": row_keys, "segment_keys": walked, "segment_dots": dots, "segment_read": read,
+                         "dots_pct": round(100 * dots / plan_keys, 1), "read_pct": round(100 * read / plan_keys, 1)})
+    return rows
+
+
+def time_variants(shapes: list[Shape], device: torch.device, backend: str, bench) -> list[dict]:
+    """Kernel time of each variant on a prebuilt plan / segment, and apart the time to build them, per shape.
+    ``bench(fn) -> ms``; ``backend`` of the op (``"triton"`` on CUDA; the CPU smoke run uses ``"torch"``)."""
+    rows = []
+    for shape in shapes:
+        rows += _time_shape(shape, device, backend, bench)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _time_shape(shape: Shape, device: torch.device, backend: str, bench) -> list[dict]:
+    from benchmarks.attention import random_plan
+    from dit_sparse import block_sparse_attention
+    from dit_sparse.methods.pooled_rectification import (
+        PooledRectificationConfig,
+        block_statistics,
+        ipar_probabilities,
+        pooled_segment,
+        rectification_terms,
+    )
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    layout = _layout(shape)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, shape.heads, shape.head_dim, generator=g, device=device,
+                           dtype=dtype) for _ in range(3))
+    qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+    plan = random_plan(layout, shape.heads, DENSITY, device)
+    mask = plan.to_dense()
+    scale = shape.head_dim ** -0.5
+    block_cfg = PooledRectificationConfig()
+    row_cfgs = {"row (mean)": PooledRectificationConfig(combine="row", row_keys="mean"),
+                "row (outlier)": PooledRectificationConfig(combine="row", row_keys="outlier")}
+
+    def block_plan():
+        stats = block_statistics(qp, kp, vp, layout)
+        r, c = rectification_terms(qp, kp, vp, layout, mask, block_cfg, scale, stats=stats,
+                                   p_tilde=ipar_probabilities(stats, scale))
+        return plan.with_epilogue(out_scale=r, out_bias=c.transpose(1, 2))
+
+    def segment(cfg):
+        stats = block_statistics(qp, kp, vp, layout, deviations=cfg.row_keys == "mean",
+                                 outliers=cfg.row_keys == "outlier")
+        return pooled_segment(layout, mask, cfg, stats=stats)
+
+    built = {"plain sparse": (plan, None), "block rectification": (block_plan(), None)}
+    built.update({name: (plan, segment(cfg)) for name, cfg in row_cfgs.items()})
+    builds = {"block rectification": block_plan, **{n: (lambda c=c: segment(c)) for n, c in row_cfgs.items()}}
+    base = None
+    for variant, (p, seg) in built.items():
+        def call(p=p, seg=seg):
+            return block_sparse_attention(qp, kp, vp, p, scale=scale, backend=backend, pooled=seg)
+
+        call()
+        ms = float(bench(call))
+        base = ms if base is None else base
+        build_ms = float(bench(builds[variant])) if variant in builds else 0.0
+        rows.append({"shape": shape.name, "tokens": layout.seq_len, "heads": shape.heads,
+                     "density": round(plan.density, 4), "variant": variant, "kernel_ms": ms,
+                     "kernel_overhead_pct": round(100 * (ms / base - 1), 2), "build_ms": build_ms})
+        print(f"{shape.name:<14} {variant:<20} kernel {ms:9.3f} ms ({rows[-1]['kernel_overhead_pct']:+.2f}%)  "
+              f"build {build_ms:8.3f} ms", flush=True)
+    return rows
+
+
+def run(out_dir=None) -> dict:
+    """Time plain sparse vs block and row rectification at density 0.1 on CUDA (``triton.testing.do_bench``,
+    median), JSON into ``out_dir`` (default benchmarks/results). Without CUDA: ``{"skipped": reason,
+    "key_counts": ...}`` and nothing is written."""
+    counts = key_counts()
+    if not torch.cuda.is_available():
+        return {"skipped": CUDA_ONLY, "key_counts": counts}
+    from triton.testing import do_bench
+
+    rows = time_variants([SHAPES[n] for n in COST_SHAPES], torch.device("cuda"), "triton",
+                         lambda fn: do_bench(fn, return_mode="median"))
+    payload = {"environment": environment(), "density": DENSITY, "rows": rows, "key_counts": counts}
+    payload["path"] = str(write_json("pooled-cost", payload, out_dir))
+    return payload
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path, default=RESULTS, help="folder for the JSON (CUDA only)")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the timing code on a tiny shape (torch "
+                    "backend, perf_counter; no numbers worth reporting, nothing written)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        from benchmarks._common import bench
+
+        rows = time_variants([Shape("smoke", 1, 16, 16, 1, text=20, head_dim=32)], torch.device("cpu"), "torch",
+                             lambda fn: bench(fn, warmup=1, rep=2))
+        print_table(rows, ["shape", "variant", "kernel_ms", "kernel_overhead_pct", "build_ms"])
+        return 0
+    print(f"keys per video query row at density {DENSITY}: the plan's (kept video blocks + text, in 128-token slots) "
+          "against the pooled segment's (dot products walked, keys read)")
+    print_table(key_counts(), ["shape", "video_blocks", "kept_blocks", "plan_keys", "row_keys", "segment_dots",
+                               "dots_pct", "segment_read", "read_pct"])
+    result = run(args.out)
+    if "skipped" in result:
+        print(f"\npooled_cost: CUDA-only: {result['skipped']}.")
+        return 0
+    print(f"\nwrote {result['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
