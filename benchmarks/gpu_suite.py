@@ -72,6 +72,15 @@ OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--
 #: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
 #: ``{gpu_files}`` every test file outside tests/test_kernels with a ``gpu`` mark, ``{xdist}`` ``-n 4`` where
 #: pytest-xdist is installed (the kernel tests' compiles then run on 4 processes)
+#:
+#: The limits are estimates: nothing has timed the suite on a GPU yet. From the H100 results
+#: (benchmarks/results/*H100*.json) and ``bench`` (a call >= 40 ms costs about 5 calls, plus one reference check):
+#: op, HunyuanVideo 720p — dense peers once per shape (cuDNN 307 + flash 495 + efficient 977 ms) ~11 s, a 0.10 row
+#: (four backends, auto, flex peer, pooled on two backends and auto, ~55 ms each) ~4 s, an all-dense row (~500 ms
+#: each) ~18 s; Wan 480p rows take ms. The rest is compiling: an autotune key of either Triton kernel compiles its
+#: 8-16 pruned configs (guessed 20-40 s), flex ~20-30 s per shape, FA4 at its first call; so the packed rows come
+#: first and the tiled ones are likely cut by --budget. end_to_end (4 layers): a HunyuanVideo step ~2.2 s dense,
+#: x 3 dense variants and 4 presets at ~5 calls each, plus the SDPA op timings: ~90 s with Wan.
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
 STAGES = {
     # first every ``gpu`` test (real shapes, each backend vs the reference, CUDA graphs, flash-attn-4), then the
