@@ -234,8 +234,10 @@ def device_commands(stash: str = STASH, site: str = SITE, suite: str = SUITE) ->
     """The two device ``run`` commands (carry ``.carry_a``, then ``.carry_b``)."""
     call1 = f"python3 scripts/device_wheels.py stash --carry {CARRY_A} --stash {stash}"
     pypath = ":".join(f"{site}/{d}".rstrip("/") for d in PATH_DIRS)
-    call2 = (f"python3 scripts/device_wheels.py unpack --carry {CARRY_B} --stash {stash} --site {site} "
-             f'&& export PYTHONPATH="$PWD:{pypath}" PYTHONUNBUFFERED=1 && {suite}')
+    # ';': the suite runs even if unpacking fails (it then records the packages as missing) — a lease is too scarce
+    # to end on a packaging error
+    call2 = (f"python3 scripts/device_wheels.py unpack --carry {CARRY_B} --stash {stash} --site {site}; "
+             f'export PYTHONPATH="$PWD:{pypath}" PYTHONUNBUFFERED=1; {suite}')
     for c in (call1, call2):
         if len(c) > COMMAND_LIMIT:
             raise SystemExit(f"device command is {len(c)} characters, over the run tool's {COMMAND_LIMIT}: {c}")

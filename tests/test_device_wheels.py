@@ -132,6 +132,14 @@ def test_a_corrupt_part_a_is_refused(repo, tmp_path):
     assert "fail their SHA-256" in res.stderr
 
 
+def test_call_2_without_its_carry_still_runs_the_suite(repo, tmp_path):
+    """``.carry_b`` not carried (or never prepared): unpacking fails loudly, the suite runs all the same."""
+    _, call2 = _commands(tmp_path, suite='python3 -c "print(\'SUITE-RAN\')"')
+    res = _run(call2, repo, tmp_path)
+    assert res.returncode == 0 and "SUITE-RAN" in res.stdout, res.stdout + res.stderr
+    assert "no .carry_b/manifest.json" in res.stderr
+
+
 def test_split_refuses_what_two_calls_cannot_carry(repo, tmp_path):
     with pytest.raises(SystemExit, match="do not fit in two device calls"):
         _split(repo, tmp_path, room=100_000)  # 2 x 100 KB < base + ~300 KB of extras
