@@ -200,17 +200,39 @@ class RowReference:
         return float((got - self.ref).norm() / self.ref.norm().clamp_min(1e-30))
 
 
+class CudaBroken(RuntimeError):
+    """A backend left the CUDA context unusable (an illegal address, say): every later call would fail too."""
+
+
+def _cuda_broken() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.synchronize()
+        return False
+    except Exception:
+        return True
+
+
+def backend_order() -> tuple[list[str], list[str]]:
+    """Registered backends but ``torch``: those automatic dispatch may pick first, then the named-only ones (not yet
+    run on a GPU, so that one that breaks the CUDA context comes after the rest of the row is measured)."""
+    names = [n for n in BACKENDS if n != "torch"]
+    return [n for n in names if BACKENDS[n].auto], [n for n in names if not BACKENDS[n].auto]
+
+
 def our_backends(qp, kp, vp, plan: SparsePlan, ref: RowReference, tol: float, rep: int,
-                 pooled: PooledSegment | None = None) -> dict:
-    """Every registered backend but ``torch`` on this call: its reasons when it cannot run, else its error on the
-    reference rows and (when within ``tol``) its time; then ``auto`` (what ``choose_backend`` picks, timed
-    through the public call) and which backend was fastest."""
+                 pooled: PooledSegment | None = None, names: list[str] | None = None, auto: bool = True,
+                 res: dict | None = None) -> dict:
+    """The backends ``names`` (default: every registered one but ``torch``) on this call: each one's reasons when it
+    cannot run, else its error on the reference rows and (when within ``tol``) its time; with ``auto``, then what
+    ``choose_backend`` picks, timed through the public call. Adds to ``res`` and returns it; ``rank`` fills in
+    the fastest. Raises ``CudaBroken`` when a backend leaves the CUDA context unusable."""
     scale = 1.0 / math.sqrt(qp.shape[-1])
     inputs = AttentionInputs(qp, kp, vp, plan, scale, False, pooled)
-    res: dict[str, dict] = {}
-    for name, backend in BACKENDS.items():
-        if name == "torch":  # the reference itself: seconds at these sizes, never a contender on CUDA
-            continue
+    res = {} if res is None else res
+    for name in (sum(backend_order(), []) if names is None else names):
+        backend = BACKENDS[name]
         reasons = backend.not_supported_reasons(inputs) + backend.segment_reasons(inputs)
         if reasons:
             res[name] = {"status": "cannot run: " + "; ".join(reasons), "ms": None, "rel_err": None}
@@ -225,22 +247,35 @@ def our_backends(qp, kp, vp, plan: SparsePlan, ref: RowReference, tol: float, re
             res[name] = {"status": "ok", "ms": ms, "rel_err": err}
         except Exception as e:  # a backend that breaks is a data point; the table says how
             res[name] = {"status": _why(e), "ms": None, "rel_err": None}
-    timed = {n: r["ms"] for n, r in res.items() if r["ms"] is not None}
-    try:
-        auto = choose_backend(inputs).name
-        auto_err = ref.rel_err(block_sparse_attention(qp, kp, vp, plan, pooled=pooled))
-        auto_ms = _bench(lambda: block_sparse_attention(qp, kp, vp, plan, pooled=pooled), rep=rep) \
-            if auto_err <= tol else None
-        status = "ok" if auto_ms is not None else f"WRONG: rel err {auto_err:.3g} > {tol:g}"
-    except Exception as e:
-        auto, auto_err, auto_ms, status = None, None, None, _why(e)
-    if auto not in timed and auto_ms is not None:  # auto took a backend not timed above (torch on CPU)
-        timed[auto] = auto_ms
+            if _cuda_broken():
+                raise CudaBroken(f"backend {name!r} left the CUDA context unusable: {_why(e)}") from e
+    if auto:
+        try:
+            picked = choose_backend(inputs).name
+            auto_err = ref.rel_err(block_sparse_attention(qp, kp, vp, plan, pooled=pooled))
+            auto_ms = _bench(lambda: block_sparse_attention(qp, kp, vp, plan, pooled=pooled), rep=rep) \
+                if auto_err <= tol else None
+            status = "ok" if auto_ms is not None else f"WRONG: rel err {auto_err:.3g} > {tol:g}"
+        except Exception as e:
+            picked, auto_err, auto_ms, status = None, None, None, _why(e)
+            if _cuda_broken():
+                raise CudaBroken(f"automatic dispatch left the CUDA context unusable: {_why(e)}") from e
+        res["auto"] = {"status": status, "ms": auto_ms, "rel_err": auto_err, "backend": picked}
+    return rank(res)
+
+
+def rank(res: dict) -> dict:
+    """``res["auto"]``'s ``fastest`` (over every timed backend) and ``is_fastest`` (within 3%: timing noise)."""
+    auto = res.get("auto")
+    if auto is None:
+        return res
+    timed = {n: r["ms"] for n, r in res.items() if n != "auto" and r["ms"] is not None}
+    if auto["backend"] not in timed and auto["ms"] is not None:  # auto took a backend not timed (torch on CPU)
+        timed[auto["backend"]] = auto["ms"]
     fastest = min(timed, key=timed.get) if timed else None
-    res["auto"] = {"status": status, "ms": auto_ms, "rel_err": auto_err, "backend": auto, "fastest": fastest,
-                   # timing noise: within 3% of the fastest counts as taking the fastest
-                   "is_fastest": None if fastest is None or auto_ms is None else
-                   bool(auto == fastest or auto_ms <= 1.03 * timed[fastest])}
+    auto["fastest"] = fastest
+    auto["is_fastest"] = None if fastest is None or auto["ms"] is None else \
+        bool(auto["backend"] == fastest or auto["ms"] <= 1.03 * timed[fastest])
     return res
 
 
@@ -304,7 +339,8 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
     permute_ms = _bench(lambda: [layout.permute(t) for t in (q, k, v)] + [layout.unpermute(qp)], rep=3)
     plan = random_plan(layout, shape.heads, density, device)
     ref = RowReference(qp, kp, vp, layout, plan)
-    ours = our_backends(qp, kp, vp, plan, ref, tol, rep)
+    first, named_only = backend_order()
+    ours = our_backends(qp, kp, vp, plan, ref, tol, rep, names=first)
     flex_ms = err = None
     try:
         flex = flex_fn()
@@ -315,15 +351,16 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
         err = ref.rel_err(flex_out)
     except Exception as e:  # flex failing is a data point, not a crash
         print(f"  flex at density {density}: {_why(e)}")
+    if save is not None:
+        save({**build_row(shape, layout, q, plan, density, peers, ours, {}, dict(
+            flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=None, fa4_status="not reached", fa4_err=None,
+            sol_ms=None, sol_status="not reached", permute_ms=permute_ms)), "partial": True})
+    ours = our_backends(qp, kp, vp, plan, ref, tol, rep, names=named_only, auto=False, res=ours)
     # flash-attn-4 block-sparse on the same plan is the ``fa4`` backend (timed above with ours, its plan
     # conversion included, as a sparse call pays it): its columns repeat that entry
     fa4 = ours.get("fa4", {"status": "no fa4 backend registered", "ms": None, "rel_err": None})
     fa4_sparse_ms, fa4_err = fa4["ms"], fa4["rel_err"]
     fa4_status = "ok" if fa4["status"] == "ok" else (_peer_status("flash_attn.cute") or fa4["status"])
-    if save is not None:
-        save({**build_row(shape, layout, q, plan, density, peers, ours, {}, dict(
-            flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=fa4_sparse_ms, fa4_status=fa4_status, fa4_err=fa4_err,
-            sol_ms=None, sol_status="not reached", permute_ms=permute_ms)), "partial": True})
     sol_ms, sol_status = None, peers["peers"]["sol_attn"]
     if peers["sol"] is not None:
         try:  # its own selection, asked for our density (model order: it does its own layout)
@@ -335,9 +372,15 @@ def run_row(shape: Shape, layout: TokenLayout, q, k, v, peers: dict, density: fl
     if density < 1.0:  # the row mode's pooled segment reads the skipped blocks (none on an all-dense plan)
         try:
             seg = row_segment(qp, kp, vp, layout, plan)
-            pooled = our_backends(qp, kp, vp, plan, RowReference(qp, kp, vp, layout, plan, seg), tol, rep, seg)
+            ref_seg = RowReference(qp, kp, vp, layout, plan, seg)
+            pooled = our_backends(qp, kp, vp, plan, ref_seg, tol, rep, seg, names=first)
+            pooled = our_backends(qp, kp, vp, plan, ref_seg, tol, rep, seg, names=named_only, auto=False,
+                                  res=pooled)
+        except CudaBroken:
+            raise
         except Exception as e:
-            pooled = {"auto": {"status": _why(e), "ms": None, "rel_err": None, "backend": None}}
+            pooled = {"auto": {"status": _why(e), "ms": None, "rel_err": None, "backend": None, "fastest": None,
+                               "is_fastest": None}}
     row = build_row(shape, layout, q, plan, density, peers, ours, pooled, dict(
         flex_ms=flex_ms, flex_err=err, fa4_sparse_ms=fa4_sparse_ms, fa4_status=fa4_status, fa4_err=fa4_err,
         sol_ms=sol_ms, sol_status=sol_status, permute_ms=permute_ms))
@@ -391,13 +434,15 @@ def main(argv=None) -> int:
     cache: dict[str, tuple] = {}  # shape -> (q, k, v, dense peers): model order, the same for every packing
     packings = ["packed", "tiled"] if args.packing == "both" else [args.packing]
     path = None
+    broken = None  # set when a backend left the CUDA context unusable
+    pending: list[dict] = []  # the current row's partial save
 
     def save(done: list[dict]) -> None:
         """JSON after every row and inside a row: a stage killed at its time limit keeps what it measured."""
         nonlocal path
         if write:
-            path = write_json("attention", {"environment": environment(), "rows": done, "skipped": skipped},
-                              folder=args.out)
+            path = write_json("attention", {"environment": environment(), "rows": done, "skipped": skipped,
+                                        "stopped": broken}, folder=args.out)
 
     with torch.no_grad():
         for packing in packings:
@@ -406,7 +451,7 @@ def main(argv=None) -> int:
                                      text_tokens=shape.text, packing=packing)
                 for density in densities:
                     label = f"{shape.name} {packing} density {density}"
-                    if args.budget is not None and time.perf_counter() - started > args.budget:
+                    if broken or (args.budget is not None and time.perf_counter() - started > args.budget):
                         skipped.append(label)
                         continue
                     if shape.name not in cache:
@@ -420,11 +465,19 @@ def main(argv=None) -> int:
                     q, k, v, peers = cache[shape.name]
                     if density == densities[0]:
                         print(f"{shape.name}: {layout!r}")
-                    rows.append(run_row(shape, layout, q, k, v, peers, density, device, args.smoke, tol,
-                                        save=lambda partial: save(rows + [partial])))
+                    pending.clear()
+                    try:
+                        rows.append(run_row(shape, layout, q, k, v, peers, density, device, args.smoke, tol,
+                                            save=lambda partial: (pending.append(partial), save(rows + [partial]))))
+                    except CudaBroken as e:  # every later call would fail: keep what is measured, stop
+                        broken = f"{label}: {e}"
+                        print(f"STOPPED: {broken}", file=sys.stderr)
+                        rows.extend(pending[-1:])  # the row's partial save (ours and the flex peer), if reached
                     save(rows)
+    save(rows)  # with the rows skipped at the end
     if not rows:
-        print(f"no row measured within --budget {args.budget} s", file=sys.stderr)
+        print(f"no row measured within --budget {args.budget} s" if not broken else f"stopped early: {broken}",
+              file=sys.stderr)
         return 1
     names = [n for n in BACKENDS if n != "torch"]
     cols = ["shape", "packing", "padded_tokens", "density", *[c for c in rows[0] if c.startswith("sdpa_")],
@@ -444,8 +497,9 @@ def main(argv=None) -> int:
              if b["status"].startswith("WRONG")]
     if wrong:
         print(f"WRONG results (rel err above {tol:g} vs the fp32 reference): {wrong}", file=sys.stderr)
-        return 1
-    return 0
+    if broken:
+        print(f"stopped early: {broken}", file=sys.stderr)
+    return 1 if wrong or broken else 0
 
 
 if __name__ == "__main__":

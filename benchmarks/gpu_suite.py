@@ -245,7 +245,10 @@ def render_summary(payload: dict) -> str:
         if st["status"] not in ("ok", "skipped (needs CUDA)"):
             out += [f"{st['stage']} ({st['status']}), last lines:", "", "```", st["tail"][-1500:].strip(), "```", ""]
     res = payload.get("results", {})
-    if res.get("op"):
+    if res.get("op") and not res["op"].get("rows"):
+        out += ["## Op benchmark", "", f"No row measured; not started: {res['op'].get('skipped')}; stopped: "
+                f"{res['op'].get('stopped')}", ""]
+    elif res.get("op"):
         rows = res["op"]["rows"]
         ours = sorted({k for r in rows for k in r if k.startswith("ours_") and k.endswith("_ms") and k != "ours_ms"})
         pooled = sorted({k for r in rows for k in r if k.startswith("pooled_") and k.endswith("_ms")
@@ -275,8 +278,10 @@ def render_summary(payload: dict) -> str:
             out += [f"- {name}: " + " | ".join(sorted(map(str, st))) for name, st in sorted(statuses.items())]
             out.append("")
         out += ["Peers: " + json.dumps(rows[0].get("peers", {})), ""]
+        if res["op"].get("stopped"):
+            out += [f"**The op run stopped early**: {res['op']['stopped']}", ""]
         if res["op"].get("skipped"):
-            out += ["Rows not started (the op stage's time budget): " + ", ".join(res["op"]["skipped"]), ""]
+            out += ["Rows not started (time budget, or the stop above): " + ", ".join(res["op"]["skipped"]), ""]
     if res.get("breakdown"):
         out += ["## Sparse layer call, stage by stage (ms)", "", _md_table(res["breakdown"]["rows"], [
             "shape", "preset", "packing", "padding", "density", "permute_ms", "select_ms", "plan_ms", "epilogue_ms",

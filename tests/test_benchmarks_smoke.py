@@ -152,3 +152,30 @@ def test_targets_read_auto_and_the_fastest_backend():
     line = next(ln for ln in summary.splitlines() if ln.startswith("| Density 0.10, vs flex"))
     assert line.split("|")[3:6] == [" 1.200 ", " no ", " 1.500 "]
     assert "{0.1: ('triton', 'hopper'), 1.0: ('triton', 'hopper')}" in summary
+
+
+def test_op_stops_when_a_backend_breaks_the_cuda_context(monkeypatch, tmp_path):
+    """A named-only backend (run after the rest of the row) that leaves the CUDA context unusable (simulated) stops
+    the op run: the row's partial save stays in the JSON, the later rows are listed as skipped, exit 1."""
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import attention as att
+
+    first, named_only = att.backend_order()
+    assert "hopper" in named_only and "triton" in first  # the Hopper kernel runs after the portable one
+    real = att.block_sparse_attention
+
+    def broken(*args, backend=None, **kw):
+        if backend == "hopper":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(att, "block_sparse_attention", broken)
+    monkeypatch.setattr(att, "_cuda_broken", lambda: True)
+    assert att.main(["--smoke", "--densities", "0.5,1.0", "--out", str(tmp_path)]) == 1
+    payload = json.loads(next(tmp_path.glob("attention-*.json")).read_text())
+    assert [r.get("partial") for r in payload["rows"]] == [True]
+    row = payload["rows"][0]
+    assert row["ours_ms"] is not None and row["backends"]["hopper"]["status"].startswith("failed: RuntimeError: CUDA")
+    assert payload["skipped"] == ["smoke packed density 1.0"] and "illegal memory access" in payload["stopped"]
