@@ -77,10 +77,11 @@ def staged_call(engine: SparseAttention, q, k, v, layout, timer: _Timer) -> torc
     timer.mark("permute")
     from dit_sparse.methods.composite import _RectStats
 
-    stats = _RectStats(qp, kp, vp, layout, None) if cfg.rectification is not None else None
+    rect = cfg.rectification
+    stats = None if rect is None else _RectStats(  # as SparseAttention.__call__ builds them
+        qp, kp, vp, layout, None, outliers=rect.per_row and rect.row_keys == "outlier")
     mask = engine.build_mask(qp, kp, layout, None, stats)
     timer.mark("select")
-    rect = cfg.rectification
     if rect is not None and rect.per_row:
         timer.mark("plan")
         timer.mark("epilogue")
