@@ -20,8 +20,8 @@ from dit_sparse.methods.neighborhood import NeighborhoodConfig
 from dit_sparse.methods.pooled_rectification import PooledRectificationConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="needs a CUDA GPU and TRITON_INTERPRET=0 (CUDA graph capture of the "
-                                       "compiled Triton kernel)")
+                                reason="needs a CUDA GPU and TRITON_INTERPRET=0 (CUDA graph capture of a sparse "
+                                       "call on every compiled backend)")
 
 LAYOUT = TokenLayout(frames=4, height=16, width=24, text_tokens=40, text_position="after", tile=(1, 8, 8))
 CONFIGS = {
