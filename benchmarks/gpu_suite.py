@@ -15,9 +15,11 @@ Stages (each under its own time limit; a failing or timed-out stage is recorded 
 3. ``breakdown``  — ``benchmarks/layer_breakdown.py``: one sparse layer call split into plan / permute / kernel /
    epilogue / unpermute with CUDA events, and the share of the call outside the kernel;
 4. ``end_to_end`` — ``benchmarks/end_to_end.py``: denoising-step speedup per preset against diffusers' masked
-   dense step and against the best unmasked SDPA, and the share of the Amdahl limit.
+   dense step and against the best unmasked SDPA, and the share of the Amdahl limit;
+5. ``pooled_cost`` — ``benchmarks/pooled_cost.py``: plain sparse vs block rectification vs the fused row segment
+   (``row_keys`` mean / outlier) at density 0.1, HunyuanVideo 720p and Wan 480p (issue 14's <= 5% cost target).
 
-Stages 2-4 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
+Stages 2-5 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
 shapes, the later stages reuse it. Writes into OUT (3 files, so that all come back from a device run):
 ``gpu_suite.json`` (every stage's status, log tail and the benchmarks' full JSON), ``summary.md`` (tables and the
 issue's targets, each marked measured or not) and ``suite.log`` (all output).
@@ -88,9 +90,11 @@ STAGES = {
     "tests": (100, [[*PYTEST, "{xdist}", "-m", "gpu", "tests/test_kernels", "{gpu_files}"],
                     [*PYTEST, "{xdist}", "-m", "not gpu", "tests/test_kernels"]]),
     # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
-    "op": (220, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "165", "--out", "{raw}"]]),
+    "op": (185, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "130", "--out", "{raw}"]]),
     "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
     "end_to_end": (100, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
+    # issue 14's cost target: plain sparse vs block and the fused row segment at density 0.1 (two op shapes)
+    "pooled_cost": (35, [[sys.executable, "benchmarks/pooled_cost.py", "{raw}"]]),
 }
 SMOKE = {
     "tests": (0, []),
@@ -98,11 +102,12 @@ SMOKE = {
                   "--out", "{raw}"]]),
     "breakdown": (300, [[sys.executable, "benchmarks/layer_breakdown.py", "--smoke", "--out", "{raw}"]]),
     "end_to_end": (300, [[sys.executable, "benchmarks/end_to_end.py", "--smoke", "--out", "{raw}"]]),
+    "pooled_cost": (300, [[sys.executable, "benchmarks/pooled_cost.py", "--smoke"]]),
 }
 #: stages whose processes share Triton's autotuning results through its on-disk cache (the op stage tunes at
 #: model shapes, the later stages reuse its choice instead of tuning again). Not the tests: they must not leave
 #: a choice tuned on small test shapes for the benchmarks.
-AUTOTUNE_CACHE_STAGES = ("op", "breakdown", "end_to_end")
+AUTOTUNE_CACHE_STAGES = ("op", "breakdown", "end_to_end", "pooled_cost")
 #: the issue's targets: (label, how it is read from the results, threshold, direction)
 TARGETS = [
     ("All-dense plan, vs cuDNN SDPA", "dense_vs_cudnn", 0.85),
@@ -290,6 +295,10 @@ def render_summary(payload: dict) -> str:
         out += ["## Denoising step", "", _md_table(res["end_to_end"]["rows"], [
             "model", "preset", "tokens", "padded_tokens", "attention_share", "density", "step_speedup",
             "step_speedup_vs_unmasked", "best_unmasked_backend", "amdahl_limit", "of_limit"]), ""]
+    if res.get("pooled_cost"):
+        out += ["## Fused pooled segment cost at density 0.1 (issue 14 target: row mode <= 5% over plain sparse)",
+                "", _md_table(res["pooled_cost"]["rows"], ["shape", "tokens", "density", "variant", "kernel_ms",
+                                                           "kernel_overhead_pct", "build_ms"]), ""]
     got = {key: None for _, key, _ in TARGETS} if payload.get("smoke") else targets(res)
     best = {key: None for _, key, _ in TARGETS} if payload.get("smoke") else targets(res, best=True)
     names = {}
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
         raw = Path(tmp)
         results = [run_stage(s, *table[s], raw, log, env) for s in stages]
         loaded = {"op": _load(raw, "attention"), "breakdown": _load(raw, "layer_breakdown"),
-                  "end_to_end": _load(raw, "end_to_end")}
+                  "end_to_end": _load(raw, "end_to_end"), "pooled_cost": _load(raw, "pooled-cost")}
     payload = {"environment": environment(), "smoke": args.smoke, "seconds": round(time.perf_counter() - started, 1),
                "stages": results, "results": {k: v for k, v in loaded.items() if v is not None}}
     payload["targets"] = {} if args.smoke else targets(payload["results"])  # smoke numbers measure nothing

@@ -43,7 +43,7 @@ def test_help(script):
 def test_gpu_suite_dry_run_lists_every_stage_within_8_minutes():
     res = run("benchmarks/gpu_suite.py", "unused_out", "--dry-run")
     assert res.returncode == 0, res.stderr[-2000:]
-    for stage in ("tests", "op", "breakdown", "end_to_end"):
+    for stage in ("tests", "op", "breakdown", "end_to_end", "pooled_cost"):
         assert f"[{stage}," in res.stdout
     tests_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[tests,"))
     # the compiled kernel tests, the per-backend reference test and the CUDA-graph test, skip reasons shown
@@ -66,7 +66,8 @@ def test_gpu_suite_smoke_writes_json_and_summary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "suite.log", "summary.md"]
     payload = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert [(s["stage"], s["status"]) for s in payload["stages"]] == [
-        ("tests", "skipped (needs CUDA)"), ("op", "ok"), ("breakdown", "ok"), ("end_to_end", "ok")]
+        ("tests", "skipped (needs CUDA)"), ("op", "ok"), ("breakdown", "ok"), ("end_to_end", "ok"),
+        ("pooled_cost", "ok")]
     op = payload["results"]["op"]["rows"]
     from dit_sparse.backends import BACKENDS
 
