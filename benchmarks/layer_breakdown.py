@@ -76,11 +76,13 @@ def staged_call(engine: SparseAttention, q, k, v, layout, timer: _Timer) -> torc
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     timer.mark("permute")
     from dit_sparse.methods.composite import _RectStats
+    from dit_sparse.methods.pooled_rectification import row_outlier_count
 
-    stats = _RectStats(qp, kp, vp, layout, None) if cfg.rectification is not None else None
+    rect = cfg.rectification
+    stats = None if rect is None else _RectStats(  # as SparseAttention.__call__ builds them
+        qp, kp, vp, layout, None, outliers=row_outlier_count(rect))
     mask = engine.build_mask(qp, kp, layout, None, stats)
     timer.mark("select")
-    rect = cfg.rectification
     if rect is not None and rect.per_row:
         timer.mark("plan")
         timer.mark("epilogue")

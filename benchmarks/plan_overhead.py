@@ -7,11 +7,19 @@ Target on H100: plan building <= 3% of dense attention at HunyuanVideo 720p.
 
     python benchmarks/plan_overhead.py            # needs a CUDA GPU
     python benchmarks/plan_overhead.py --smoke    # CPU dry run on a tiny shape
+    python benchmarks/plan_overhead.py --selection [--shapes hunyuan-720p] [--device cpu]
+
+``--selection``: rectification's block selection alone on float32 probability rows ``[1, H, Nv, Nv + 1]`` (random
+softmax rows) at each shape's block grid: the full-row sort (``select_sorted_reference``, the implementation
+before, with the same forced-block assembly) against ``select_critical_blocks`` (``torch.topk`` over
+``selection_width`` candidates), both without neighbours or first-frame blocks, masks checked equal. Runs on
+any device (CPU allowed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,9 +37,11 @@ from dit_sparse.methods import (  # noqa: E402
     neighborhood_plan,
     rectified_plan,
 )
-from dit_sparse.methods.base import pool_blocks  # noqa: E402
+from dit_sparse.methods.base import forced_mask, pool_blocks  # noqa: E402
 from dit_sparse.methods.neighborhood import _cached_mask, _cached_plan  # noqa: E402
+from dit_sparse.methods.pooled_rectification import select_critical_blocks, selection_width  # noqa: E402
 from dit_sparse.methods.temporal_reuse import pooled_query_drift  # noqa: E402
+from dit_sparse.reference.rectification import select_sorted_reference  # noqa: E402
 
 
 def best_dense_ms(q, k, v) -> float:
@@ -84,11 +94,55 @@ def run_shape(shape: Shape, device, dtype, rep: int) -> dict:
     return row
 
 
+def run_selection(shape: Shape, device, rep: int, cfg: PooledRectificationConfig) -> dict:
+    layout = TokenLayout(frames=shape.frames, height=shape.height, width=shape.width, text_tokens=shape.text)
+    nv = layout.num_video_blocks
+    g = torch.Generator(device=device).manual_seed(0)
+    pt = torch.softmax(torch.randn(1, shape.heads, nv, nv + 1, generator=g, device=device) * 2.0, -1)
+    top_k = cfg.top_k(nv)
+    width = selection_width(nv + 1, top_k, cfg.top_p)
+    bare = dataclasses.replace(cfg, neighbours=False, first_frame_dense=False)  # the ranked blocks only
+    if not torch.equal(select_critical_blocks(pt, layout, bare)[..., :nv, :nv],
+                       select_sorted_reference(pt, nv, top_k, cfg.top_p)):
+        raise SystemExit(f"{shape.name}: the top-k selection differs from the full sort")
+    n = layout.num_blocks
+
+    def full_sort():  # the implementation before: full-row sort, then the same mask assembly (no neighbours)
+        mask = forced_mask(layout, diagonal=False, device=device).expand(*pt.shape[:2], n, n).clone()
+        mask[..., :nv, :nv] |= select_sorted_reference(pt, nv, top_k, cfg.top_p)
+        return mask
+
+    if not torch.equal(full_sort(), select_critical_blocks(pt, layout, bare)):
+        raise SystemExit(f"{shape.name}: the assembled full-sort mask differs")
+    sort_ms = bench(full_sort, warmup=1, rep=rep)
+    bare_ms = bench(lambda: select_critical_blocks(pt, layout, bare), warmup=1, rep=rep)
+    row = {"shape": shape.name, "device": str(device), "heads": shape.heads, "video_blocks": nv,
+           "candidates": width, "full_sort_ms": sort_ms, "topk_ms": bare_ms, "speedup": sort_ms / bare_ms}
+    print(f"{shape.name}: {shape.heads} heads x {nv} query blocks x {nv + 1} entries, {width} candidates; "
+          f"full sort {sort_ms:.1f} ms, topk {bare_ms:.1f} ms ({sort_ms / bare_ms:.2f}x)")
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="hunyuan-720p,wan2.1-480p,wan2.1-720p")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on a tiny shape (no numbers worth reporting)")
+    ap.add_argument("--selection", action="store_true",
+                    help="time rectification's block selection only: full sort vs topk (any device)")
+    ap.add_argument("--device", default=None, help="--selection: device (default: cuda if available, else cpu)")
+    ap.add_argument("--sparsity", type=float, default=0.8, help="--selection: PooledRectificationConfig sparsity")
+    ap.add_argument("--top-p", type=float, default=0.3, help="--selection: PooledRectificationConfig top_p")
     args = ap.parse_args(argv)
+    if args.selection:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        names = "hunyuan-720p" if args.shapes == ap.get_default("shapes") else args.shapes
+        shapes = [Shape("smoke", 4, 16, 32, 2, text=20)] if args.smoke else [SHAPES[s] for s in names.split(",")]
+        cfg = PooledRectificationConfig(sparsity=args.sparsity, top_p=args.top_p)
+        with torch.no_grad():
+            rows = [run_selection(s, device, 2 if args.smoke else 3, cfg) for s in shapes]
+        print()
+        print_table(rows, ["shape", "device", "video_blocks", "candidates", "full_sort_ms", "topk_ms", "speedup"])
+        return 0
     if args.smoke:
         shapes, device, dtype, rep = [Shape("smoke", 4, 16, 32, 2, text=20, head_dim=64)], "cpu", torch.float32, 2
     else:

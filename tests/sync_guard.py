@@ -4,14 +4,26 @@ On CPU nothing actually waits, but the same ATen calls are what make CUDA wait: 
 (``_local_scalar_dense``: ``.item()``, ``int(t)``, ``float(t)``, ``bool(t)`` in an ``if``), ``nonzero`` and what
 calls it (boolean-mask indexing, ``masked_select``), data-dependent output sizes (``unique``,
 ``repeat_interleave`` with a tensor of repeats and no ``output_size``), and ``equal``.
+
+Some reads never reach the dispatcher on CPU: ``.tolist()``, ``.numpy()`` and ``.cpu()`` copy a CUDA tensor to the
+host (a sync there) but are no-ops or direct memory reads on a CPU tensor. A ``TorchFunctionMode`` records those
+calls by name, whatever the device (on the per-layer path a ``.cpu()`` of a CPU tensor is just as suspect).
+
+Documented host reads are allowed two ways, and kept (with their reason) in ``rec.allowed`` instead of failing:
+
+* ``no_host_sync(..., allow=(dit_sparse.context.host_read,))``: every sync made inside a call of one of these
+  functions (found on the stack; the reason is that call's ``why`` argument);
+* ``with rec.allow(reason):`` around a body.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -34,25 +46,80 @@ def _is_sync(func, args, kwargs) -> bool:
     return False
 
 
+#: tensor methods that copy to the host on CUDA but dispatch nothing (or a no-op) on a CPU tensor
+HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+def _where() -> str:
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if "site-packages" not in f.filename and "/lib/python" not in f.filename]
+    return "".join(traceback.format_list(frames[-6:]))
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, allow=()):
         super().__init__()
         self.hits: list[str] = []
+        self.allowed: list[str] = []
+        self.paused = 0
+        self._allow_codes = {fn.__code__ for fn in allow}
+
+    def _allowed_by(self) -> str | None:
+        """The ``why`` of the innermost allowed function on the stack, or None."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_code in self._allow_codes:
+                return str(frame.f_locals.get("why", frame.f_code.co_name))
+            frame = frame.f_back
+        return None
+
+    def record(self, what: str) -> None:
+        if self.paused:
+            return
+        why = self._allowed_by() if self._allow_codes else None
+        if why is not None:
+            self.allowed.append(why)
+        else:
+            self.hits.append(f"{what}\n" + _where())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_sync(func, args, kwargs):
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if "site-packages" not in f.filename and "/lib/python" not in f.filename]
-            self.hits.append(f"{func}\n" + "".join(traceback.format_list(frames[-6:])))
+            self.record(str(func))
         return func(*args, **kwargs)
 
 
+class _HostReads(TorchFunctionMode):
+    def __init__(self, rec: _Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.rec.record(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def no_host_sync(what: str = "the call"):
-    """Fail (AssertionError naming each op and where it came from) if the body runs an op that syncs."""
-    rec = _Recorder()
-    with rec:
+def no_host_sync(what: str = "the call", allow=()):
+    """Fail (AssertionError naming each op and where it came from) if the body runs an op that syncs.
+
+    Yields the recorder; syncs inside a call of a function in ``allow``, or in a ``rec.allow(reason)`` body, are
+    documented reads: kept in ``rec.allowed`` (their reasons), not failures.
+    """
+    rec = _Recorder(allow)
+
+    @contextlib.contextmanager
+    def allow(reason: str):
+        rec.allowed.append(reason)
+        rec.paused += 1
+        try:
+            yield
+        finally:
+            rec.paused -= 1
+
+    rec.allow = allow
+    with rec, _HostReads(rec):
         yield rec
     if rec.hits:
         raise AssertionError(f"{what} forced {len(rec.hits)} device-to-host sync(s); first ones:\n\n"

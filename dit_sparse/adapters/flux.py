@@ -18,6 +18,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
+from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase
 
 
@@ -93,25 +94,37 @@ class FluxSparseAttnProcessor(SparseProcessorBase):
 
 
 def image_grid(module, args, kwargs):
-    """``(1, rows, cols)`` from ``img_ids``, when they are the row-major grid of the packed latent; else None."""
+    """``(1, rows, cols)`` from ``img_ids``, when they are the row-major grid of the packed latent; else None.
+
+    The check reads the ids on the host (a sync): once per ``img_ids`` tensor (:func:`~dit_sparse.context.host_memo`;
+    a pipeline passes the same tensor at every step, so once per generation), as one read.
+    """
     ids = kwargs.get("img_ids")
     hs = kwargs.get("hidden_states", args[0] if args else None)
     if ids is None or hs is None or not torch.is_tensor(ids) or hs.ndim != 3:
         return None
     if ids.ndim == 3:  # deprecated batched ids (the model itself takes [0])
-        ids = ids[0]
+        ids3, ids = ids, ids[0]
+    else:
+        ids3 = ids
     n = ids.shape[0]
     if ids.ndim != 2 or ids.shape[1] < 3 or n == 0 or n != hs.shape[1]:
         return None
-    rows, cols = ids[:, 1], ids[:, 2]
-    lo_r, hi_r, lo_c, hi_c = torch.stack([rows.min(), rows.max(), cols.min(), cols.max()]).tolist()
-    if lo_r != 0 or lo_c != 0 or hi_r != int(hi_r) or hi_c != int(hi_c):
-        return None
-    h, w = int(hi_r) + 1, int(hi_c) + 1
-    if h * w != n:
-        return None
-    # exactly row-major: token i sits at (i // w, i % w)
-    if not torch.equal((rows * w + cols).to(torch.int64), torch.arange(n, device=ids.device)):
+    return host_memo("the grid decides the layout: read from img_ids", ids3, (ids3.ndim, n),
+                     lambda: _row_major_grid(ids[:, 1], ids[:, 2]))
+
+
+def _row_major_grid(rows: torch.Tensor, cols: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(1, h, w)`` when the ids ``(rows, cols)`` are integers placing token ``i`` at ``(i // w, i % w)``; else None.
+    One host read."""
+    n = rows.shape[0]
+    r, c = rows.to(torch.int64), cols.to(torch.int64)  # ids may be bf16: compare as integers, not in their dtype
+    integral = (rows == r).all() & (cols == c).all()
+    lo_r, hi_r, lo_c, hi_c = r.min(), r.max(), c.min(), c.max()
+    row_major = (r * (hi_c + 1) + c == torch.arange(n, device=r.device)).all()
+    ok, lo_r, hi_r, lo_c, hi_c = torch.stack([integral & row_major, lo_r, hi_r, lo_c, hi_c]).tolist()
+    h, w = hi_r + 1, hi_c + 1
+    if not ok or lo_r != 0 or lo_c != 0 or h * w != n:
         return None
     return (1, h, w)
 

@@ -22,11 +22,10 @@ The transformer passes a bool key-padding mask ``[B, 1, 1, N]`` (True = attend):
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase, project_heads, project_out_text_last
 
 __all__ = ["HunyuanVideoSparseAttnProcessor", "valid_prefix_length", "SPEC"]
@@ -53,10 +52,15 @@ def valid_prefix_length(mask: torch.Tensor | None, batch: int, tokens: int, min_
     m = mask[:, 0, 0, :]
     counts = m.sum(-1)
     prefix = torch.arange(tokens, device=m.device)[None, :] < counts[:, None]
+    # the count decides the shapes of the sparse call: one host read (a sync on CUDA)
     n, is_prefix, same = torch.stack([counts[0], (m == prefix).all(), (counts == counts[0]).all()]).tolist()
     if not (is_prefix and same) or n < min_valid:
         return None
     return int(n)
+
+
+#: why the key-padding mask is read on the host (:func:`dit_sparse.context.host_memo`)
+MASK_READ = "the valid-text count of the key-padding mask decides the sparse call's shapes"
 
 
 class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
@@ -66,16 +70,13 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
     """
 
     def _valid_length(self, mask: torch.Tensor | None, batch: int, tokens: int, n_video: int) -> int | None:
-        """:func:`valid_prefix_length`, analysed once per mask tensor (all blocks of a forward share it)."""
+        """:func:`valid_prefix_length`, read on the host once per mask tensor
+        (:func:`~dit_sparse.context.host_memo`): the transformer builds the mask once per forward, so its first
+        sparse layer reads it and every other layer of that forward reuses the count (no sync)."""
         if mask is None:
             return tokens
-        key = (mask._version, batch, tokens, n_video)
-        cached = getattr(self.runtime, "_hunyuan_mask_cache", None)
-        if cached is not None and cached[0]() is mask and cached[1] == key:
-            return cached[2]
-        n = valid_prefix_length(mask, batch, tokens, n_video)
-        self.runtime._hunyuan_mask_cache = (weakref.ref(mask), key, n)
-        return n
+        return host_memo(MASK_READ, mask, (batch, tokens, n_video),
+                         lambda: valid_prefix_length(mask, batch, tokens, n_video))
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,

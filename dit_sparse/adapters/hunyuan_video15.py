@@ -20,14 +20,13 @@ for this model (``enable_parallelism`` refuses it upstream).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..context import host_memo
 from .base import AdapterSpec, project_heads, project_out_text_last
-from .hunyuan_video import HunyuanVideoSparseAttnProcessor, valid_prefix_length
+from .hunyuan_video import MASK_READ, HunyuanVideoSparseAttnProcessor, valid_prefix_length
 from .hunyuan_video import _grid as hunyuan_grid
 
 __all__ = ["HunyuanVideo15SparseAttnProcessor", "SPEC"]
@@ -45,14 +44,9 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
         """Common valid prefix of ``[video, text]`` from the ``[B, text]`` mask (cached per mask tensor)."""
         if mask is None or mask.ndim != 2:
             return None
-        key = (mask._version, batch, tokens, n_video)
-        cached = getattr(self.runtime, "_hunyuan15_mask_cache", None)
-        if cached is not None and cached[0]() is mask and cached[1] == key:
-            return cached[2]
-        m = _joint_key_mask(mask, tokens)
-        n = valid_prefix_length(m[:, None, None, :], batch, tokens, n_video)
-        self.runtime._hunyuan15_mask_cache = (weakref.ref(mask), key, n)
-        return n
+        return host_memo(MASK_READ, mask, (batch, tokens, n_video),
+                         lambda: valid_prefix_length(_joint_key_mask(mask, tokens)[:, None, None, :], batch, tokens,
+                                                     n_video))
 
     def stock_attention(self, query, key, value, attn_mask=None):
         """The stock attention call for the LAST ``query.shape[1]`` query rows (all rows: the stock call itself);

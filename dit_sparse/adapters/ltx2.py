@@ -30,6 +30,7 @@ import inspect
 import torch
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
+from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase
 
 __all__ = ["LTX2SparseAttnProcessor", "SPEC"]
@@ -61,8 +62,9 @@ class LTX2SparseAttnProcessor(SparseProcessorBase):
             gate_logits = attn.to_gate_logits(hidden_states)
 
         value = attn.to_v(encoder_hidden_states)
-        if all_perturbed is None:
-            all_perturbed = torch.all(perturbation_mask == 0) if perturbation_mask is not None else False
+        if all_perturbed is None and perturbation_mask is not None:  # stock reads it per call; here once per mask
+            all_perturbed = host_memo("an all-perturbed batch skips the attention (stock decides on the host)",
+                                      perturbation_mask, None, lambda: bool(torch.all(perturbation_mask == 0)))
 
         if all_perturbed:
             # Skip attention, use the value projection value
@@ -136,8 +138,14 @@ def _grid(module, args, kwargs):
     coords = a.get("video_coords")
     if coords is not None:
         fps = a.get("fps", 24.0)
-        default = rope.prepare_video_coords(hs.shape[0], f, h, w, coords.device, fps=fps)
-        if coords.shape != default.shape or not torch.equal(coords, default.to(coords.dtype)):
+
+        def is_default() -> bool:
+            default = rope.prepare_video_coords(hs.shape[0], f, h, w, coords.device, fps=fps)
+            return coords.shape == default.shape and torch.equal(coords, default.to(coords.dtype))
+
+        # one host read per coords tensor (a pipeline passes the same one at every step)
+        if not host_memo("the grid decides the layout: video_coords must be the default ones", coords,
+                         (hs.shape[0], f, h, w, fps), is_default):
             return None
     return grid
 

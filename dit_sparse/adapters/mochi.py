@@ -3,7 +3,8 @@
 Every block's ``attn1`` (``MochiAttention`` with ``MochiAttnProcessor2_0``) is joint attention with separate
 (asymmetric: narrower) text weights ``add_*_proj``; the last block is ``context_pre_only`` (no ``to_add_out``). The
 stock processor loops over the batch: for each sample it keeps only the text tokens its ``[B, text]`` mask marks
-valid (any pattern, gathered with ``nonzero``), attends over ``[video, valid text]`` with plain SDPA and pads the
+valid (any pattern, gathered with ``nonzero`` in every call; here read once per mask tensor, so once per
+generation: :func:`~dit_sparse.context.host_memo`), attends over ``[video, valid text]`` with plain SDPA and pads the
 rest with zeros. This processor does the same loop with the SDPA call swapped for :meth:`attend`, so text position
 and masks are exact by construction: text = the sample's valid tokens, after the video.
 
@@ -23,6 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase, project_heads
 
 __all__ = ["MochiSparseAttnProcessor", "SPEC"]
@@ -62,10 +64,12 @@ class MochiSparseAttnProcessor(SparseProcessorBase):
         total_length = sequence_length + encoder_sequence_length
 
         batch_size = query.shape[0]
+        valid_indices = host_memo(
+            "the valid text tokens of each sample decide the sparse call's shapes", attention_mask, batch_size,
+            lambda: _valid_text_indices(attention_mask, batch_size))
         attn_outputs = []
         for idx in range(batch_size):
-            mask = attention_mask[idx][None, :]
-            valid_prompt_token_indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+            valid_prompt_token_indices = valid_indices[idx]
 
             valid_encoder_query = encoder_query[idx : idx + 1, :, valid_prompt_token_indices, :]
             valid_encoder_key = encoder_key[idx : idx + 1, :, valid_prompt_token_indices, :]
@@ -122,6 +126,16 @@ class MochiSparseAttnProcessor(SparseProcessorBase):
             yield
         finally:
             ctx.branch = branch
+
+
+def _valid_text_indices(attention_mask: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Per sample, the indices of the nonzero entries of its text mask (what the stock processor gets from
+    ``nonzero`` in every call), with one host read (the counts) for the whole batch: a stable sort puts each
+    sample's valid positions first, in increasing order."""
+    valid = attention_mask.reshape(attention_mask.shape[0], -1) != 0
+    counts = valid.sum(-1).tolist()  # the one read (a sync on CUDA)
+    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+    return [order[i, :counts[i]] for i in range(batch_size)]
 
 
 def _grid(module, args, kwargs):

@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from ..context import host_memo, host_read
 from .base import AdapterSpec, SparseProcessorBase, project_heads
+
+_MASK_READ = "the valid-text count of the text mask decides the sparse call's shapes"
 
 
 def valid_text_prefix(mask: torch.Tensor, n_text: int) -> int | None:
@@ -29,13 +32,13 @@ def valid_text_prefix(mask: torch.Tensor, n_text: int) -> int | None:
     if mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         return None
     keys = mask[:, 0, 0]
-    if not bool(keys[:, n_text:].all()):
-        return None
     n = keys[:, :n_text].sum(-1)
-    if not bool((n == n[0]).all()):
-        return None
-    n = int(n[0])
-    return n if bool(keys[:, :n].all()) else None
+    prefix = torch.arange(keys.shape[1], device=keys.device)[None, :] < n[:, None]
+    text_prefix = (keys[:, :n_text] == prefix[:, :n_text]).all()
+    # the count decides the sparse call's shapes: one host read (a sync on CUDA)
+    image_on, same, is_prefix, n0 = torch.stack([keys[:, n_text:].all(), (n == n[0]).all(), text_prefix,
+                                                 n[0]]).tolist()
+    return int(n0) if image_on and same and is_prefix else None
 
 
 class QwenImageSparseAttnProcessor(SparseProcessorBase):
@@ -50,6 +53,7 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
         if attention_mask is not None:
             raise ValueError("QwenDoubleStreamAttnProcessor2_0 does not accept an external attention_mask. "
                              "Pass encoder_hidden_states_mask to let the processor build the joint mask.")
+        text_mask = encoder_hidden_states_mask
         if encoder_hidden_states_mask is not None:
             image_mask = torch.ones((hidden_states.shape[0], hidden_states.shape[1]), dtype=torch.bool,
                                     device=hidden_states.device)
@@ -69,7 +73,7 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
 
-        joint_hidden_states = self._attention(joint_query, joint_key, joint_value, attention_mask, seq_txt)
+        joint_hidden_states = self._attention(joint_query, joint_key, joint_value, attention_mask, seq_txt, text_mask)
         joint_hidden_states = joint_hidden_states.flatten(2, 3)
         joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
 
@@ -81,12 +85,22 @@ class QwenImageSparseAttnProcessor(SparseProcessorBase):
         txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
         return img_attn_output, txt_attn_output
 
-    def _attention(self, query, key, value, attention_mask, seq_txt: int) -> torch.Tensor:
-        """The stock attention call, or sparse attention on ``[valid text, image]`` (see the module docstring)."""
+    def _attention(self, query, key, value, attention_mask, seq_txt: int, text_mask=None) -> torch.Tensor:
+        """The stock attention call, or sparse attention on ``[valid text, image]`` (see the module docstring).
+
+        The valid-text count is read on the host once per ``text_mask`` tensor (the forward's
+        ``encoder_hidden_states_mask``, which every block gets): the first sparse layer of a forward reads it, the
+        others reuse it (:func:`~dit_sparse.context.host_memo`)."""
         if attention_mask is None:
             return self.attend(query, key, value, text_tokens=seq_txt,
                                dense=lambda: self.stock_attention(query, key, value))
-        n = None if self._parallel_config is not None else valid_text_prefix(attention_mask, seq_txt)
+        if self._parallel_config is not None:
+            n = None
+        elif text_mask is None:
+            n = host_read(_MASK_READ, lambda: valid_text_prefix(attention_mask, seq_txt))
+        else:  # the joint mask is [text_mask, ones]: a function of text_mask and the shapes
+            n = host_memo(_MASK_READ, text_mask, (tuple(attention_mask.shape), seq_txt),
+                          lambda: valid_text_prefix(attention_mask, seq_txt))
         if n is None:  # a mask that is not one common valid text prefix (or sharded): the stock call
             self.runtime.calls["dense"] += 1
             return self.stock_attention(query, key, value, attention_mask)

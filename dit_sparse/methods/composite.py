@@ -52,7 +52,7 @@ from .pooled_rectification import (
 )
 from .temporal_reuse import ReuseCache, TemporalReuseConfig, reuse_attention
 
-__all__ = ["DensePolicy", "SparseAttentionConfig", "SparseAttention", "dense_attention"]
+__all__ = ["DensePolicy", "SparseAttentionConfig", "SparseAttention", "dense_attention", "plan_row_bound"]
 
 
 def _is_int(v) -> bool:
@@ -238,6 +238,37 @@ def _head_rows(dense_heads: tuple[int, ...], heads: int, device: str) -> torch.T
     return torch.isin(torch.arange(heads), torch.tensor(dense_heads)).to(device)
 
 
+@tensor_cache(maxsize=64)
+def plan_row_bound(config: SparseAttentionConfig, layout: TokenLayout, dense_heads: tuple[int, ...]) -> int:
+    """Most key blocks any plan row of ``config`` can read on ``layout``, from the config and the layout alone.
+
+    A bound known without the data lets a cached plan keep only that many columns of ``kv_indices`` (temporal
+    reuse; :attr:`SparsePlan.kv_indices` may be narrower than ``Mk``). ``Mk`` (no bound) when a row can read
+    everything or its count depends on the data: text query rows (dense), ``dense_heads`` in the call, draft
+    ``head_global``, rectification as the selector (its top-p count, and rows short of ``top_p``). Otherwise the
+    draft rows' ``max(budget, forced video blocks)`` (``row_topk`` and ``row_topp`` keep at most the budget
+    beyond their forced blocks) plus the widest neighbourhood row. Computed on the host once per (config,
+    layout): the forced and window masks are static.
+    """
+    from .draft_attention import forced_draft_mask, row_budget
+
+    n, nv = layout.num_blocks, layout.num_video_blocks
+    if layout.num_text_blocks or dense_heads or config.dense.force_dense:
+        return n
+    if config.draft is None and config.neighborhood is None:  # rectification selects: data-dependent counts
+        return n
+    total = 0
+    draft = config.draft
+    if draft is not None:
+        if draft.selection == "head_global":
+            return n
+        forced = int(forced_draft_mask(layout, draft)[:nv, :nv].sum(-1).max())
+        total += max(row_budget(nv, draft.sparsity, draft.k_min), forced)
+    if config.neighborhood is not None:
+        total += int(neighborhood_mask(layout, config.neighborhood)[..., :nv, :].sum(-1).max())
+    return max(1, min(n, total))
+
+
 class _RectStats:
     """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
 
@@ -351,9 +382,12 @@ class SparseAttention:
             if cfg.rectification is not None and cfg.rectification.per_row:
                 def segment(plan: SparsePlan) -> PooledSegment:  # fresh pooled keys each step, reused plan
                     return pooled_segment(layout, plan.to_dense(), cfg.rectification, stats=stats()[0])
+            dense_heads = tuple(sorted(h for h in cfg.dense.dense_heads
+                                       if head_offset <= h < head_offset + query.shape[2]))
             out = reuse_attention(qp, kp, vp, layout, step=0 if step is None else step, state=state,
                                   config=cfg.reuse, build_mask=build, scale=scale, backend=cfg.backend,
-                                  epilogue=epilogue, segment=segment)
+                                  epilogue=epilogue, segment=segment,
+                                  plan_width=plan_row_bound(cfg, layout, dense_heads))
             if state.mask is not None:
                 self._densities[layer] = state.mask
         else:

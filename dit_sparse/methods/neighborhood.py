@@ -370,6 +370,15 @@ def neighborhood_token_mask(layout: TokenLayout, config: NeighborhoodConfig,
 
 
 # ---------------------------------------------------------------------------------------------- attention
+@tensor_cache(maxsize=64)
+def _video_row_width(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> int:
+    """Most key blocks of a video query block row of the (cached, static) plan, at least 1: the gather width of
+    :func:`neighborhood_attention_exact`. A function of the layout and the window only, so it is read on the host
+    once per (layout, window, device) and never again (no sync per call)."""
+    plan = _cached_plan(layout, config, device)
+    return max(int(plan.kv_num_blocks[0, :, : layout.num_video_blocks].max()), 1)
+
+
 def neighborhood_attention_exact(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  layout: TokenLayout, config: NeighborhoodConfig, *, scale: float | None = None,
                                  return_lse: bool = False):
@@ -411,7 +420,7 @@ def neighborhood_attention_exact(query: torch.Tensor, key: torch.Tensor, value: 
 
     plan = neighborhood_plan(layout, config, device)
     num = plan.kv_num_blocks[0, :, :nv].long()  # [Hw, Nv]
-    width = max(int(num.max()), 1)
+    width = _video_row_width(layout, config, str(torch.device(device)))
     idx = plan.kv_indices[0, :, :nv, :width].long()  # [Hw, Nv, K]
     live = torch.arange(width, device=device) < num.unsqueeze(-1)
     idx = torch.where(live, idx, torch.zeros_like(idx))

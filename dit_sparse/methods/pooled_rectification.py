@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._env import checks_enabled
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
@@ -360,6 +361,18 @@ def _sortable_keys(p_tilde: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | rev
 
 
+#: how far below 1 a row's mass may fall and still have its top-p count inside :func:`selection_width` (float32
+#: rows of a softmax sum to 1 within ~1e-6)
+MASS_SLACK = 1e-3
+
+
+def selection_width(ncol: int, top_k: int, top_p: float) -> int:
+    """Candidates ranked per row by :func:`select_critical_blocks`: the top-k floor plus one (the text column may
+    rank among them), and the top-p count of a row of mass >= ``1 / (1 + MASS_SLACK)``, plus one for round-off."""
+    top_p_count = math.floor(top_p * ncol * (1 + MASS_SLACK)) + 2
+    return min(ncol, max(top_k + 1, top_p_count))
+
+
 def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
                            config: PooledRectificationConfig) -> torch.Tensor:
     """Critical-block selection (§4.4) from ``P̃`` -> bool block mask ``[B, H, N, N]``.
@@ -375,11 +388,18 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     rule (``config.first_frame_dense``), all text columns and dense text rows. The diagonal is not forced beyond
     that.
 
-    Sorts every row in full (the keys are unique, so the order is exact): no width that depends on the data, so
-    no device sync.
+    Ranks only the ``W = selection_width(Nv + 1, top_k, top_p)`` leading entries of each row (``torch.topk`` on
+    unique keys: the same order as a full sort, exact ties included). ``W`` depends on the config and the grid
+    only, never on the values (no device sync): it covers the top-k floor, and the top-p count of any row whose
+    mass is at least ``1 / (1 + MASS_SLACK)`` (the leading ``n`` entries of a row hold at least ``n / (Nv + 1)``
+    of its mass, so such a row reaches ``top_p`` within ``floor(top_p (Nv + 1) (1 + MASS_SLACK)) + 1`` entries).
+    :func:`ipar_probabilities` rows sum to 1, so the result equals the full-sort ranking
+    (:func:`dit_sparse.reference.rectification.select_sorted_reference`). A row with less mass that does not
+    reach ``top_p`` within ``W`` entries keeps every video block (a superset); ``DIT_SPARSE_CHECKS=1`` raises
+    instead.
 
     Args:
-        p_tilde (`torch.Tensor`, float32 ``[B, H, Nv, Nv + 1]``): from :func:`ipar_probabilities`.
+        p_tilde (`torch.Tensor`, float32 ``[B, H, Nv, Nv + 1]``): from :func:`ipar_probabilities` (rows sum to 1).
         layout (`TokenLayout`), config (`PooledRectificationConfig`).
     """
     nv, n = layout.num_video_blocks, layout.num_blocks
@@ -392,9 +412,8 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     top_k = config.top_k(nv)
     p_tilde = p_tilde.to(torch.float32)  # rank and accumulate exactly the fp32 values the keys encode
     keys = _sortable_keys(p_tilde)
-    # the whole ranking: a narrower topk widened while some row's mass is short would read that back (a sync)
-    width = ncol
-    idx = keys.sort(dim=-1, descending=True).indices
+    width = selection_width(ncol, top_k, config.top_p)
+    idx = keys.topk(width, dim=-1).indices  # sorted, descending: the first `width` entries of the full ranking
     cum = p_tilde.gather(-1, idx).to(torch.float64).cumsum(-1)
     n_need = (cum <= config.top_p).sum(-1, keepdim=True) + 1  # [B, H, Nv, 1] leading entries for top-p
     is_video = idx < nv
@@ -403,6 +422,13 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     live = is_video & ((rank < n_need) | (video_rank <= top_k))
     picked = torch.zeros(b, h, nv, ncol + 1, dtype=torch.bool, device=dev)
     picked.scatter_(-1, torch.where(live, idx, torch.full_like(idx, ncol)), True)
+    if width < ncol:  # rows whose top-p set may reach past the candidates (mass below 1 / (1 + MASS_SLACK))
+        short = cum[..., -1:] <= config.top_p
+        if checks_enabled() and bool(short.any()):
+            raise ValueError(f"select_critical_blocks: some rows of p_tilde do not reach top_p={config.top_p} "
+                             f"within their {width} largest entries (row mass {float(p_tilde.sum(-1).min()):.6g} "
+                             f"at least; expected rows summing to 1); pass probabilities from ipar_probabilities.")
+        picked[..., :nv] |= short
 
     mask = forced_mask(layout, diagonal=False, device=dev).expand(b, h, n, n).clone()
     mask[:, :, :nv, :nv] |= picked[..., :nv]

@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Hashable, Iterator
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._env import checks_enabled
 from .._logging import warn_once
 from ..layout import TokenLayout
 from ..ops import block_sparse_attention, dense_attention_lse
@@ -327,12 +329,24 @@ def _pooled_video_q(q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return pool_blocks(q, layout)[:, :, : layout.num_video_blocks].contiguous()
 
 
+def _narrowed(plan: SparsePlan, width: int) -> SparsePlan:
+    """``plan`` with only the first ``width`` columns of ``kv_indices`` (a copy: the full-width table is freed).
+    ``from_dense`` lists each row's blocks first, so nothing is lost while every row reads at most ``width``."""
+    if not _is_int(width) or width < 1:
+        raise ValueError(f"plan_width must be an int >= 1 (key blocks per row), got {width!r}.")
+    if checks_enabled() and bool((plan.kv_num_blocks > width).any()):
+        raise ValueError(f"plan_width={width} is below the {int(plan.kv_num_blocks.max())} key blocks a row of "
+                         "this mask reads: the bound is wrong for this method (report it); pass plan_width=None.")
+    return dataclasses.replace(plan, kv_indices=plan.kv_indices[..., :width].contiguous())
+
+
 # ---------------------------------------------------------------------------------------------------- the call
 def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor, layout: TokenLayout, *,
                     step: int, state: TemporalReuseState, config: TemporalReuseConfig,
                     build_mask: Callable[[], torch.Tensor], scale: float | None = None, backend: str | None = None,
                     epilogue: Callable[[SparsePlan], SparsePlan] | None = None,
-                    segment: Callable[[SparsePlan], PooledSegment] | None = None) -> torch.Tensor:
+                    segment: Callable[[SparsePlan], PooledSegment] | None = None,
+                    plan_width: int | None = None) -> torch.Tensor:
     r"""Block-sparse attention with a plan reused across denoising steps, optionally corrected by Re-ttention.
 
     Rebuild (call ``build_mask()``, store the plan, ``built_step = step``) when the state has no plan, when
@@ -363,6 +377,10 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
             rectification (``combine="row"``, ALGORITHMS §4.6b) for the reused plan, rebuilt every step from this
             step's pooled keys and values, so a reused plan keeps a correct remainder. Not combined with
             ``retention`` (``NotImplementedError``).
+        plan_width (`int`, *optional*): a bound, known from the method's config and the layout alone, on the key
+            blocks any row of ``build_mask()``'s masks reads (:func:`dit_sparse.methods.composite.plan_row_bound`):
+            the cached plan keeps only that many columns of ``kv_indices`` (``[B, H, N, plan_width]`` instead of
+            ``[B, H, N, N]`` int32). A bound that a mask exceeds would drop blocks: ``DIT_SPARSE_CHECKS=1`` checks it.
 
     Other Parameters:
         backend (`str`, *optional*): attention backend, see :func:`dit_sparse.block_sparse_attention`.
@@ -415,6 +433,8 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
             got = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(f"build_mask() must return a bool block mask [B|1, H|1, N, N], got {got}.")
         plan = plan_from_mask(mask.to(q_perm.device), layout)
+        if plan_width is not None and plan_width < plan.kv_indices.shape[-1]:
+            plan = _narrowed(plan, plan_width)
         state.rho = state.residual = state.cache_step = None
         state.plan, state.built_step, state.signature = plan, step, signature
         state.q_ref = q_pooled

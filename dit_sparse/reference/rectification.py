@@ -29,7 +29,7 @@ import torch
 from .layout import block_bbox_reference, block_members_reference
 
 __all__ = ["block_members", "rectification_reference", "select_reference", "rectified_attention_reference",
-           "row_rectified_attention_reference", "top_k_reference"]
+           "row_rectified_attention_reference", "top_k_reference", "select_sorted_reference"]
 
 
 def block_members(layout) -> list[list[int]]:
@@ -83,6 +83,27 @@ def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:
             for i in range(nv, n):
                 mask[b, h, i, :] = True
     return torch.from_numpy(mask)
+
+
+def select_sorted_reference(p_tilde: torch.Tensor, nv: int, top_k: int, top_p: float) -> torch.Tensor:
+    """The video x video part of :func:`select_reference` (no neighbours, first frame or text), vectorized by a
+    full-row sort in torch: bool ``[B, H, Nv, Nv]``. Fast enough for large grids (tests at sizes the loop oracle
+    cannot reach, and the "before" of ``benchmarks/plan_overhead.py --selection``): every row is sorted whole
+    (P̃ descending, column ascending), ``n_need = #{cumsum <= top_p} + 1`` (float64), and the first
+    ``max(#video among the n_need leading entries, top_k)`` video entries are kept."""
+    ncol = nv + 1
+    p = p_tilde.to(torch.float32)
+    bits = p.clamp_min(0.0).contiguous().view(torch.int32).to(torch.int64)
+    keys = (bits << 32) | ((ncol - 1) - torch.arange(ncol, dtype=torch.int64, device=p.device))
+    idx = keys.sort(dim=-1, descending=True).indices
+    cum = p.gather(-1, idx).to(torch.float64).cumsum(-1)
+    n_need = (cum <= top_p).sum(-1, keepdim=True) + 1
+    is_video = idx < nv
+    rank = torch.arange(ncol, device=p.device)
+    live = is_video & ((rank < n_need) | (is_video.cumsum(-1) <= top_k))
+    picked = torch.zeros(*p.shape[:-1], ncol + 1, dtype=torch.bool, device=p.device)
+    picked.scatter_(-1, torch.where(live, idx, torch.full_like(idx, ncol)), True)
+    return picked[..., :nv]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,9 @@ per model, a model's test file declares ``CASES = [AdapterCase(...)]`` and keeps
   ``remove()`` restores the stock objects and bit-exact output;
 * text position: under a sparse plan every text query row equals the stock attention (text rows read every key)
   while video rows differ; declaring the text on the other side breaks it (negative control);
+* no host sync: after a warm-up forward (same input tensors, as a pipeline passes them), the context hook and every
+  dit_sparse processor call run no device-to-host sync except documented ``dit_sparse.context.host_read`` reads,
+  each at most once per forward (``tests/sync_guard.py``);
 * a sparse preset of the family (scaled to the tiny grid: 16-token blocks, no dense layers) renders finite
   output through the real pipeline class, with sparse calls; a second generation is identical (state reset);
 * context parallelism: ``cp="ulysses"`` entries run in the 2-process gloo run of

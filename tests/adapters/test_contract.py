@@ -6,6 +6,7 @@ What each check asserts, and how to add an entry: ``tests/adapters/harness.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from pathlib import Path
 
@@ -111,6 +112,53 @@ def test_text_rows_equal_stock_on_the_declared_side(case):
     # declared on the other side, the real text rows are planned as video rows: they go sparse and differ
     rt.adapter = dataclasses.replace(rt.adapter, text_position={"before": "after", "after": "before"}[side])
     assert all(text_diff > 1e-3 for _, _, text_diff, _ in text_row_diffs(tr, case, side))
+
+
+@by_id(CASES)
+def test_sparse_path_does_not_sync(case, monkeypatch):
+    """Issue 15 item 1 outside the engine: after a warm-up forward, neither the context hook nor any dit_sparse
+    processor call of a sparse forward forces a device-to-host sync, except the documented reads made through
+    :func:`dit_sparse.context.host_read` (the step from the timestep, a grid read from ids, a valid-text count),
+    each at most once per forward. The inputs are the same tensors at every forward, as a pipeline passes its ids
+    and prompt masks. diffusers' own code between the processors is not ours and is not guarded (HunyuanVideo
+    1.5's forward indexes with boolean masks, for one)."""
+    from collections import Counter
+
+    from dit_sparse.context import ContextHook, host_read
+    from tests.sync_guard import no_host_sync
+
+    active, reads = [], []
+
+    def guarded(what, fn, *args, **kwargs):
+        if not active:
+            return fn(*args, **kwargs)
+        with no_host_sync(f"{case.id}: {what}", allow=(host_read,)) as rec:
+            out = fn(*args, **kwargs)
+        reads.extend(rec.allowed)
+        return out
+
+    pre_forward = ContextHook.pre_forward
+    monkeypatch.setattr(ContextHook, "pre_forward",
+                        lambda self, *a, **k: guarded("the context hook", pre_forward, self, *a, **k))
+    tr = case.transformer()
+    (rt,) = dit_sparse.apply(tr, SPARSE)
+    for proc in attn_processors(tr).values():
+        if isinstance(proc, SparseProcessorBase):
+            cls = type(proc)
+            call = functools.wraps(cls.__call__)(  # keeps the signature diffusers filters kwargs by
+                lambda self, *a, _call=cls.__call__, **k: guarded(self.name, _call, self, *a, **k))
+            proc.__class__ = type(f"Guarded{cls.__name__}", (cls,), {"__call__": call})
+    inputs = case.inputs(tr)
+    case.forward(tr, lambda _: inputs)  # warm-up: layout indices, cached masks, first reads of the inputs
+    for _ in range(2):
+        active.append(True)
+        before = rt.calls["sparse"]
+        case.forward(tr, lambda _: inputs)
+        active.clear()
+        assert rt.calls["sparse"] - before == case.n_sparse_calls
+        twice = {why: n for why, n in Counter(reads).items() if n > 1}
+        assert not twice, f"host reads made more than once in one forward: {twice}"
+        reads.clear()
 
 
 def test_every_adapter_has_an_entry():

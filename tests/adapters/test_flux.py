@@ -90,6 +90,26 @@ def test_grid_from_img_ids():
     assert image_grid(tr, (), {**kw, "img_ids": img_ids(COLS, ROWS)}) == (1, COLS, ROWS)
 
 
+def test_grid_from_bf16_img_ids_and_read_once():
+    """The pipelines pass ids in the model dtype: bf16 ids of a 20 x 30 grid (token index 599 is not a bf16 number)
+    are still the row-major grid (compared as integers), and one ids tensor is read on the host only once."""
+    from dit_sparse.adapters.flux import image_grid
+    from dit_sparse.context import host_read
+    from tests.sync_guard import no_host_sync
+
+    ids = img_ids(20, 30).to(torch.bfloat16)
+    kw = {"hidden_states": torch.zeros(1, 600, 4), "img_ids": ids}
+    assert image_grid(None, (), kw) == (1, 20, 30)
+    assert image_grid(None, (), {**kw, "img_ids": img_ids(20, 30)[torch.arange(600).roll(1)]}) is None
+    with no_host_sync("a second grid read of the same ids", allow=(host_read,)) as rec:
+        assert image_grid(None, (), kw) == (1, 20, 30)
+    assert rec.allowed == []
+    ids.add_(0)  # modified in place: read again
+    with no_host_sync(allow=(host_read,)) as rec:
+        assert image_grid(None, (), kw) == (1, 20, 30)
+    assert len(rec.allowed) == 1
+
+
 def test_layer_order_is_execution_order():
     """Layer indices (DensePolicy.dense_layers) follow the forward: double-stream blocks, then single, 9 before 10."""
     from diffusers import FluxTransformer2DModel

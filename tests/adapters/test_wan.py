@@ -100,3 +100,25 @@ def test_cfg_branches_keep_separate_reuse_state():
     rt.engine.reuse_cache.get = spy
     run(pipe, steps=3)
     assert set(seen) == {"cond", "uncond"}
+
+
+@torch.no_grad()
+def test_a_forward_with_the_pipelines_step_index_reads_nothing_on_the_host():
+    """When the cache context gives ``step_index`` (Wan's pipelines do), the context hook takes the step from it and
+    never reads the timestep: a whole sparse Wan forward after warm-up makes no host read at all, documented or
+    not (Wan's own forward makes none either)."""
+    from dit_sparse.context import host_read
+    from tests.sync_guard import no_host_sync
+
+    tr = wan_transformer()
+    (rt,) = dit_sparse.apply(tr, SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8), block_size=16))
+    inputs = transformer_inputs()
+    with tr.cache_context("cond", step_index=0, num_inference_steps=4):
+        tr(**inputs)
+    for step in (1, 2):
+        inputs["timestep"] = torch.tensor([500.0 - 100 * step])
+        with tr.cache_context("cond", step_index=step, num_inference_steps=4):
+            with no_host_sync("a Wan forward with step_index", allow=(host_read,)) as rec:
+                tr(**inputs)
+        assert rec.allowed == [] and rt.context.step == step
+    assert rt.calls["sparse"] == 6

@@ -56,12 +56,43 @@ def test_sparse_calls_do_not_sync(name):
 
 
 def test_the_guard_catches_a_sync():
-    """The guard itself: reading a value, nonzero, or a boolean-mask index each fail."""
+    """The guard itself: reading a value, nonzero, a boolean-mask index, and the host copies that dispatch nothing
+    on CPU (``tolist``, ``numpy``, ``cpu``) each fail."""
     x = torch.randn(5)
-    for fn in (lambda: float(x.sum()), lambda: x.nonzero(), lambda: x[x > 0], lambda: bool((x > 0).any())):
+    for fn in (lambda: float(x.sum()), lambda: x.nonzero(), lambda: x[x > 0], lambda: bool((x > 0).any()),
+               lambda: x.tolist(), lambda: x.max().tolist(), lambda: x.numpy(), lambda: x.cpu()):
         with pytest.raises(AssertionError, match="sync"):
             with no_host_sync():
                 fn()
+
+
+def test_the_guard_allows_a_documented_read():
+    """``rec.allow(reason)`` pauses recording for its body only; the reason is kept."""
+    x = torch.randn(5)
+    with no_host_sync() as rec:
+        with rec.allow("a documented read"):
+            x.tolist(), float(x.sum())
+    assert rec.allowed == ["a documented read"] and not rec.hits
+    with pytest.raises(AssertionError, match="sync"):
+        with no_host_sync() as rec:
+            with rec.allow("a documented read"):
+                pass
+            x.tolist()
+
+
+def test_the_guard_allows_reads_inside_named_functions():
+    """``allow=(fn,)``: syncs made inside a call of ``fn`` are kept with that call's ``why``; others still fail."""
+    from dit_sparse.context import host_read
+
+    x = torch.randn(5)
+    with no_host_sync(allow=(host_read,)) as rec:
+        host_read("a reason", lambda: x.tolist())
+        host_read("another", lambda: float(x.sum()))
+    assert rec.allowed == ["a reason", "another"]
+    with pytest.raises(AssertionError, match="sync"):
+        with no_host_sync(allow=(host_read,)):
+            host_read("a reason", lambda: None)
+            x.tolist()
 
 
 @pytest.mark.parametrize("name", ["draft_row_topk", "rect_block", "rect_row", "neighborhood_tokens", "dense_heads",
@@ -86,6 +117,21 @@ def test_engine_compiles_without_graph_breaks(name):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [dict(kernel_size=(3, 5, 5), stride=(1, 2, 2)), dict(window=(1, 3, 3))])
+@torch.no_grad()
+def test_token_exact_neighborhood_does_not_sync(window):
+    """The token-exact torch path (``neighborhood_attention_exact``): its gather width comes from the static plan,
+    read once per (layout, window), not per call."""
+    from dit_sparse.methods.neighborhood import neighborhood_attention_exact
+
+    cfg = NeighborhoodConfig(**window, exact=True)
+    q, k, v = (LAYOUT.permute(t) for t in _qkv(0))
+    ref = neighborhood_attention_exact(q, k, v, LAYOUT, cfg)  # warm-up: plan and width cached
+    with no_host_sync("neighborhood_attention_exact"):
+        out = neighborhood_attention_exact(q, k, v, LAYOUT, cfg)
+    assert torch.equal(out, ref)
+
+
 @torch.no_grad()
 def test_drift_refresh_is_the_documented_sync():
     """``drift_threshold`` decides on the host whether to rebuild: the one opt-in sync (TemporalReuseConfig doc)."""
@@ -97,3 +143,25 @@ def test_drift_refresh_is_the_documented_sync():
     with pytest.raises(AssertionError, match="_local_scalar_dense"):
         with no_host_sync("drift check"):
             engine(*_qkv(1), step=1, **kw)
+
+
+def test_host_memo_reads_once_per_tensor_object():
+    """Same tensor object and version: one read; an in-place change, another object with equal values, or a new
+    forward (for inference tensors, which have no version counter) read again."""
+    from dit_sparse import context
+
+    calls = []
+
+    def read(t):
+        return context.host_memo("test", t, None, lambda: calls.append(1) or float(t.sum()))
+
+    x = torch.ones(3)
+    assert read(x) == read(x) == 3.0 and len(calls) == 1
+    x.add_(1)
+    assert read(x) == 6.0 and len(calls) == 2
+    assert read(x.clone()) == 6.0 and len(calls) == 3
+    with torch.inference_mode():
+        y = torch.ones(2)
+    assert read(y) == read(y) == 2.0 and len(calls) == 4
+    context._next_forward()  # what the context hook does at every forward
+    assert read(y) == 2.0 and len(calls) == 5

@@ -36,6 +36,7 @@ from dit_sparse.reference.rectification import (
     rectified_attention_reference,
     row_rectified_attention_reference,
     select_reference,
+    select_sorted_reference,
     top_k_reference,
 )
 from tests.utils import FAMILIES, rel_error, structured_family, structured_qkv
@@ -179,6 +180,75 @@ def test_selection_ties_and_widening_vs_oracle():
     # fully tied row, floor 2 (ceil(0.1 * 12) = 2), top_p 0: keeps exactly columns 0 and 1
     got = select_critical_blocks(pt, layout, PooledRectificationConfig(sparsity=0.9, top_p=0.0, neighbours=False))
     assert got[0, 0, 0, :nv].nonzero().flatten().tolist() == [0, 1]
+
+
+def _strip(nv: int) -> TokenLayout:
+    """``nv`` video blocks of 16 tokens, no text: a 1 x 4 x 4nv grid of 1x4x4 tiles."""
+    return TokenLayout(frames=1, height=4, width=4 * nv, tile=(1, 4, 4))
+
+
+def _rows(kind: str, shape, g) -> torch.Tensor:
+    """Float32 rows summing to 1 (as ipar_probabilities): peaky, flat (the worst case of the top-p count: every
+    entry 1 / ncol), few levels (exact ties), or some zero entries (a zero text column among them)."""
+    if kind == "uniform":
+        return torch.full(shape, 1.0 / shape[-1])
+    if kind == "levels":
+        raw = torch.tensor([0.0, 1.0, 2.0, 4.0])[torch.randint(0, 4, shape, generator=g)]
+        raw[..., 0] = 1.0  # no all-zero row
+    elif kind == "zeros":
+        raw = torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) < 0.3)
+        raw[..., -1], raw[..., 0] = 0.0, 1.0
+    else:
+        temperature = {"peaky": 0.2, "soft": 3.0}[kind]
+        raw = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) / temperature, -1)
+    return (raw / raw.sum(-1, keepdim=True)).float()
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(nv=st.integers(2, 160), sparsity=st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95, 1.0]),
+       top_p=st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0]),
+       kind=st.sampled_from(["peaky", "soft", "uniform", "levels", "zeros"]), seed=st.integers(0, 2**16))
+def test_topk_selection_equals_the_full_sort(nv, sparsity, top_p, kind, seed):
+    """The ranking of ``selection_width`` candidates (``torch.topk``) keeps exactly the blocks of the full-row sort
+    (the implementation before, :func:`select_sorted_reference`), ties included, at widths below ``Nv + 1``."""
+    layout = _strip(nv)
+    cfg = PooledRectificationConfig(sparsity=sparsity, top_p=top_p, neighbours=False)
+    pt = _rows(kind, (2, 2, nv, nv + 1), torch.Generator().manual_seed(seed))
+    got = select_critical_blocks(pt, layout, cfg)[..., :nv, :nv]
+    assert torch.equal(got, select_sorted_reference(pt, nv, cfg.top_k(nv), top_p))
+    if nv <= 24:  # and the float64 loop oracle
+        assert torch.equal(got, select_reference(pt.double(), layout, cfg)[..., :nv, :nv])
+
+
+def test_selection_width_is_data_independent_and_below_the_row():
+    """At the defaults (sparsity 0.8, top_p 0.3) on a HunyuanVideo 720p row (931 blocks) the candidates are about
+    30% of the row; top_p = 1 or sparsity = 0 rank the whole row."""
+    from dit_sparse.methods.pooled_rectification import selection_width
+
+    cfg = PooledRectificationConfig()
+    assert selection_width(932, cfg.top_k(931), cfg.top_p) == math.floor(0.3 * 932 * 1.001) + 2 < 932 // 3
+    assert selection_width(932, 931, 0.3) == selection_width(932, 10, 1.0) == 932
+    assert selection_width(11, 1, 0.0) == 2
+
+
+def test_rows_short_of_top_p_keep_every_video_block(monkeypatch):
+    """A row whose mass stays below top_p within the candidates (not a probability row) keeps every video block (a
+    superset, as the full sort would need more than the candidates); DIT_SPARSE_CHECKS=1 raises instead."""
+    nv = 60
+    layout = _strip(nv)
+    cfg = PooledRectificationConfig(sparsity=0.9, top_p=0.3, neighbours=False)
+    pt = _rows("peaky", (1, 2, nv, nv + 1), torch.Generator().manual_seed(0))
+    pt[0, 1, 5] *= 0.2  # mass 0.2 < top_p: the full sort would keep all of it
+    monkeypatch.setenv("DIT_SPARSE_CHECKS", "0")
+    got = select_critical_blocks(pt, layout, cfg)[..., :nv, :nv]
+    assert got[0, 1, 5].all()
+    assert torch.equal(got[0, 1, 5], select_sorted_reference(pt, nv, cfg.top_k(nv), 0.3)[0, 1, 5])
+    rest = torch.ones(1, 2, nv, dtype=torch.bool)
+    rest[0, 1, 5] = False
+    assert torch.equal(got[rest], select_sorted_reference(pt, nv, cfg.top_k(nv), 0.3)[rest])
+    monkeypatch.setenv("DIT_SPARSE_CHECKS", "1")
+    with pytest.raises(ValueError, match="do not reach top_p"):
+        select_critical_blocks(pt, layout, cfg)
 
 
 def test_top_k_floor_is_round_off_safe():
