@@ -2,7 +2,9 @@
 # The README's test command: installs what it needs from nothing, then runs the whole CPU test suite.
 source "$(dirname "$0")/_env.sh"
 set +e
-python -m pytest -q "$@"
+# two workers (CI has 2 cores), one test file per worker (module fixtures stay in one process);
+# DIT_SPARSE_TEST_WORKERS=0 runs serially, =auto uses every core
+python -m pytest -q -n "${DIT_SPARSE_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse consol
 IN_REPO_VENV = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()
 
 
-def sh(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def sh(cmd: list[str], cwd: Path, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra_env}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -115,9 +115,17 @@ def test_render_script_from_another_folder(tmp_path):
 
 @pytest.mark.skipif(not IN_REPO_VENV, reason="scripts/*.sh use the repository's .venv; run the tests in it")
 def test_test_script_from_another_folder(tmp_path):
-    """`bash scripts/test.sh` (collection only here: the suite cannot run itself)."""
-    r = ok(sh(["bash", str(ROOT / "scripts" / "test.sh"), "--co", "-q", "tests/cli/test_validation.py"], tmp_path))
+    """`bash scripts/test.sh`, `bash scripts/test.sh tests/core -x` and `DIT_SPARSE_TEST_WORKERS=0 bash
+    scripts/test.sh` (collection only here: the suite cannot run itself); the default runs two xdist workers."""
+    script = str(ROOT / "scripts" / "test.sh")
+    r = ok(sh(["bash", script, "--co", "-q", "tests/cli/test_validation.py", "-x"], tmp_path))
     assert "test_validation.py" in r.stdout
+    # the workers are real: an unknown worker count is pytest-xdist's error, 0 runs serially
+    bad = sh(["bash", script, "--co", "-q", "tests/cli/test_validation.py"], tmp_path, DIT_SPARSE_TEST_WORKERS="x")
+    assert bad.returncode != 0 and "-n" in bad.stderr + bad.stdout
+    serial = ok(sh(["bash", script, "--co", "-q", "tests/cli/test_validation.py"], tmp_path,
+                   DIT_SPARSE_TEST_WORKERS="0"))
+    assert "test_validation.py" in serial.stdout
 
 
 def test_python_m_app(tmp_path):
