@@ -346,36 +346,16 @@ def _block_sparse_attn_fwd(
         start_n = (block_start + sub * BLOCK_N).to(tl.int64)
 
         # -- load k, v (masked keys read as 0)
-        if EVEN_D:
-            kv_mask = key_ok[:, None]
-        else:
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + start_n * stride_ks + k_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + start_n * stride_vs + v_tile, mask=kv_mask, other=0.0)
+        k = _load_rows(k_base + start_n * stride_ks + k_tile, key_ok, d_ok, EVEN_D)
+        v = _load_rows(v_base + start_n * stride_vs + v_tile, key_ok, d_ok, EVEN_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
-        # -- compute qk (base-2 logits), mask unreal keys to -inf
-        if IEEE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(key_ok[None, :] & use, qk, float("-inf"))
-
-        # -- online softmax update
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-
-        # -- accumulate p @ v
-        if IEEE_DOT:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        # -- base-2 logits, unreal keys masked to -inf, then the online softmax update (FlashAttention-2 form)
+        s = _mm(q, tl.trans(k), None, IEEE_DOT) * qk_scale
+        s = tl.where(key_ok[None, :] & use, s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT, 0.0)
 
     # -- the pooled key segment (ALGORITHMS.md §4.6b): same online softmax, per-row read mask, optional gate
     if HAS_POOLED:
