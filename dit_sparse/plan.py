@@ -283,19 +283,32 @@ class SparsePlan:
         """True when no key block carries padding slots (only the ragged tail past ``seq_k``)."""
         if self.kv_block_valid is None:
             return True
-        full = torch.full_like(self.kv_block_valid, self.block_k)
-        full[-1] = self.seq_k - (self.num_k_blocks - 1) * self.block_k
-        return bool((self.kv_block_valid >= full).all())
+        return bool((self.kv_block_valid >= self._keys_in_range()).all())
+
+    def _keys_in_range(self) -> torch.Tensor:
+        """Int32 ``[Mk]``: slots of each key block below ``seq_k`` (``block_k``, the ragged tail for the last)."""
+        mk, bk = self.num_k_blocks, self.block_k
+        real = torch.full((mk,), bk, dtype=torch.int32, device=self.device)
+        real[-1] = self.seq_k - (mk - 1) * bk
+        return real
+
+    def key_slots_real(self) -> torch.Tensor:
+        """Bool ``[Mk * block_k]``: which key slots hold a real key (below ``seq_k`` and, with ``kv_block_valid``,
+        among the block's leading real tokens). Tensor ops only (no device sync)."""
+        mk, bk = self.num_k_blocks, self.block_k
+        slots = torch.arange(mk * bk, device=self.device)
+        real = slots < self.seq_k
+        if self.kv_block_valid is not None:
+            real &= (slots % bk) < self.kv_block_valid.repeat_interleave(bk)
+        return real
 
     def key_block_whole(self) -> torch.Tensor:
         """Bool ``[Mk]``: key blocks whose ``block_k`` slots are all real keys (no padding slot, not the ragged
         last block). Tensor ops only (no device sync)."""
-        mk, bk = self.num_k_blocks, self.block_k
-        real = torch.full((mk,), bk, dtype=torch.int32, device=self.device)
-        real[-1] = self.seq_k - (mk - 1) * bk
+        real = self._keys_in_range()
         if self.kv_block_valid is not None:
             real = torch.minimum(real, self.kv_block_valid)
-        return real >= bk
+        return real >= self.block_k
 
     def split_full(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The plan's read entries split into *full* key blocks (every slot a real key: read without a key mask)
@@ -389,12 +402,9 @@ class SparsePlan:
             raise NotImplementedError("SparsePlan.to_flex needs torch >= 2.5 (flex_attention); "
                                       f"this torch is {torch.__version__}.") from e
         seq_k, bq, bk, mk = self.seq_k, self.block_q, self.block_k, self.num_k_blocks
-        kmask = torch.ones(mk * bk, dtype=torch.bool, device=self.device)
-        kmask[seq_k:] = False
-        if self.kv_block_valid is not None:
-            kmask &= (torch.arange(mk * bk, device=self.device) % bk) < self.kv_block_valid.repeat_interleave(bk)
-        blocks = self.to_dense()
+        kmask = self.key_slots_real()
         if eager_safe:
+            blocks = self.to_dense()
             bcast_b, bcast_h = blocks.shape[0] == 1, blocks.shape[1] == 1
 
             def mask_mod(b, h, q_idx, kv_idx):
@@ -410,7 +420,7 @@ class SparsePlan:
         def mask_mod(b, h, q_idx, kv_idx):
             return kmask[kv_idx]
 
-        full_num, full_idx, part_num, part_idx = self.split_full()
+        full_num, full_idx, part_num, part_idx = self.full_split
 
         def pad(t):  # flex reads the number of key blocks from the width
             return torch.nn.functional.pad(t, (0, mk - t.shape[-1]))

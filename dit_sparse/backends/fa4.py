@@ -100,11 +100,10 @@ class FA4Tensors(NamedTuple):
 def fa4_tensors(plan: SparsePlan) -> FA4Tensors:
     """Convert ``plan`` (tensor ops only, no device sync): partial blocks are the read blocks that hold a padding
     slot or the ragged tail (:meth:`SparsePlan.key_block_whole` false), full blocks the rest."""
-    full_num, full_idx, part_num, part_idx = plan.split_full()
+    full_num, full_idx, part_num, part_idx = plan.full_split  # cached on the plan: one sort per plan
     key_valid = None
     if plan.kv_block_valid is not None:
-        slot = torch.arange(plan.block_k, dtype=torch.int32, device=plan.device)
-        key_valid = (slot < plan.kv_block_valid[:, None]).reshape(-1)[:plan.seq_k].to(torch.int32)
+        key_valid = plan.key_slots_real()[:plan.seq_k].to(torch.int32)
     return FA4Tensors(part_num, part_idx, full_num, full_idx, key_valid, (plan.block_q, plan.block_k))
 
 
