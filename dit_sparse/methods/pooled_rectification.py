@@ -208,13 +208,19 @@ class BlockStatistics:
     v_out: torch.Tensor | None = None
 
 
+def _video_ranks_real(layout: TokenLayout, ranks: int, device) -> torch.Tensor:
+    """Bool ``[Nv, ranks]``: slot (or rank) ``r`` of video block ``j`` holds a real token (``r < n_j``)."""
+    valid = layout.block_valid(device)[: layout.num_video_blocks]
+    return torch.arange(ranks, device=device).view(1, ranks) < valid.view(-1, 1)
+
+
 def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """``mean_{real u in block} |x_u - mean_block|`` for the video blocks -> float32 ``[B, H, Nv, D]``."""
     b, _, h, d = x.shape
     nv, bs = layout.num_video_blocks, layout.block_size
     xv = x[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
     valid = layout.block_valid(x.device)[:nv].to(torch.float32)
-    real = (torch.arange(bs, device=x.device).view(1, bs) < valid.view(nv, 1)).to(torch.float32)  # [Nv, Bs]
+    real = _video_ranks_real(layout, bs, x.device).to(torch.float32)  # [Nv, Bs]
     dev = (xv - mean.permute(0, 2, 1, 3).unsqueeze(2)).abs_()  # [B, Nv, Bs, H, D]
     dev = torch.einsum("bnshd,ns->bhnd", dev, real)
     return dev / valid.view(1, 1, nv, 1)
@@ -228,14 +234,13 @@ def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layo
     kv = k[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
     vv = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32)
     dist = (kv - k_mean.permute(0, 2, 1, 3).unsqueeze(2)).square().sum(-1)  # [B, Nv, Bs, H]
-    real = torch.arange(bs, device=k.device).view(1, bs) < layout.block_valid(k.device)[:nv].view(nv, 1)
+    real = _video_ranks_real(layout, bs, k.device)
     dist = dist.masked_fill(~real.view(1, nv, bs, 1), -1.0)
     # a stable descending sort keeps equal distances in slot order: the lowest slot first among exact ties;
     # padding slots (-1) sort after every real key
     mm = min(m, bs)  # ranks past the block size hold no token (zeros below, never read)
     idx = torch.sort(dist, dim=2, descending=True, stable=True).indices[:, :, :mm]  # [B, Nv, mm, H]
-    rank_real = torch.arange(mm, device=k.device).view(1, mm) < layout.block_valid(k.device)[:nv].view(nv, 1)
-    keep = rank_real.view(1, nv, mm, 1, 1).to(torch.float32)
+    keep = _video_ranks_real(layout, mm, k.device).view(1, nv, mm, 1, 1).to(torch.float32)
     k_out = kv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, d)) * keep
     v_out = vv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, vv.shape[-1])) * keep
     if mm < m:
