@@ -16,7 +16,7 @@ import torch
 from .._env import has_triton, triton_interpret
 from .._logging import get_logger
 from .base import AttentionInputs
-from .triton import TritonBackend, _unit_stride, kernel_input_reasons
+from .triton import TritonBackend, kernel_input_reasons, kernel_operands, unit_stride_qkv
 
 logger = get_logger("dit_sparse.backends")
 _logged: set[str] = set()
@@ -109,23 +109,19 @@ class HopperBackend(TritonBackend):
         if opts.tma and not reasons:
             from ..kernels.block_sparse_attn_hopper import tma_reasons
 
-            reasons += [f"HopperOptions(tma=True): {r}" for r in tma_reasons(*self._operands(inputs))]
+            reasons += [f"HopperOptions(tma=True): {r}" for r in tma_reasons(*unit_stride_qkv(inputs))]
         return reasons
 
-    @staticmethod
-    def _operands(inputs: AttentionInputs):
-        # the kernel addresses the head dim with unit stride (x[..., ::2] would be read wrong): copy such inputs
-        return tuple(_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
 
     def describe(self, inputs: AttentionInputs) -> str:
         """Which kernel path these inputs take (TMA or pointer loads and why; the switches)."""
         from ..kernels.block_sparse_attn_hopper import kernel_path
 
-        return kernel_path(*self._operands(inputs), self.options)
+        return kernel_path(*unit_stride_qkv(inputs), self.options)
 
     def forward(self, inputs: AttentionInputs):
         plan, opts = inputs.plan, self.options
-        q, k, v = self._operands(inputs)
+        q, k, v = unit_stride_qkv(inputs)
         b, h = q.shape[0], q.shape[2]
         if logger.isEnabledFor(10):  # DEBUG: say which path ran, once per distinct path
             path = self.describe(inputs)
@@ -137,15 +133,7 @@ class HopperBackend(TritonBackend):
         mq, w = full_idx.shape[-2:]
         tables = (full_num.expand(b, h, mq), full_idx.expand(b, h, mq, w), part_num.expand(b, h, mq),
                   part_idx.expand(b, h, mq, w))
-        kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()
-        scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(b, h, plan.out_scale.shape[-1])
-        bias_t = None if plan.out_bias is None else plan.out_bias.expand(b, plan.out_bias.shape[1], h,
-                                                                          plan.out_bias.shape[-1])
-        seg = ()
-        if inputs.pooled is not None:
-            ps = inputs.pooled
-            seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
-                   ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
+        kbv, scale_t, bias_t, seg = kernel_operands(inputs, b, h)
         tma = -1 if opts.tma is None else int(opts.tma)
         out, lse = _hopper_op(q, k, v, *tables, kbv, scale_t, bias_t, plan.block_q, plan.block_k,
                               float(inputs.scale), plan.scale_per_block, plan.bias_per_block, opts.split_full,

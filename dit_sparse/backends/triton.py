@@ -86,20 +86,32 @@ class TritonBackend(Backend):
 
     def forward(self, inputs: AttentionInputs):
         plan = inputs.plan
-        # the kernel addresses the head dim with unit stride (x[..., ::2] would be read wrong): copy such inputs
-        q, k, v = (_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
+        q, k, v = unit_stride_qkv(inputs)
         num, idx = plan.expand(q.shape[0], q.shape[2])
-        kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()  # read with unit stride
-        scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(
-            q.shape[0], q.shape[2], plan.out_scale.shape[-1])
-        bias_t = None if plan.out_bias is None else plan.out_bias.expand(
-            q.shape[0], plan.out_bias.shape[1], q.shape[2], plan.out_bias.shape[-1])
-        seg = ()
-        if inputs.pooled is not None:
-            ps, (b, h) = inputs.pooled, (q.shape[0], q.shape[2])
-            seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
-                   ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
+        kbv, scale_t, bias_t, seg = kernel_operands(inputs, q.shape[0], q.shape[2])
         out, lse = _block_sparse_attn_op(q, k, v, num, idx, kbv, scale_t,
                                          bias_t, plan.block_q, plan.block_k, float(inputs.scale),
                                          plan.scale_per_block, plan.bias_per_block, *seg)
         return out, (lse if inputs.return_lse else None)
+
+
+def unit_stride_qkv(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as both kernels read them: the head dim with unit stride (``x[..., ::2]`` would be read wrong), so
+    such inputs are copied."""
+    return tuple(_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
+
+
+def kernel_operands(inputs: AttentionInputs, b: int, h: int) -> tuple:
+    """The plan's optional operands as both Triton kernels take them, broadcast to batch ``b`` and heads ``h``:
+    ``(kv_block_valid, out_scale, out_bias, pooled segment tuple)`` (None / ``()`` where absent)."""
+    plan = inputs.plan
+    kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()  # read with unit stride
+    scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(b, h, plan.out_scale.shape[-1])
+    bias_t = None if plan.out_bias is None else plan.out_bias.expand(b, plan.out_bias.shape[1], h,
+                                                                      plan.out_bias.shape[-1])
+    seg = ()
+    if inputs.pooled is not None:
+        ps = inputs.pooled
+        seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
+               ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
+    return kbv, scale_t, bias_t, seg
