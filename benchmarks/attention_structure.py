@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from dit_sparse import tiny_model as tm
+    from dit_sparse.tiny import model as tm
 
     call = dict(tm.DEFAULT_CALL)
     steps = args.steps or call["num_inference_steps"]

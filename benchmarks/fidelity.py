@@ -45,10 +45,10 @@ from dit_sparse import (  # noqa: E402
     SparseAttentionConfig,
     TemporalReuseConfig,
 )
-from dit_sparse.eval import compare_frames  # noqa: E402
 from dit_sparse.methods.base import forced_mask  # noqa: E402
-from dit_sparse.methods.composite import SparseAttention  # noqa: E402
-from dit_sparse.render import Job, Renderer  # noqa: E402
+from dit_sparse.methods.engine import SparseAttention  # noqa: E402
+from dit_sparse.tools.metrics import compare_frames  # noqa: E402
+from dit_sparse.tools.render import Job, Renderer  # noqa: E402
 
 VARIANTS = ("top-k (oracle)", "draft", "draft+rect", "draft+rect (row)", "draft+rect+reuse", "neighborhood")
 DENSITIES = (0.5, 0.25, 0.1)
@@ -113,7 +113,7 @@ def variant_config(name: str, density: float, renderer: Renderer, base: SparseAt
 
 def render_variant(renderer: Renderer, job: Job, name: str, config):
     """Sparse render with per-layer error tracking; the oracle swaps in its own engine."""
-    from dit_sparse.integration import apply, get_runtime, remove, transformers_of
+    from dit_sparse.integration.apply import apply, get_runtime, remove, transformers_of
 
     apply(renderer.pipe, config)
     try:
@@ -148,8 +148,8 @@ def main(argv=None) -> int:
         if name not in VARIANTS:
             ap.error(f"unknown variant {name!r}; expected some of {', '.join(VARIANTS)}")
     tag = "fidelity" if args.dense_fraction == 0 else f"fidelity-dense{round(args.dense_fraction * 100)}"
-    from dit_sparse.pipelines.presets import TINY_DEFAULT_PRESET, get_preset
-    from dit_sparse.tiny_model import DEFAULT_PROMPTS
+    from dit_sparse.integration.pipelines.presets import TINY_DEFAULT_PRESET, get_preset
+    from dit_sparse.tiny.model import DEFAULT_PROMPTS
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     renderer = Renderer("embedded", progress=False)

@@ -3,10 +3,10 @@
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
 1. ``tests``      — compiled (``TRITON_INTERPRET=0``; ``-n 4`` with pytest-xdist): first every ``gpu`` test
-   (tests/test_kernels and any other file that has one): real shapes of both Triton kernels, every registered
+   (tests/engine/kernels and any other file that has one): real shapes of both Triton kernels, every registered
    backend against the fp32 reference (``test_backends_gpu.py``), the CUDA-graph capture of a sparse call for every
    backend that can run it (``test_cuda_graph.py``; both parametrized over ``dit_sparse.backends.BACKENDS``),
-   flash-attn-4 against the reference; then, with the time left, the small kernel cases of tests/test_kernels;
+   flash-attn-4 against the reference; then, with the time left, the small kernel cases of tests/engine/kernels;
 2. ``op``         — ``benchmarks/attention.py``: every registered backend of ours (checked against the fp32
    reference first; a backend that cannot run says why), automatic dispatch and whether it took the fastest, the
    row mode's pooled segment, and the peers: cuDNN / flash / efficient SDPA, xformers, flex on the same mask,
@@ -72,7 +72,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: and all-dense; the Triton autotuner tunes at the first call of a kind, here a 0.10 call at about 55 ms)
 OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--packing", "both"]
 #: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
-#: ``{gpu_files}`` every test file outside tests/test_kernels with a ``gpu`` mark, ``{xdist}`` ``-n 4`` where
+#: ``{gpu_files}`` every test file outside tests/engine/kernels with a ``gpu`` mark, ``{xdist}`` ``-n 4`` where
 #: pytest-xdist is installed (the kernel tests' compiles then run on 4 processes)
 #:
 #: The limits are estimates: nothing has timed the suite on a GPU yet. From the H100 results
@@ -87,8 +87,8 @@ PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
 STAGES = {
     # first every ``gpu`` test (real shapes, each backend vs the reference, CUDA graphs, flash-attn-4), then the
     # small interpreter-sized kernel cases compiled, with the time left
-    "tests": (100, [[*PYTEST, "{xdist}", "-m", "gpu", "tests/test_kernels", "{gpu_files}"],
-                    [*PYTEST, "{xdist}", "-m", "not gpu", "tests/test_kernels"]]),
+    "tests": (100, [[*PYTEST, "{xdist}", "-m", "gpu", "tests/engine/kernels", "{gpu_files}"],
+                    [*PYTEST, "{xdist}", "-m", "not gpu", "tests/engine/kernels"]]),
     # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
     "op": (185, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "130", "--out", "{raw}"]]),
     "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
@@ -119,11 +119,11 @@ TARGETS = [
     ("Wan2.1-1.3B 480p draft-80 step speedup", "wan_step", 1.35),
 ]
 def gpu_test_files() -> list[str]:
-    """Every test file outside tests/test_kernels that carries a ``gpu`` mark (found by its text)."""
+    """Every test file outside tests/engine/kernels that carries a ``gpu`` mark (found by its text)."""
     files = []
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if not rel.startswith("tests/test_kernels/") and "mark.gpu" in path.read_text():
+        if not rel.startswith("tests/engine/kernels/") and "mark.gpu" in path.read_text():
             files.append(rel)
     return files
 

@@ -75,7 +75,7 @@ def staged_call(engine: SparseAttention, q, k, v, layout, timer: _Timer) -> torc
     timer.mark("start")
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     timer.mark("permute")
-    from dit_sparse.methods.composite import _RectStats
+    from dit_sparse.methods.engine import _RectStats
     from dit_sparse.methods.pooled_rectification import row_outlier_count
 
     rect = cfg.rectification

@@ -204,9 +204,9 @@ def embedded_inputs(steps: int):
     """q, k, v of every self-attention layer of the embedded model at three steps of its first default prompt."""
     from dit_sparse import DraftAttentionConfig as Draft
     from dit_sparse import SparseAttentionConfig
-    from dit_sparse.integration import apply, get_runtime, remove, transformers_of
-    from dit_sparse.render import Job, Renderer
-    from dit_sparse.tiny_model import DEFAULT_PROMPTS
+    from dit_sparse.integration.apply import apply, get_runtime, remove, transformers_of
+    from dit_sparse.tiny.model import DEFAULT_PROMPTS
+    from dit_sparse.tools.render import Job, Renderer
 
     renderer = Renderer("embedded", progress=False)
     job = Job(prompt=DEFAULT_PROMPTS[0], seed=0, steps=steps)
@@ -230,7 +230,7 @@ def preset_groups() -> list[tuple[str, object, list[str]]]:
     """The real-model presets with pooled rectification, grouped by selection + rectification settings (dense
     policy and ``combine`` aside): ``[(label, SparseAttentionConfig, preset names)]``."""
     from dit_sparse import SparseAttentionConfig
-    from dit_sparse.pipelines.presets import TINY_PRESET_PREFIX, list_presets
+    from dit_sparse.integration.pipelines.presets import TINY_PRESET_PREFIX, list_presets
 
     groups: dict = {}
     for p in list_presets():
@@ -250,7 +250,7 @@ def preset_groups() -> list[tuple[str, object, list[str]]]:
 def evaluate_preset(q, k, v, layout: TokenLayout, config, *, scale: float) -> dict:
     """Errors vs dense of a preset's selection alone, block and row rectification on one mask (the preset's own
     selection on this input)."""
-    from dit_sparse.methods.composite import SparseAttention
+    from dit_sparse.methods.engine import SparseAttention
 
     qp, kp, vp = (layout.permute(t.float()) for t in (q, k, v))
     dense = _dense(q, k, v, scale)

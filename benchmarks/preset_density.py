@@ -13,7 +13,7 @@ Two modes:
   at that shape; Rectified SpaAttn's top-p over IPAR does, so its number is "on structured inputs" (all three
   families are measured; the presets quote the ``local`` one and the JSON keeps the others).
 
-The presets' descriptions quote these numbers; ``tests/pipelines/test_preset_density.py`` recomputes them.
+The presets' descriptions quote these numbers; ``tests/integration/pipelines/test_preset_density.py`` recomputes them.
 
     python benchmarks/preset_density.py          # embedded model; about 1 minute on 2 CPU cores
     python benchmarks/preset_density.py --real   # real-model presets at their target grids; about 3 minutes
@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import SHAPES, Shape, environment, print_table, write_json  # noqa: E402
-from dit_sparse.methods.composite import SparseAttention  # noqa: E402
-from dit_sparse.pipelines.presets import TINY_PRESET_PREFIX, Preset, list_presets  # noqa: E402
+from dit_sparse.integration.pipelines.presets import TINY_PRESET_PREFIX, Preset, list_presets  # noqa: E402
+from dit_sparse.methods.engine import SparseAttention  # noqa: E402
 
 #: quoted family of the input-dependent presets; the others are reported too
 QUOTED_FAMILY = "local"

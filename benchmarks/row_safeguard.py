@@ -118,8 +118,8 @@ OUTLIER_PRESETS = ("wan2.1-t2v-1.3b:draft-90-rect", "hunyuanvideo:rectified-90")
 
 def _selection_mask(name: str, qp, kp, layout: TokenLayout, scale: float):
     """The block mask of one selection on permuted float32 inputs."""
-    from dit_sparse.methods.composite import SparseAttention
-    from dit_sparse.pipelines.presets import get_preset
+    from dit_sparse.integration.pipelines.presets import get_preset
+    from dit_sparse.methods.engine import SparseAttention
 
     nv = layout.num_video_blocks
     if name == "draft 0.1":

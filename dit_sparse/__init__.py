@@ -24,14 +24,14 @@ _LAZY = {
     "block_sparse_attention": "dit_sparse.ops",
     "dense_attention_lse": "dit_sparse.ops",
     "SparsePlan": "dit_sparse.plan",
-    "apply": "dit_sparse.integration",
-    "remove": "dit_sparse.integration",
-    "is_applied": "dit_sparse.integration",
-    "sparse_processors": "dit_sparse.integration",
-    "get_runtime": "dit_sparse.integration",
-    "list_presets": "dit_sparse.pipelines.presets",
-    "get_preset": "dit_sparse.pipelines.presets",
-    "load_pipeline": "dit_sparse.pipelines",
+    "apply": "dit_sparse.integration.apply",
+    "remove": "dit_sparse.integration.apply",
+    "is_applied": "dit_sparse.integration.apply",
+    "sparse_processors": "dit_sparse.integration.apply",
+    "get_runtime": "dit_sparse.integration.apply",
+    "list_presets": "dit_sparse.integration.pipelines.presets",
+    "get_preset": "dit_sparse.integration.pipelines.presets",
+    "load_pipeline": "dit_sparse.integration.pipelines",
 }
 
 

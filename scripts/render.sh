@@ -4,4 +4,4 @@
 CALLER_DIR="$(pwd)"
 source "$(dirname "$0")/_env.sh"
 cd "$CALLER_DIR"
-exec python -m dit_sparse.cli render "$@"
+exec python -m dit_sparse.tools.cli render "$@"

@@ -47,7 +47,7 @@ def test_gpu_suite_dry_run_lists_every_stage_within_8_minutes():
         assert f"[{stage}," in res.stdout
     tests_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[tests,"))
     # the compiled kernel tests, the per-backend reference test and the CUDA-graph test, skip reasons shown
-    assert "tests/test_kernels" in tests_line and "-rs" in tests_line and " -x" not in tests_line
+    assert "tests/engine/kernels" in tests_line and "-rs" in tests_line and " -x" not in tests_line
     assert "TRITON_INTERPRET" not in res.stdout  # set in the environment, not argv
     op_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[op,"))
     limit, budget = int(op_line.split("<= ")[1].split(" s]")[0]), float(op_line.split("--budget ")[1].split()[0])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .._env import has_xformers
-from ..reference.attention import apply_epilogue
+from ..epilogue import apply_epilogue
 from .base import AttentionInputs, Backend
 
 

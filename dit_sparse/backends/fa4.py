@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..epilogue import apply_epilogue
 from ..plan import SparsePlan
-from ..reference.attention import apply_epilogue
 from .base import AttentionInputs, Backend
 
 __all__ = ["FA4Backend", "FA4Tensors", "INSTALL_HINT", "fa4_tensors", "head_dim_reasons", "tile_reasons"]

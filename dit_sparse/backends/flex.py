@@ -11,7 +11,7 @@ import functools
 import torch
 
 from .._env import has_flex_attention
-from ..reference.attention import apply_epilogue
+from ..epilogue import apply_epilogue
 from .base import AttentionInputs, Backend
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .composite import DensePolicy, SparseAttention, SparseAttentionConfig, dense_attention
 from .draft_attention import DraftAttentionConfig, draft_map, draft_mask, draft_plan
+from .engine import DensePolicy, SparseAttention, SparseAttentionConfig, dense_attention
 from .neighborhood import NeighborhoodConfig, neighborhood_attention, neighborhood_mask, neighborhood_plan
 from .pooled_rectification import (
     PooledRectificationConfig,

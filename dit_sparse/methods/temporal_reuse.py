@@ -378,7 +378,7 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
             step's pooled keys and values, so a reused plan keeps a correct remainder. Not combined with
             ``retention`` (``NotImplementedError``).
         plan_width (`int`, *optional*): a bound, known from the method's config and the layout alone, on the key
-            blocks any row of ``build_mask()``'s masks reads (:func:`dit_sparse.methods.composite.plan_row_bound`):
+            blocks any row of ``build_mask()``'s masks reads (:func:`dit_sparse.methods.engine.plan_row_bound`):
             the cached plan keeps only that many columns of ``kv_indices`` (``[B, H, N, plan_width]`` instead of
             ``[B, H, N, N]`` int32). A bound that a mask exceeds would drop blocks: ``DIT_SPARSE_CHECKS=1`` checks it.
 

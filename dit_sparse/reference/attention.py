@@ -20,10 +20,11 @@ import math
 
 import torch
 
+from ..epilogue import apply_epilogue
 from ..plan import SparsePlan
 from ..segment import PooledSegment
 
-__all__ = ["block_sparse_attention_reference", "key_token_mask", "expand_epilogue", "apply_epilogue"]
+__all__ = ["block_sparse_attention_reference", "key_token_mask"]
 
 #: bytes of fp32 scores one chunk may hold; bounds the reference's memory at any sequence length
 CHUNK_BYTES = 256 * 2**20
@@ -35,33 +36,6 @@ def key_token_mask(plan: SparsePlan) -> torch.Tensor:
     if plan.kv_block_valid is None:
         return torch.ones(plan.seq_k, dtype=torch.bool, device=plan.device)
     return (pos % plan.block_k) < plan.kv_block_valid.long()[pos // plan.block_k]
-
-
-def expand_epilogue(plan: SparsePlan, batch: int, heads: int, dtype: torch.dtype):
-    """Epilogue terms as per-row tensors: scale ``[B, H, seq_q]`` and bias ``[B, seq_q, H, D]`` (or None)."""
-    scale = bias = None
-    if plan.out_scale is not None:
-        scale = plan.out_scale.to(dtype)
-        if plan.scale_per_block:
-            scale = scale.repeat_interleave(plan.block_q, dim=-1)[..., : plan.seq_q]
-        scale = scale.expand(batch, heads, plan.seq_q)
-    if plan.out_bias is not None:
-        bias = plan.out_bias.to(dtype)
-        if plan.bias_per_block:
-            bias = bias.repeat_interleave(plan.block_q, dim=1)[:, : plan.seq_q]
-        bias = bias.expand(batch, plan.seq_q, heads, bias.shape[-1])
-    return scale, bias
-
-
-def apply_epilogue(out: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
-    """``out_scale * out + out_bias`` on a ``[B, seq_q, H, D]`` tensor (computation dtype of ``out``)."""
-    b, _, h, _ = out.shape
-    scale, bias = expand_epilogue(plan, b, h, out.dtype)
-    if scale is not None:
-        out = out * scale.transpose(1, 2).unsqueeze(-1)
-    if bias is not None:
-        out = out + bias
-    return out
 
 
 def block_sparse_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -1,0 +1,486 @@
+"""``dit-sparse``: batch render, dense-vs-sparse comparison, presets and the demo, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# no torch / diffusers import at module level: `dit-sparse --help` must answer at once
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+RENDER_EXAMPLES = """examples:
+  dit-sparse render                                   # default prompt, embedded tiny model, CPU, ./outputs
+  dit-sparse render --prompt "a red circle moving right" --seed 3 --steps 20
+  dit-sparse render --jobs jobs.jsonl --out renders/  # one job per line: {"prompt": ..., "seed": ..., ...}
+  dit-sparse render --model ./my-wan-folder --preset wan2.1-t2v-1.3b:draft-80 --device cuda --dtype bfloat16 \\
+      --prompt "a fox in the snow" --frames 81 --size 832x480
+  dit-sparse render --jobs jobs.jsonl --ray --ray-actors 2          # local Ray instance, 2 CPU actors
+  dit-sparse render --jobs jobs.jsonl --ray auto --model ./wan --out /shared/renders   # 1 actor per GPU
+
+job fields (JSONL or YAML): prompt, negative_prompt, seed, steps, frames, size ("WxH") or width/height,
+guidance_scale, preset, name (output file name), pipeline_kwargs. Every field is checked before the model
+loads; unknown keys are errors. Finished jobs (sidecar present) are skipped on rerun; Ctrl-C stops cleanly and
+run_summary.json lists the pending jobs. With --model and no --preset, the preset is chosen from the model's
+family and size (printed with the reason).
+
+exit codes: 0 all jobs done or skipped, 1 a job failed, 2 bad input or set-up (one line that names the fix),
+130 interrupted.
+
+--ray needs `pip install 'dit_sparse[ray]'`. Each actor renders and writes its jobs itself: on a multi-node
+cluster --out must be shared storage mounted at the same path on every node, and every node needs dit_sparse
+and the model. A job whose actor died is retried on another actor (at most 3 times); a job that raised is
+recorded as failed, not retried.
+"""
+
+COMPARE_EXAMPLES = """examples:
+  dit-sparse compare                                  # default prompt on the embedded model, default preset
+  dit-sparse compare --prompt "a blue square bouncing" --preset tiny-wan:draft-75 --seed 1
+"""
+
+PRESETS_EXAMPLES = """examples:
+  dit-sparse presets
+  dit-sparse presets --family hunyuanvideo
+"""
+
+DEMO_EXAMPLES = """examples:
+  dit-sparse demo                                     # http://127.0.0.1:7860 (also: python -m dit_sparse.tools.app)
+  dit-sparse demo --port 8000 --share-host 0.0.0.0
+"""
+
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="diffusers pipeline folder or hub id (default: the "
+                                                       "embedded tiny model, offline)")
+    p.add_argument("--preset", default=None, help="preset name (see `dit-sparse presets`); 'none' = stock "
+                                                  "attention; default: chosen from the model's family and size")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...; with --ray: cuda when the "
+                                                   "cluster has GPUs, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute precision "
+                                                                      "(default float32)")
+    p.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of the mp4 (> 0, default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress or loading bars")
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None, help="text to render (default on the embedded model: "
+                                                  "'a red circle moving right'; required with --model)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0, help="0 .. 2**64 - 1 (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frames; Wan models: 4k + 1 (default: the model's)")
+    p.add_argument("--size", default=None, help="WxH, e.g. 832x480; a multiple of the model's spatial factor "
+                                                "(Wan: 16)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--name", default=None, help="output file name (without extension)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``dit-sparse render: error: ...; see --help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dit-sparse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="run `dit-sparse <command> --help` for examples")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+    render = sub.add_parser("render", help="render prompts or a job file to mp4/png + JSON sidecars",
+                            epilog=RENDER_EXAMPLES, formatter_class=fmt)
+    _add_model_args(render)
+    _add_job_args(render)
+    render.add_argument("--jobs", default=None, help="job file (.jsonl, .yaml)")
+    render.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="distribute the jobs over a Ray cluster: no ADDRESS starts (or attaches to) a local "
+                             "Ray instance; 'auto' or 'ray://host:10001' connects to a cluster")
+    render.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                        help="with --ray: number of actors, each holding one pipeline (default: one per GPU, "
+                             "or one per CPU on CPU-only clusters; num_gpus=1 / num_cpus=1 each)")
+    compare = sub.add_parser("compare", help="same prompt and seed, dense vs sparse: speedup, PSNR/SSIM, "
+                                             "side-by-side video", epilog=COMPARE_EXAMPLES, formatter_class=fmt)
+    _add_model_args(compare)
+    _add_job_args(compare)
+    presets = sub.add_parser("presets", help="list presets", epilog=PRESETS_EXAMPLES, formatter_class=fmt)
+    presets.add_argument("--family", default=None)
+    presets.add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="launch the Gradio demo", epilog=DEMO_EXAMPLES, formatter_class=fmt)
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share-host", default="127.0.0.1", help="address to listen on")
+    return parser
+
+
+def _say(msg: str) -> None:
+    print(f"dit-sparse: {msg}", file=sys.stderr)
+
+
+# -- checks before any model loads ----------------------------------------------------------------------------
+def _job_from_args(args, rules):
+    """The command line's job (flags checked like job-file fields; errors name the flag)."""
+    from .jobs import Job, JobError, parse_size
+
+    prompt = args.prompt
+    if prompt is None:
+        if args.model != "embedded":
+            raise JobError("--prompt: missing; with --model give the text to render, e.g. --prompt "
+                           "\"a fox in the snow\" (or a job file with --jobs)")
+        from ..tiny.model import DEFAULT_PROMPTS
+
+        prompt = DEFAULT_PROMPTS[0]
+    w = h = None
+    if args.size is not None:
+        w, h = parse_size(args.size, "command line", "size")
+    return Job(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+               frames=args.frames, width=w, height=h, guidance_scale=args.guidance_scale, name=args.name,
+               where="command line")
+
+
+def _check_common(args) -> None:
+    from .jobs import JobError
+
+    if args.fps < 1:
+        raise JobError(f"--fps: got {args.fps}, expected an integer >= 1; e.g. --fps 8")
+
+
+def _check_out(out: str) -> None:
+    """``--out`` can be created and written (before any model loads)."""
+    from .jobs import SetupError
+
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".dit_sparse-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise SetupError(f"--out {out!r}: a file is in the way (it or a parent folder is a file); choose a "
+                         "folder path") from None
+    except NotADirectoryError:
+        raise SetupError(f"--out {out!r}: a parent of it is a file, not a folder; choose a folder path") from None
+    except OSError as e:
+        raise SetupError(f"--out {out!r} cannot be written ({e.strerror or e}); choose a writable folder") from None
+
+
+def _check_device(args) -> None:
+    from .jobs import SetupError
+
+    if args.device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise SetupError(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {args.device}: no CUDA device is available (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SetupError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s); use "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise SetupError(f"--device {args.device!r}: only cpu and cuda are supported; use --device cpu or cuda")
+
+
+def _check_jobs_against(jobs, rules, preset_arg) -> None:
+    """Every job fits the model (frames rule, size multiple, RoPE length) and its preset fits the family."""
+    from ..integration.pipelines.presets import PRESETS
+    from .jobs import JobError
+
+    for job in jobs:
+        rules.check(job)
+        for where, name in ((job.where, job.preset), ("--preset", preset_arg)):
+            if name in (None, "none", "dense") or rules.family is None:
+                continue
+            fam = PRESETS[name].family
+            if fam != rules.family:
+                loc = "--preset" if where == "--preset" else f"{where}: preset"
+                raise JobError(f"{loc}: {name!r} is a {fam} preset but the model is {rules.describe()}; pick a "
+                               f"{rules.family} preset (`dit-sparse presets --family {rules.family}`)")
+
+
+def _choose_preset(args, rules, *, quiet_reason: bool = False) -> str | None:
+    """``--preset`` if given ('none'/'dense' = stock attention), else the model's default with the reason."""
+    from ..integration.pipelines.presets import TINY_DEFAULT_PRESET, default_preset_for
+    from .jobs import JobError
+
+    if args.preset is not None:
+        from .jobs import _check_preset
+
+        _check_preset("command line", "preset", args.preset)
+        return None if args.preset in ("none", "dense") else args.preset
+    if args.model == "embedded":
+        return TINY_DEFAULT_PRESET
+    try:
+        name, why = default_preset_for(rules.family, rules.size_class, experts=rules.experts, params=rules.params,
+                                       what=rules.describe())
+    except LookupError as e:
+        raise JobError(f"--preset: {e.args[0]}") from None
+    if not quiet_reason:
+        _say(f"no --preset given: using {name!r} because {why} (pass --preset to choose)")
+    return name
+
+
+def _throughput(device: str, dtype_name: str) -> float:
+    """Measured matmul FLOP/s on ``device`` in ``dtype`` (a rough upper bound for a transformer step)."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    n = 1024 if device.startswith("cpu") else 4096
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(2):
+            a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0, reps = time.perf_counter(), 3
+        for _ in range(reps):
+            a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+    except RuntimeError:
+        return 0.0
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _warn_cost(args, rules, jobs) -> None:
+    """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts."""
+    from .model_rules import is_embedded_folder
+
+    device = args.device or "cpu"
+    flops = [rules.flops(j) for j in jobs]
+    known = [f for f in flops if f is not None]
+    total = sum(known) if known else None
+    real_on_cpu = device == "cpu" and rules.size_class in ("small", "large")
+    embedded = args.model == "embedded" or is_embedded_folder(args.model)
+    for job in jobs:
+        if not embedded and (job.frames is None or job.width is None) and rules.defaults:
+            v = rules.resolve(job)
+            who = "" if job.where == "command line" else f"{job.where}: "
+            _say(f"{who}no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
+                 + (f", {v['frames']} frames" if v["frames"] else "") + f", {v['steps']} steps")
+            break
+    if total is None or (total < 5e12 and not real_on_cpu):
+        if real_on_cpu:
+            _say(f"warning: {rules.describe()} on CPU will be very slow; use --device cuda")
+        return
+    rate = _throughput(device, args.dtype)
+    secs = total / rate if rate else float("inf")
+    if real_on_cpu or secs > 600:
+        where = "on CPU " if device == "cpu" else ""
+        _say(f"warning: {rules.describe()} {where}— estimated {total / 1e12:.0f} TFLOP in the transformer for "
+             f"{len(known)} job(s), about {_fmt_seconds(secs)} at the {rate / 1e9:.0f} GFLOP/s a {args.dtype} "
+             f"matmul reaches on {device} here (a lower bound); Ctrl-C stops cleanly"
+             + ("; use --device cuda" if device == "cpu" else ""))
+
+
+def _quiet_loading() -> None:
+    """No loading bars (diffusers' per-component bar, transformers' checkpoint bar)."""
+    import diffusers.utils.logging as dl
+
+    dl.disable_progress_bar()
+    try:
+        import transformers.utils.logging as tl
+
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _prepare(args, *, compare: bool = False):
+    """Everything checked before any model loads: ``(rules, jobs, preset)``; ``rules`` is None for a hub id."""
+    from .jobs import JobError, load_jobs
+    from .model_rules import read_model_rules
+
+    _check_common(args)
+    rules = read_model_rules(args.model)  # SetupError for a missing path / a folder that is not a pipeline
+    if rules is not None and not rules.defaults:  # a folder: the pipeline class's own call defaults
+        import dataclasses
+
+        import diffusers
+
+        from .render import call_defaults
+
+        cls = getattr(diffusers, rules.pipeline, None)
+        if cls is not None:
+            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+    if getattr(args, "jobs", None):
+        jobs = load_jobs(args.jobs)
+    else:
+        jobs = [_job_from_args(args, rules)]
+    if compare and jobs[0].preset:
+        raise JobError("compare takes --preset, not a job preset")
+    preset = _choose_preset(args, rules, quiet_reason=rules is None) if rules is not None else (
+        _choose_preset(args, rules) if args.preset is not None else None)
+    if rules is not None:
+        _check_jobs_against(jobs, rules, args.preset if args.preset not in ("none", "dense") else None)
+    _check_out(args.out)
+    _check_device(args)
+    if rules is not None:
+        _warn_cost(args, rules, jobs)
+    if args.quiet:
+        _quiet_loading()
+    return rules, jobs, preset
+
+
+def _renderer(args):
+    import torch
+
+    from .render import Renderer
+
+    device = args.device or "cpu"
+    _say(f"loading {'the embedded tiny model' if args.model == 'embedded' else args.model} on {device} "
+         f"({args.dtype}) ...")
+    try:
+        return Renderer(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+    except OSError as e:  # hub id not found / offline, unreadable weights
+        from .jobs import SetupError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SetupError(f"--model {args.model!r} could not be loaded ({first}); give a local diffusers "
+                         "folder, or check the hub id and the network") from None
+
+
+def _after_load(args, renderer, rules, jobs, preset):
+    """Hub ids: the rules and the default preset are known only now."""
+    if rules is None:
+        from .jobs import JobError
+        from .render import model_default_preset
+
+        rules = renderer.rules
+        if args.preset is None:
+            try:
+                preset, why = model_default_preset(renderer, with_reason=True)
+            except LookupError as e:
+                raise JobError(f"--preset: {e.args[0]}") from None
+            _say(f"no --preset given: using {preset!r} because {why} (pass --preset to choose)")
+        _check_jobs_against(jobs, rules, preset)
+        _warn_cost(args, rules, jobs)
+    return preset
+
+
+def cmd_render(args) -> int:
+    from .jobs import JobError
+
+    if args.ray_actors is not None and args.ray is None:
+        raise JobError("--ray-actors needs --ray; add --ray (local Ray) or --ray auto (a cluster)")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise JobError(f"--ray-actors: got {args.ray_actors}, expected at least 1")
+    if args.jobs and args.prompt is not None:
+        raise JobError("give --prompt or --jobs, not both")
+    rules, jobs, preset = _prepare(args)
+    if args.ray is not None:
+        import torch
+
+        from .ray_batch import render_jobs_ray
+
+        ray_preset = args.preset if args.preset is not None else preset
+        try:
+            summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
+                                      address=args.ray or None, actors=args.ray_actors, device=args.device,
+                                      dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet)
+        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
+            from .jobs import SetupError
+
+            raise SetupError(str(e).strip().replace("\n", " ")) from None
+    else:
+        from .render import render_jobs
+
+        renderer = _renderer(args)
+        preset = _after_load(args, renderer, rules, jobs, preset)
+        summary = render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps,
+                              progress=not args.quiet)
+    for r in summary["results"]:
+        line = f"  {r['status']:<28} {r['output']}"
+        if r["status"] == "failed":
+            line += f"  ({r['error']})"
+        print(line)
+    print(f"dit-sparse render: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
+          f"-> {args.out}/ (run_summary.json)")
+    return 1 if summary["failed"] else 0
+
+
+def cmd_compare(args) -> int:
+    from .jobs import JobError
+    from .render import compare
+    from .words import speed_words
+
+    rules, jobs, preset = _prepare(args, compare=True)
+    if args.preset is not None and preset is None:
+        raise JobError("--preset none: compare needs a sparse preset to compare with dense; pick one from "
+                       "`dit-sparse presets`")
+    renderer = _renderer(args)
+    preset = _after_load(args, renderer, rules, jobs, preset)
+    if preset is None:
+        raise JobError("--preset: compare needs a sparse preset to compare with dense")
+    report = compare(renderer, jobs[0], preset, args.out, fps=args.fps)
+    density = report["measured_density"]
+    print(f"dense {report['dense_s']:.2f} s, sparse {report['sparse_s']:.2f} s: sparse is "
+          f"{speed_words(report['speedup'])} (on {renderer.device}), density "
+          f"{'n/a' if density is None else f'{density:.2f}'}, PSNR {report['psnr']:.2f} dB, "
+          f"SSIM {report['ssim']:.3f}"
+          + (f", LPIPS {report['lpips']:.3f}" if report["lpips"] is not None else " (LPIPS unavailable offline)"))
+    print(f"-> {args.out}/{report['side_by_side']} (left dense, right sparse)")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from ..integration.pipelines.presets import list_presets
+
+    presets = list_presets(args.family)
+    if args.json:
+        print(json.dumps([{"name": p.name, "family": p.family, "model_id": p.model_id,
+                           "description": p.description} for p in presets], indent=2))
+        return 0
+    width = max(len(p.name) for p in presets)
+    for p in presets:
+        print(f"{p.name:<{width}}  {p.description}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .jobs import SetupError
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SetupError("dit-sparse demo needs gradio: pip install 'dit_sparse[app]'") from None
+    from .app.ui import launch
+
+    launch(host=args.share_host, port=args.port, block=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"render": cmd_render, "compare": cmd_compare, "presets": cmd_presets, "demo": cmd_demo}
+    try:
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        summary = Path(out) / "run_summary.json" if out and args.command == "render" else None
+        print(f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
+              + (f"; finished jobs are kept, {summary} lists the pending ones: rerun the same command to resume"
+                 if summary is not None and summary.exists() else ""), file=sys.stderr)
+        return 130
+    except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
+        msg = str(e).strip().splitlines()
+        print(f"dit-sparse {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
