@@ -1,4 +1,4 @@
-"""Fidelity harness and ablation on the embedded trained tiny model (issue "Fidelity harness ...").
+"""Fidelity harness and ablation on the embedded trained tiny model.
 
 For each method variant and density, renders the same prompts and seeds dense and sparse and reports PSNR / SSIM
 (LPIPS where its weights exist locally) of sparse vs dense, plus the mean per-layer relative L2 error of the

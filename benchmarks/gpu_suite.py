@@ -1,4 +1,4 @@
-"""The prepared GPU suite (issue 15 item 4): one command, at most 8 minutes on an H100 / H200, one output folder.
+"""The prepared GPU suite: one command, at most 8 minutes on an H100 / H200, one output folder.
 
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
@@ -17,7 +17,7 @@ Stages (each under its own time limit; a failing or timed-out stage is recorded 
 4. ``end_to_end`` — ``benchmarks/end_to_end.py``: denoising-step speedup per preset against diffusers' masked
    dense step and against the best unmasked SDPA, and the share of the Amdahl limit;
 5. ``pooled_cost`` — ``benchmarks/pooled_cost.py``: plain sparse vs block rectification vs the fused row segment
-   (``row_keys`` mean / outlier) at density 0.1, HunyuanVideo 720p and Wan 480p (issue 14's <= 5% cost target).
+   (``row_keys`` mean / outlier) at density 0.1, HunyuanVideo 720p and Wan 480p (target: <= 5% over plain sparse).
 
 Stages 2-5 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
 shapes, the later stages reuse it. Writes into OUT (3 files, so that all come back from a device run):
@@ -93,7 +93,7 @@ STAGES = {
     "op": (185, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "130", "--out", "{raw}"]]),
     "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
     "end_to_end": (100, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
-    # issue 14's cost target: plain sparse vs block and the fused row segment at density 0.1 (two op shapes)
+    # the segment's cost: plain sparse vs block and the fused row segment at density 0.1 (two op shapes)
     "pooled_cost": (35, [[sys.executable, "benchmarks/pooled_cost.py", "{raw}"]]),
 }
 SMOKE = {
@@ -296,7 +296,7 @@ def render_summary(payload: dict) -> str:
             "model", "preset", "tokens", "padded_tokens", "attention_share", "density", "step_speedup",
             "step_speedup_vs_unmasked", "best_unmasked_backend", "amdahl_limit", "of_limit"]), ""]
     if res.get("pooled_cost"):
-        out += ["## Fused pooled segment cost at density 0.1 (issue 14 target: row mode <= 5% over plain sparse)",
+        out += ["## Fused pooled segment cost at density 0.1 (target: row mode <= 5% over plain sparse)",
                 "", _md_table(res["pooled_cost"]["rows"], ["shape", "tokens", "density", "variant", "kernel_ms",
                                                            "kernel_overhead_pct", "build_ms"]), ""]
     got = {key: None for _, key, _ in TARGETS} if payload.get("smoke") else targets(res)

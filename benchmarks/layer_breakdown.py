@@ -1,4 +1,4 @@
-"""Per-layer breakdown of one sparse attention call: where the time goes outside the kernel (issue 15 item 4).
+"""Per-layer breakdown of one sparse attention call: where the time goes outside the kernel.
 
 One layer call of the composite engine (``SparseAttention``) at a model shape, split into its stages and timed
 with CUDA events (median over repetitions, after warm-up):

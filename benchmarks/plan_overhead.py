@@ -1,4 +1,4 @@
-"""Plan-building overhead of each method against dense attention time at model shapes (issue "The four methods").
+"""Plan-building overhead of each method against dense attention time at model shapes.
 
 Times (median ms), per shape: the tile permutation of q/k/v, each method's plan (draft: pooling + draft map +
 selection + CSR; rectification: pooling + IPAR + GAPR + selection + R/c; neighbourhood: cached plan lookup

@@ -1,4 +1,4 @@
-"""What the fused pooled-key segment (row rectification in one pass) costs over the plain sparse kernel (issue 14).
+"""What the fused pooled-key segment (row rectification in one pass) costs over the plain sparse kernel.
 
 Target: the remainder costs <= 5% over the plain sparse kernel at density 0.1.
 

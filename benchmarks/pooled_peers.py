@@ -1,4 +1,4 @@
-"""Exact-plus-pooled attention against its peer, Sol-Attn, on the same inputs (issue 14, items 3 and 6).
+"""Exact-plus-pooled attention against its peer, Sol-Attn, on the same inputs.
 
 Relative L2 error of the attention output against dense attention, at matched block density, on
 
@@ -24,7 +24,7 @@ measured by a probe (one-hot block values with ``tail=False``) and our draft kee
 that stay at or below it (``floor(density * Nv)``): the "density" columns give both. It forces the blocks at +-1 in its
 block order (our tile raster order) and scores the pooled tail with the query block's centroid, shared by its rows.
 
-``--presets`` (issue 14 item 5, the real-model presets' combine): every real-model preset with pooled rectification,
+``--presets`` (the real-model presets' combine): every real-model preset with pooled rectification,
 grouped by its selection and rectification settings (the dense policy aside), on its own selection at block 128
 and head dim 128 on the three structured families (5 x 30 x 52 grid: Wan 480p rows and columns, 5 latent frames,
 7,800 tokens, 61 blocks; 2 heads, seed 0), and at the embedded model's own 16-token blocks on its captured

@@ -1,4 +1,4 @@
-"""Measured block density of the presets on their own target shapes (issue 14 item 4).
+"""Measured block density of the presets on their own target shapes.
 
 Two modes:
 

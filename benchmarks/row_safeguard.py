@@ -1,4 +1,4 @@
-"""Which sharp-attention safeguard for the per-row remainder (issue 14 item 3): candidates measured in float64.
+"""Which sharp-attention safeguard for the per-row remainder: candidates measured in float64.
 
 Dense float64 formulas (no kernel): for each structured family (``tests/utils.py::structured_family``), seed and
 draft density, the relative L2 error vs dense attention of draft alone and of draft + a per-row remainder built in

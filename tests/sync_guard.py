@@ -11,9 +11,8 @@ calls by name, whatever the device (on the per-layer path a ``.cpu()`` of a CPU 
 
 Documented host reads are allowed two ways, and kept (with their reason) in ``rec.allowed`` instead of failing:
 
-* ``no_host_sync(..., allow=(dit_sparse.integration.context.host_read,))``: every sync made inside a call of one of
-these
-  functions (found on the stack; the reason is that call's ``why`` argument);
+* ``no_host_sync(..., allow=(dit_sparse.integration.context.host_read,))``: every sync made inside a call of one
+  of these functions (found on the stack; the reason is that call's ``why`` argument);
 * ``with rec.allow(reason):`` around a body.
 """
 

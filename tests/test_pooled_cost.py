@@ -1,4 +1,4 @@
-"""benchmarks/pooled_cost.py (the fused pooled segment's cost, issue 14) and pooled_peers.py --presets: CPU paths."""
+"""benchmarks/pooled_cost.py (the fused pooled segment's cost) and pooled_peers.py --presets: CPU paths."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def structured_qkv(layout: TokenLayout, *, batch: int = 1, heads: int = 2, dim: 
     return q, k, v
 
 
-#: the three structured input families of issue 14 (item 3): broad attention, local attention, and a few isolated
+#: the three structured input families: broad attention, local attention, and a few isolated
 #: bright keys on a flat field (where a skipped block's mean key stands for none of the keys that matter)
 FAMILIES = ("diffuse", "local", "sharp_sparse")
 

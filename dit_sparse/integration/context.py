@@ -14,11 +14,10 @@ Processors see only token sequences. A diffusers ``ModelHook`` on the transforme
 The hook is stateful in diffusers' sense (it holds a ``StateManager``), so pipelines' ``cache_context`` reaches it.
 
 **Host reads.** Reading a device value on the host (``.tolist()``, ``float(t)``, ``nonzero``) makes the host wait for
-the device (a device-to-host sync on CUDA). The sparse layer calls never do it (issue 15 item 1,
-``tests/integration/adapters/test_contract.py::test_sparse_path_does_not_sync``); what must come to the host because
-it decides
-shapes or the plan (the step, the grid from ``img_ids``, a valid-text count) goes through :func:`host_read`, at most
-once per transformer forward:
+the device (a device-to-host sync on CUDA). The sparse layer calls never do it
+(``tests/integration/adapters/test_contract.py::test_sparse_path_does_not_sync``); what must come to the host because
+it decides shapes or the plan (the step, the grid from ``img_ids``, a valid-text count) goes through
+:func:`host_read`, at most once per transformer forward:
 
 * the step: from the pipeline's cache context (``step_index``) when it gives one (no read), else one read of the
   timestep per forward (the step counts timestep changes); the schedule's first timestep is read once per

@@ -1,7 +1,7 @@
 """Training recipe of the embedded tiny text-to-video model (:mod:`dit_sparse.tiny.model`), CPU-only.
 
-    python -m dit_sparse.tiny.train --out dit_sparse/tiny/assets/tiny_wan --minutes 25 --samples
-    samples/tiny_model_default
+    python -m dit_sparse.tiny.train --out dit_sparse/tiny/assets/tiny_wan --minutes 25 \
+        --samples samples/tiny_model_default
 
 Everything is generated: the data are :mod:`dit_sparse.tiny.synthetic` clips (one coloured circle / square / triangle
 moving left, right, up, down or bouncing on a dark background, 17 frames x 64 x 64) with their prompts ("a red

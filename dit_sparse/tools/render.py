@@ -102,8 +102,7 @@ def media_suffix(model: str) -> str | None:
 def model_default_preset(renderer: Renderer, *, with_reason: bool = False):
     """The preset used when none is requested: the embedded model's tuned one, else one chosen from the loaded
     transformer's family and size class (:func:`~dit_sparse.integration.pipelines.presets.default_preset_for`; never a
-    toy
-    preset for a real model). ``with_reason`` returns ``(name, why)``. Raises ``LookupError`` when the family
+    toy preset for a real model). ``with_reason`` returns ``(name, why)``. Raises ``LookupError`` when the family
     has none."""
     from ..integration.pipelines.presets import TINY_DEFAULT_PRESET, default_preset_for
 

@@ -1,4 +1,4 @@
-"""Narrow cached plans (issue 15 item 4): ``plan_row_bound`` bounds every plan row from the config and the layout
+"""Narrow cached plans: ``plan_row_bound`` bounds every plan row from the config and the layout
 alone, temporal reuse keeps only that many ``kv_indices`` columns, and the output is unchanged."""
 
 from __future__ import annotations

@@ -122,8 +122,7 @@ def _worker(rank: int, out_dir: str) -> None:  # noqa: C901 - one script, many s
     res["cp_apply_first/removed"] = fwd(tr)
 
     # every cp="ulysses" entry of the adapter table (tests/integration/adapters/harness.py): sparse under Ulysses
-    # equals sparse
-    # in one process, the stock model under Ulysses equals stock (the plan shards this model at all)
+    # equals sparse in one process, the stock model under Ulysses equals stock (the plan shards this model at all)
     from harness import SPARSE as CASE_SPARSE
     from test_contract import ULYSSES_CASES
 

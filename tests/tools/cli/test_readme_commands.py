@@ -2,8 +2,8 @@
 ``dit-sparse`` console script and ``scripts/*.sh`` in a subprocess, started from a folder other than the
 repository root. Where the README names a model folder or a GPU, the embedded model's own folder
 (``dit_sparse/tiny/assets/tiny_wan``) and the CPU stand in; step counts are lowered only where the README shows none.
-(The demo command is tested in ``tests/tools/app/test_app.py``; the Ray commands in
-``tests/tools/cli/test_ray.py``.)"""
+(The demo command is tested in ``tests/tools/app/test_app.py``; the Ray commands in ``tests/tools/cli/test_ray.py``.)
+"""
 
 from __future__ import annotations
 
