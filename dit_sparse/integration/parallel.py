@@ -15,9 +15,9 @@ It raises ``NotImplementedError`` (:func:`ulysses_group`).
 
 Where a call runs sparse, :meth:`dit_sparse.integration.adapters.base.SparseProcessorBase.attend` calls
 :func:`ulysses_attention` (our own all-to-alls with :func:`torch.distributed.all_to_all_single`, same layout as
-diffusers' ``TemplatedUlyssesAttention``); dense calls keep going through diffusers' dispatcher with the parallel config, which
-runs the stock Ulysses attention itself. The dense/sparse decision depends only on rank-independent inputs (grid,
-step, layer, token count), so every rank takes the same branch and issues the same collectives;
+diffusers' ``TemplatedUlyssesAttention``); dense calls keep going through diffusers' dispatcher with the parallel
+config, which runs the stock Ulysses attention itself. The dense/sparse decision depends only on rank-independent
+inputs (grid, step, layer, token count), so every rank takes the same branch and issues the same collectives;
 ``DIT_SPARSE_CHECKS=1`` verifies that with one small all-reduce per call (:func:`check_same_on_all_ranks`).
 
 Supported order (see :func:`dit_sparse.apply`): ``transformer.enable_parallelism(...)`` **then**
