@@ -196,11 +196,6 @@ class TokenLayout:
         """Padding slots over all slots, ``1 - seq_len / padded_len`` (video and text padding)."""
         return 1.0 - self.seq_len / self.padded_len
 
-    @property
-    def video_offset(self) -> int:
-        """Index of the first video token in model order."""
-        return self.text_tokens if self.text_position == "before" else 0
-
     # ------------------------------------------------------------------ cached index tensors
     def indices(self, device: torch.device | str = "cpu") -> _LayoutIndices:
         """Index tensors on ``device`` (cached per layout and device)."""

@@ -61,8 +61,5 @@ class Backend:
                     "and hopper backends do"]
         return []
 
-    def supports(self, inputs: AttentionInputs) -> bool:
-        return not (self.not_supported_reasons(inputs) + self.segment_reasons(inputs))
-
     def forward(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError

@@ -16,39 +16,34 @@ import torch
 from .._env import has_triton, triton_interpret
 from .._logging import get_logger
 from .base import AttentionInputs
-from .triton import TritonBackend, kernel_input_reasons, kernel_operands, unit_stride_qkv
+from .triton import TritonBackend, kernel_input_reasons, kernel_op, kernel_operands, unit_stride_qkv
 
 logger = get_logger("dit_sparse.backends")
 _logged: set[str] = set()
 
 
-@torch.library.custom_op("dit_sparse::block_sparse_attn_hopper", mutates_args=())
-def _hopper_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
-               partial_num: torch.Tensor, partial_idx: torch.Tensor, kv_block_valid: torch.Tensor | None,
-               out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, block_q: int, block_k: int,
-               scale: float, scale_per_block: bool, bias_per_block: bool, split_full: bool,
-               rescale_threshold: float, tma: int, warp_specialize: bool,
-               pooled_keys: torch.Tensor | None = None, pooled_values: torch.Tensor | None = None,
-               pooled_log_count: torch.Tensor | None = None, pooled_read: torch.Tensor | None = None,
-               pooled_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+#: the kernel's switches (:class:`~dit_sparse.kernels.block_sparse_attn_hopper.HopperOptions`) as op operands;
+#: ``tma`` is -1 (None: wherever the inputs qualify), 0 or 1
+SWITCH_OPERANDS = (("split_full", bool), ("rescale_threshold", float), ("tma", int), ("warp_specialize", bool))
+
+
+def _switches(options) -> dict:
+    """``options`` as :data:`SWITCH_OPERANDS` by name."""
+    return dict(split_full=options.split_full, rescale_threshold=float(options.rescale_threshold),
+                tma=-1 if options.tma is None else int(options.tma), warp_specialize=options.warp_specialize)
+
+
+def _launch_hopper(*, split_full: bool, rescale_threshold: float, tma: int, warp_specialize: bool, **operands):
     from ..kernels.block_sparse_attn_hopper import HopperOptions, block_sparse_attn_hopper_fwd
 
-    opts = HopperOptions(split_full=split_full, rescale_threshold=rescale_threshold,
-                         tma=None if tma < 0 else bool(tma), warp_specialize=warp_specialize)
-    return block_sparse_attn_hopper_fwd(q, k, v, full_num, full_idx, partial_num, partial_idx, block_q=block_q,
-                                        block_k=block_k, kv_block_valid=kv_block_valid, scale=scale,
-                                        out_scale=out_scale, out_bias=out_bias, scale_per_block=scale_per_block,
-                                        bias_per_block=bias_per_block, pooled_keys=pooled_keys,
-                                        pooled_values=pooled_values, pooled_log_count=pooled_log_count,
-                                        pooled_read=pooled_read, pooled_gate=pooled_gate, options=opts)
+    options = HopperOptions(split_full=split_full, rescale_threshold=rescale_threshold,
+                            tma=None if tma < 0 else bool(tma), warp_specialize=warp_specialize)
+    return block_sparse_attn_hopper_fwd(**operands, options=options)
 
 
-@_hopper_op.register_fake
-def _(q, k, v, full_num, full_idx, partial_num, partial_idx, kv_block_valid, out_scale, out_bias, block_q, block_k,
-      scale, scale_per_block, bias_per_block, split_full, rescale_threshold, tma, warp_specialize, pooled_keys=None,
-      pooled_values=None, pooled_log_count=None, pooled_read=None, pooled_gate=None):
-    b, s, h, _ = q.shape
-    return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
+#: the plan as the kernel reads it, :attr:`SparsePlan.full_split`'s four tables
+_TABLES = tuple((name, torch.Tensor) for name in ("full_num", "full_idx", "partial_num", "partial_idx"))
+_hopper_op = kernel_op("block_sparse_attn_hopper", _TABLES, _launch_hopper, switches=SWITCH_OPERANDS)
 
 
 class HopperBackend(TritonBackend):
@@ -133,9 +128,5 @@ class HopperBackend(TritonBackend):
         mq, w = full_idx.shape[-2:]
         tables = (full_num.expand(b, h, mq), full_idx.expand(b, h, mq, w), part_num.expand(b, h, mq),
                   part_idx.expand(b, h, mq, w))
-        kbv, scale_t, bias_t, seg = kernel_operands(inputs, b, h)
-        tma = -1 if opts.tma is None else int(opts.tma)
-        out, lse = _hopper_op(q, k, v, *tables, kbv, scale_t, bias_t, plan.block_q, plan.block_k,
-                              float(inputs.scale), plan.scale_per_block, plan.bias_per_block, opts.split_full,
-                              float(opts.rescale_threshold), tma, opts.warp_specialize, *seg)
+        out, lse = _hopper_op(q, k, v, *tables, **kernel_operands(inputs, b, h), **_switches(opts))
         return out, (lse if inputs.return_lse else None)

@@ -2,9 +2,14 @@
 
 The custom op (with a fake twin) keeps ``torch.compile`` graphs whole around the kernel. On CPU the kernel runs
 in Triton's interpreter when ``TRITON_INTERPRET=1``; automatic dispatch never picks that (it is for tests).
+Both Triton kernels' ops (this one and ``hopper``'s) are built by :func:`kernel_op` from one operand list:
+:data:`PLAN_OPERANDS` and :data:`POOLED_OPERANDS`, plus each kernel's plan tables and switches.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -14,32 +19,65 @@ from .base import AttentionInputs, Backend
 MAX_HEAD_DIM = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: ``(name, type)`` of the operands every Triton kernel op takes after q, k, v and its plan tables, in op order:
+#: the key-validity and epilogue tensors (None where the plan has none), then the plan's scalars
+PLAN_OPERANDS = (("kv_block_valid", torch.Tensor | None), ("out_scale", torch.Tensor | None),
+                 ("out_bias", torch.Tensor | None), ("block_q", int), ("block_k", int), ("scale", float),
+                 ("scale_per_block", bool), ("bias_per_block", bool))
+#: the pooled key segment, the last operands of every Triton kernel op (default None: no segment)
+POOLED_OPERANDS = tuple((name, torch.Tensor | None) for name in ("pooled_keys", "pooled_values", "pooled_log_count",
+                                                                 "pooled_read", "pooled_gate"))
 
-@torch.library.custom_op("dit_sparse::block_sparse_attn", mutates_args=())
-def _block_sparse_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
-                          kv_indices: torch.Tensor, kv_block_valid: torch.Tensor | None,
-                          out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, block_q: int,
-                          block_k: int, scale: float, scale_per_block: bool,
-                          bias_per_block: bool, pooled_keys: torch.Tensor | None = None,
-                          pooled_values: torch.Tensor | None = None, pooled_log_count: torch.Tensor | None = None,
-                          pooled_read: torch.Tensor | None = None,
-                          pooled_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def kernel_op(name: str, tables: tuple, launch: Callable, switches: tuple = ()):
+    """Register a Triton kernel's launcher as the ``torch.library`` custom op ``dit_sparse::<name>`` and return it.
+
+    The op's operands, each ``(name, type)``, are ``q, k, v`` (``[B, S, H, D]`` tensors), the kernel's plan
+    ``tables``, :data:`PLAN_OPERANDS`, the kernel's ``switches`` and :data:`POOLED_OPERANDS` (default None), in
+    that order. The op's typed signature (torch infers its schema from it) and its fake (``out [B, Sq, H, Dv]`` in
+    q's dtype and float32 ``lse [B, H, Sq]``, what every launcher returns) both come from that one list. The op
+    takes its operands positionally or by name (the pooled ones may be left out); ``launch`` is called with every
+    operand by name and returns ``(out, lse)``.
+    """
+
+    def param(name, annotation, default=inspect.Parameter.empty):
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
+                                 default=default)
+
+    params = [param(n, t) for n, t in (("q", torch.Tensor), ("k", torch.Tensor), ("v", torch.Tensor), *tables,
+                                       *PLAN_OPERANDS, *switches)]
+    params += [param(n, t, None) for n, t in POOLED_OPERANDS]
+    signature = inspect.Signature(params, return_annotation=tuple[torch.Tensor, torch.Tensor])
+
+    def operands(args, kwargs) -> dict:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    def impl(*args, **kwargs):
+        return launch(**operands(args, kwargs))
+
+    def fake(*args, **kwargs):
+        ops = operands(args, kwargs)
+        q, v = ops["q"], ops["v"]
+        b, s, h, _ = q.shape
+        return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
+
+    impl.__signature__ = signature
+    op = torch.library.custom_op(f"dit_sparse::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _launch_portable(**operands):
     from ..kernels.block_sparse_attn import block_sparse_attn_fwd
 
-    return block_sparse_attn_fwd(q, k, v, kv_num_blocks, kv_indices, block_q=block_q, block_k=block_k,
-                                 kv_block_valid=kv_block_valid, scale=scale, out_scale=out_scale,
-                                 out_bias=out_bias, scale_per_block=scale_per_block,
-                                 bias_per_block=bias_per_block, pooled_keys=pooled_keys,
-                                 pooled_values=pooled_values, pooled_log_count=pooled_log_count,
-                                 pooled_read=pooled_read, pooled_gate=pooled_gate)
+    return block_sparse_attn_fwd(**operands)
 
 
-@_block_sparse_attn_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, kv_block_valid, out_scale, out_bias, block_q, block_k, scale,
-      scale_per_block, bias_per_block, pooled_keys=None, pooled_values=None, pooled_log_count=None,
-      pooled_read=None, pooled_gate=None):
-    b, s, h, _ = q.shape
-    return (q.new_empty(b, s, h, v.shape[-1]), q.new_empty(b, h, s, dtype=torch.float32))
+#: the plan as the kernel reads it, its CSR rows
+_TABLES = (("kv_num_blocks", torch.Tensor), ("kv_indices", torch.Tensor))
+_block_sparse_attn_op = kernel_op("block_sparse_attn", _TABLES, _launch_portable)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -88,10 +126,7 @@ class TritonBackend(Backend):
         plan = inputs.plan
         q, k, v = unit_stride_qkv(inputs)
         num, idx = plan.expand(q.shape[0], q.shape[2])
-        kbv, scale_t, bias_t, seg = kernel_operands(inputs, q.shape[0], q.shape[2])
-        out, lse = _block_sparse_attn_op(q, k, v, num, idx, kbv, scale_t,
-                                         bias_t, plan.block_q, plan.block_k, float(inputs.scale),
-                                         plan.scale_per_block, plan.bias_per_block, *seg)
+        out, lse = _block_sparse_attn_op(q, k, v, num, idx, **kernel_operands(inputs, q.shape[0], q.shape[2]))
         return out, (lse if inputs.return_lse else None)
 
 
@@ -101,17 +136,20 @@ def unit_stride_qkv(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor
     return tuple(_unit_stride(t) for t in (inputs.query, inputs.key, inputs.value))
 
 
-def kernel_operands(inputs: AttentionInputs, b: int, h: int) -> tuple:
-    """The plan's optional operands as both Triton kernels take them, broadcast to batch ``b`` and heads ``h``:
-    ``(kv_block_valid, out_scale, out_bias, pooled segment tuple)`` (None / ``()`` where absent)."""
+def kernel_operands(inputs: AttentionInputs, b: int, h: int) -> dict:
+    """:data:`PLAN_OPERANDS` by name, as both Triton kernels take them (the plan's optional tensors broadcast to
+    batch ``b`` and heads ``h``, None where absent), and :data:`POOLED_OPERANDS` where the call has a segment."""
     plan = inputs.plan
-    kbv = None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous()  # read with unit stride
-    scale_t = None if plan.out_scale is None else plan.out_scale.float().expand(b, h, plan.out_scale.shape[-1])
-    bias_t = None if plan.out_bias is None else plan.out_bias.expand(b, plan.out_bias.shape[1], h,
-                                                                      plan.out_bias.shape[-1])
-    seg = ()
-    if inputs.pooled is not None:
-        ps = inputs.pooled
-        seg = (ps.keys.expand(b, h, -1, -1), ps.values.expand(b, h, -1, -1), ps.log_count,
-               ps.read.expand(b, h, -1, -1), None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
-    return kbv, scale_t, bias_t, seg
+    ops = dict(
+        kv_block_valid=None if plan.kv_block_valid is None else plan.kv_block_valid.contiguous(),  # unit stride
+        out_scale=None if plan.out_scale is None else plan.out_scale.float().expand(b, h, plan.out_scale.shape[-1]),
+        out_bias=None if plan.out_bias is None else plan.out_bias.expand(b, plan.out_bias.shape[1], h,
+                                                                         plan.out_bias.shape[-1]),
+        block_q=plan.block_q, block_k=plan.block_k, scale=float(inputs.scale), scale_per_block=plan.scale_per_block,
+        bias_per_block=plan.bias_per_block)
+    ps = inputs.pooled
+    if ps is not None:
+        ops.update(pooled_keys=ps.keys.expand(b, h, -1, -1), pooled_values=ps.values.expand(b, h, -1, -1),
+                   pooled_log_count=ps.log_count, pooled_read=ps.read.expand(b, h, -1, -1),
+                   pooled_gate=None if ps.gate is None else ps.gate.expand(b, h, -1, -1))
+    return ops

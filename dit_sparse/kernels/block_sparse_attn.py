@@ -389,18 +389,22 @@ def _autotuned_kernel():
     )(_block_sparse_attn_fwd)
 
 
-def _optional_operands(out, lse, stand_in, kv_block_valid, out_scale, out_bias, pooled_keys, pooled_values,
-                       pooled_log_count, pooled_read, pooled_gate) -> dict:
-    """Kernel arguments of the optional operands, shared by both launchers: ``epilogue`` (kv_block_valid,
-    out_scale, out_bias pointers), ``epilogue_strides``, ``pooled`` (the segment's pointers, strides and length)
-    and the constexpr flags in ``meta``. Absent operands get a harmless stand-in pointer (never read: their
-    constexpr flag is off)."""
-    dim = out.shape[-1]
+def _kernel_args(q, k, v, out, lse, tables, interpreted, *, block_q, block_k, scale, kv_block_valid, out_scale,
+                 out_bias, scale_per_block, bias_per_block, pooled_keys, pooled_values, pooled_log_count,
+                 pooled_read, pooled_gate) -> tuple[tuple, dict]:
+    """The arguments both kernels take, laid out alike in their signatures: ``(args, meta)``, the positional
+    arguments ``Q`` to ``NUM_POOLED`` and the constexprs short of the tile sizes and a kernel's own switches.
+    ``tables`` are the kernel's plan tables (``[B, H, Mq]`` counts, ``[B, H, Mq, W]`` indices; ``tables[1]`` holds
+    indices): they follow ``Out, Lse``, their strides follow out's. Absent optional operands get a harmless
+    stand-in pointer (never read: their constexpr flag is off). ``interpreted``: the kernel runs in the Triton
+    interpreter (bf16 tiles are upcast there)."""
+    _, seq_q, heads, dim = q.shape
+    stand_in = tables[0]
     epilogue = (kv_block_valid if kv_block_valid is not None else stand_in,
                 out_scale if out_scale is not None else lse,
                 out_bias if out_bias is not None else out)
-    strides = ((_bcast_strides(out_scale) if out_scale is not None else (0, 0, 0))
-               + (_bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)))
+    epilogue_strides = ((_bcast_strides(out_scale) if out_scale is not None else (0, 0, 0))
+                        + (_bcast_strides(out_bias) if out_bias is not None else (0, 0, 0, 0)))
     has_pooled = pooled_keys is not None
     has_gate = has_pooled and pooled_gate is not None
     if has_pooled:
@@ -413,10 +417,25 @@ def _optional_operands(out, lse, stand_in, kv_block_valid, out_scale, out_bias, 
         pooled = (pk, pv, pbias, pread, pg if has_gate else pk, *seg_strides, pk.shape[2])
     else:
         pooled = (lse, lse, lse, stand_in, lse, *(0,) * 13, 0)
-    meta = dict(HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(max(dim, 16)), HAS_KV_VALID=kv_block_valid is not None,
+    args = (
+        q, k, v, out, lse,
+        *tables, *epilogue,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *(st for t in tables for st in _bcast_strides(t)),
+        *epilogue_strides,
+        heads, seq_q, k.shape[1], tables[1].shape[-1], float(scale) * _LOG2E,
+        *pooled,
+    )
+    meta = dict(PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), HEAD_DIM=dim,
+                BLOCK_D=triton.next_power_of_2(max(dim, 16)), HAS_KV_VALID=kv_block_valid is not None,
                 HAS_SCALE=out_scale is not None, HAS_BIAS=out_bias is not None, HAS_POOLED=has_pooled,
-                HAS_GATE=has_gate)
-    return dict(epilogue=epilogue, epilogue_strides=strides, pooled=pooled, meta=meta)
+                HAS_GATE=has_gate, SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
+                UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
+                IEEE_DOT=q.dtype == torch.float32)                  # no TF32 for fp32 inputs
+    return args, meta
 
 
 def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
@@ -448,32 +467,17 @@ def block_sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
         ``out`` ``[B, Sq, H, D]`` contiguous in ``q.dtype`` and ``lse`` float32 ``[B, H, Sq]`` (natural log).
     """
     bsz, seq_q, heads, dim = q.shape
-    seq_k = k.shape[1]
     out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, heads, seq_q), dtype=torch.float32, device=q.device)
     if bsz == 0 or seq_q == 0 or heads == 0:
         return out, lse
 
-    ops = _optional_operands(out, lse, kv_num_blocks, kv_block_valid, out_scale, out_bias, pooled_keys,
-                             pooled_values, pooled_log_count, pooled_read, pooled_gate)
     interpreted = _is_interpreted(_block_sparse_attn_fwd)
-    args = (
-        q, k, v, out, lse,
-        kv_num_blocks, kv_indices, *ops["epilogue"],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *_bcast_strides(kv_num_blocks),
-        *_bcast_strides(kv_indices),
-        *ops["epilogue_strides"],
-        heads, seq_q, seq_k, kv_indices.shape[-1], float(scale) * _LOG2E,
-        *ops["pooled"],
-    )
-    meta = dict(PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), **ops["meta"],
-                SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
-                UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
-                IEEE_DOT=q.dtype == torch.float32)                  # no TF32 for fp32 inputs
+    args, meta = _kernel_args(q, k, v, out, lse, (kv_num_blocks, kv_indices), interpreted, block_q=block_q,
+                              block_k=block_k, scale=scale, kv_block_valid=kv_block_valid, out_scale=out_scale,
+                              out_bias=out_bias, scale_per_block=scale_per_block, bias_per_block=bias_per_block,
+                              pooled_keys=pooled_keys, pooled_values=pooled_values,
+                              pooled_log_count=pooled_log_count, pooled_read=pooled_read, pooled_gate=pooled_gate)
 
     if interpreted:
         # one fixed config, the largest tiles (the interpreter's cost is per program x sub-tile)

@@ -43,15 +43,13 @@ import triton
 import triton.language as tl
 
 from .block_sparse_attn import (
-    _LOG2E,
     _NEG_INIT,
-    _bcast_strides,
     _epilogue,
     _is_interpreted,
+    _kernel_args,
     _largest_pow2_divisor,
     _load_rows,
     _mm,
-    _optional_operands,
     _pooled_segment,
     _prune_tiles,
     _softmax_step,
@@ -373,14 +371,17 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     options = HopperOptions() if options is None else options
     bsz, seq_q, heads, dim = q.shape
-    seq_k = k.shape[1]
     out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, heads, seq_q), dtype=torch.float32, device=q.device)
     if bsz == 0 or seq_q == 0 or heads == 0:
         return out, lse
 
-    ops = _optional_operands(out, lse, full_num, kv_block_valid, out_scale, out_bias, pooled_keys, pooled_values,
-                             pooled_log_count, pooled_read, pooled_gate)
+    interpreted = _is_interpreted(_block_sparse_attn_fwd_hopper)
+    args, meta = _kernel_args(q, k, v, out, lse, (full_num, full_idx, partial_num, partial_idx), interpreted,
+                              block_q=block_q, block_k=block_k, scale=scale, kv_block_valid=kv_block_valid,
+                              out_scale=out_scale, out_bias=out_bias, scale_per_block=scale_per_block,
+                              bias_per_block=bias_per_block, pooled_keys=pooled_keys, pooled_values=pooled_values,
+                              pooled_log_count=pooled_log_count, pooled_read=pooled_read, pooled_gate=pooled_gate)
 
     why_not_tma = tma_reasons(q, k, v)
     if options.tma and why_not_tma:
@@ -391,28 +392,8 @@ def block_sparse_attn_hopper_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"HopperOptions(warp_specialize=True) needs Triton >= 3.4 (tl.range(warp_specialize=)); "
                          f"this is {triton.__version__}.")
 
-    interpreted = _is_interpreted(_block_sparse_attn_fwd_hopper)
-    args = (
-        q, k, v, out, lse,
-        full_num, full_idx, partial_num, partial_idx, *ops["epilogue"],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *_bcast_strides(full_num), *_bcast_strides(full_idx),
-        *_bcast_strides(partial_num), *_bcast_strides(partial_idx),
-        *ops["epilogue_strides"],
-        heads, seq_q, seq_k, full_idx.shape[-1], float(scale) * _LOG2E,
-        *ops["pooled"],
-    )
-    meta = dict(
-        PLAN_BLOCK_Q=int(block_q), PLAN_BLOCK_K=int(block_k), **ops["meta"],
-        SCALE_PER_BLOCK=bool(scale_per_block), BIAS_PER_BLOCK=bool(bias_per_block),
-        UPCAST=interpreted and q.dtype == torch.bfloat16,  # interpreter bf16 tl.dot is wrong (triton#11584)
-        IEEE_DOT=q.dtype == torch.float32,
-        SPLIT_FULL=options.split_full, RESCALE_THRESHOLD=float(options.rescale_threshold), USE_TMA=use_tma,
-        WARP_SPEC=options.warp_specialize and not interpreted,
-    )
+    meta.update(SPLIT_FULL=options.split_full, RESCALE_THRESHOLD=float(options.rescale_threshold), USE_TMA=use_tma,
+                WARP_SPEC=options.warp_specialize and not interpreted)
     if interpreted:
         block_m = _largest_pow2_divisor(block_q, 128)
         block_n = _largest_pow2_divisor(block_k, 128)

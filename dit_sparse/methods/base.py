@@ -18,8 +18,8 @@ from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..plan import SparsePlan
 
-__all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "video_block_count", "check_permuted", "frame0_blocks",
-           "has_temporal_sink", "frame_overlap_mask", "adjacent_blocks", "keep_blocks"]
+__all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "check_permuted", "frame0_blocks", "has_temporal_sink",
+           "frame_overlap_mask", "adjacent_blocks", "keep_blocks"]
 
 
 def keep_blocks(num_blocks: int, sparsity: float) -> int:
@@ -48,10 +48,6 @@ def pool_blocks(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     sums = x.view(b, n, bs, h, d).sum(2, dtype=torch.float32)  # [B, N, H, D]
     valid = layout.block_valid(x.device).clamp(min=1).to(torch.float32)
     return (sums / valid.view(1, n, 1, 1)).permute(0, 2, 1, 3)
-
-
-def video_block_count(layout: TokenLayout) -> int:
-    return layout.num_video_blocks
 
 
 # ------------------------------------------------------------------ block coordinate rules

@@ -323,6 +323,36 @@ def test_fuzz(bsz, heads, seq_q, seq_k, dim, block_q, block_k, density, padded, 
           options=options)  # options: the Hopper kernel's switches (unused by the portable kernel)
 
 
+@needs_kernel
+@pytest.mark.parametrize("pooled", [False, True], ids=["plain", "pooled"])
+def test_custom_op_opcheck(pooled, kernel):
+    """The backend's custom op (schema inferred from its generated signature, fake, AOT dispatch) passes
+    ``torch.library.opcheck``, with padded key blocks, the epilogue and optionally a gated pooled segment."""
+    from dit_sparse.backends.base import AttentionInputs
+    from dit_sparse.backends.hopper import _hopper_op, _switches
+    from dit_sparse.backends.triton import _block_sparse_attn_op, kernel_operands
+    from dit_sparse.segment import PooledSegment
+
+    gen = torch.Generator().manual_seed(21)
+    bsz, heads, seq, dim = 2, 2, 48, 16
+    plan = random_plan(gen, bsz, heads, seq, seq, 16, 16, kv_block_valid=random_valid(gen, seq, 16))
+    plan = epilogue(gen, plan, bsz, heads, dim, "row", "block")
+    seg = None
+    if pooled:
+        seg = PooledSegment(keys=torch.randn(1, heads, 5, dim, generator=gen).to(DEV),
+                            values=torch.randn(1, heads, 5, dim, generator=gen).to(DEV),
+                            log_count=(torch.rand(5, generator=gen) * 3).to(DEV),
+                            read=(torch.rand(bsz, heads, plan.num_q_blocks, 5, generator=gen) < 0.6).to(DEV),
+                            gate=(0.5 * torch.randn(1, heads, 5, dim, generator=gen)).to(DEV))
+    q, k, v = qkv(gen, bsz, seq, seq, heads, dim)
+    operands = kernel_operands(AttentionInputs(q, k, v, plan, 0.25, True, seg), bsz, heads)
+    if kernel == "portable":
+        torch.library.opcheck(_block_sparse_attn_op, (q, k, v, *plan.expand(bsz, heads)), operands)
+    else:
+        tables = tuple(t.expand(bsz, heads, *t.shape[2:]) for t in plan.full_split)
+        torch.library.opcheck(_hopper_op, (q, k, v, *tables), {**operands, **_switches(HopperOptions())})
+
+
 def test_autotune_prune_keeps_dividing_tiles():
     """The CUDA autotune space, pruned for the plan blocks: tiles divide the blocks and fit shared memory."""
     from dit_sparse.kernels import block_sparse_attn as mod
