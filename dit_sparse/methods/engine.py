@@ -332,6 +332,18 @@ class SparseAttention:
         return epilogue
 
     # ------------------------------------------------------------------ call
+    def runs_dense(self, *, step: int | None, num_steps: int | None, layer: Hashable, video_tokens: int) -> bool:
+        """True when a call at ``step`` of ``num_steps`` in ``layer`` over ``video_tokens`` video tokens runs dense
+        under the config's :class:`DensePolicy` (warm-up steps, dense layers, too few tokens, ``force_dense``).
+
+        The one place that decision is made: :meth:`__call__` asks it (and then runs :func:`dense_attention`), and
+        so do the diffusers processors before they call the engine (a dense call then runs the model's stock
+        attention instead of reaching the engine). Only an int ``layer`` can match ``dense_layers``.
+        """
+        layer_index = layer if isinstance(layer, int) else None
+        return self.config.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
+                                          video_tokens=video_tokens)
+
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: TokenLayout,
                  step: int | None = None, num_steps: int | None = None, layer: Hashable = None,
                  branch: Hashable = None, scale: float | None = None, head_offset: int = 0,
@@ -345,9 +357,7 @@ class SparseAttention:
         """
         cfg = self.config
         _check_heads(query.shape[2], head_offset, total_heads)
-        layer_index = layer if isinstance(layer, int) else None
-        if cfg.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
-                              video_tokens=layout.num_video_tokens):
+        if self.runs_dense(step=step, num_steps=num_steps, layer=layer, video_tokens=layout.num_video_tokens):
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
