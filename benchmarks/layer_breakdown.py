@@ -75,12 +75,10 @@ def staged_call(engine: SparseAttention, q, k, v, layout, timer: _Timer) -> torc
     timer.mark("start")
     qp, kp, vp = (layout.permute(t) for t in (q, k, v))
     timer.mark("permute")
-    from dit_sparse.methods.engine import _RectStats
-    from dit_sparse.methods.pooled_rectification import row_outlier_count
+    from dit_sparse.methods.pooled_rectification import CallStatistics
 
     rect = cfg.rectification
-    stats = None if rect is None else _RectStats(  # as SparseAttention.__call__ builds them
-        qp, kp, vp, layout, None, outliers=row_outlier_count(rect))
+    stats = None if rect is None else CallStatistics(qp, kp, vp, layout, rect, None)  # as SparseAttention.__call__
     mask = engine.build_mask(qp, kp, layout, None, stats)
     timer.mark("select")
     if rect is not None and rect.per_row:

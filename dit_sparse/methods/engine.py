@@ -41,12 +41,10 @@ from .base import plan_from_mask
 from .draft_attention import DraftAttentionConfig, draft_mask
 from .neighborhood import NeighborhoodConfig, neighborhood_mask
 from .pooled_rectification import (
+    CallStatistics,
     PooledRectificationConfig,
-    block_statistics,
-    ipar_probabilities,
     pooled_segment,
     rectification_terms,
-    row_outlier_count,
     row_rectified_attention,
     select_critical_blocks,
 )
@@ -269,22 +267,6 @@ def plan_row_bound(config: SparseAttentionConfig, layout: TokenLayout, dense_hea
     return max(1, min(n, total))
 
 
-class _RectStats:
-    """Pooled statistics and IPAR probabilities of one call, computed on first use and shared."""
-
-    def __init__(self, q_perm, k_perm, v_perm, layout, scale, outliers: int = 0):
-        self.args = (q_perm, k_perm, v_perm, layout)
-        self.scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
-        self.outliers = outliers if v_perm is not None else 0
-        self._value = None
-
-    def __call__(self):
-        if self._value is None:
-            stats = block_statistics(*self.args, outliers=self.outliers)
-            self._value = (stats, ipar_probabilities(stats, self.scale))
-        return self._value
-
-
 class SparseAttention:
     """Runs one attention call under a :class:`SparseAttentionConfig`, with per-(layer, branch) reuse state.
 
@@ -328,7 +310,7 @@ class SparseAttention:
             mask = nb if mask is None else mask | nb
         if mask is None:  # rectification is the only selector
             if rect_stats is None:
-                rect_stats = _RectStats(q_perm, k_perm, None, layout, scale)
+                rect_stats = CallStatistics(q_perm, k_perm, None, layout, cfg.rectification, scale)
             mask = select_critical_blocks(rect_stats()[1], layout, cfg.rectification)
         dense_heads = tuple(sorted(h - head_offset for h in cfg.dense.dense_heads
                                    if head_offset <= h < head_offset + heads))
@@ -336,7 +318,7 @@ class SparseAttention:
             mask = mask | _head_rows(dense_heads, heads, str(mask.device)).view(1, heads, 1, 1)
         return mask
 
-    def _rectify(self, q_perm, k_perm, v_perm, layout, stats: _RectStats):
+    def _rectify(self, q_perm, k_perm, v_perm, layout, stats: CallStatistics):
         rect = self.config.rectification
         if rect is None or not rect.rectify or rect.per_row:  # per row: a pooled segment in the kernel
             return None
@@ -350,6 +332,18 @@ class SparseAttention:
         return epilogue
 
     # ------------------------------------------------------------------ call
+    def runs_dense(self, *, step: int | None, num_steps: int | None, layer: Hashable, video_tokens: int) -> bool:
+        """True when a call at ``step`` of ``num_steps`` in ``layer`` over ``video_tokens`` video tokens runs dense
+        under the config's :class:`DensePolicy` (warm-up steps, dense layers, too few tokens, ``force_dense``).
+
+        The one place that decision is made: :meth:`__call__` asks it (and then runs :func:`dense_attention`), and
+        so do the diffusers processors before they call the engine (a dense call then runs the model's stock
+        attention instead of reaching the engine). Only an int ``layer`` can match ``dense_layers``.
+        """
+        layer_index = layer if isinstance(layer, int) else None
+        return self.config.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
+                                          video_tokens=video_tokens)
+
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: TokenLayout,
                  step: int | None = None, num_steps: int | None = None, layer: Hashable = None,
                  branch: Hashable = None, scale: float | None = None, head_offset: int = 0,
@@ -363,15 +357,12 @@ class SparseAttention:
         """
         cfg = self.config
         _check_heads(query.shape[2], head_offset, total_heads)
-        layer_index = layer if isinstance(layer, int) else None
-        if cfg.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
-                              video_tokens=layout.num_video_tokens):
+        if self.runs_dense(step=step, num_steps=num_steps, layer=layer, video_tokens=layout.num_video_tokens):
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
         rect_cfg = cfg.rectification
-        stats = None if rect_cfg is None else _RectStats(
-            qp, kp, vp, layout, scale, outliers=row_outlier_count(rect_cfg))
+        stats = None if rect_cfg is None else CallStatistics(qp, kp, vp, layout, rect_cfg, scale)
         epilogue = self._rectify(qp, kp, vp, layout, stats)
 
         def build() -> torch.Tensor:

@@ -220,15 +220,18 @@ def rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value:
 
 def row_rectified_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout,
                                       mask: torch.Tensor, *, scale: float | None = None,
-                                      gapr: bool = True, row_keys: str = "mean",
-                                      row_outliers: int = 1) -> torch.Tensor:
+                                      gapr: bool = True, row_keys: str = "outlier",
+                                      row_outliers: int = 2) -> torch.Tensor:
     """``combine="row"`` rectification on model-order ``[B, S, H, D]``, float64, one softmax per query row.
 
+    ``gapr``, ``row_keys`` and ``row_outliers`` mean, and default to, what the fields of
+    :class:`~dit_sparse.methods.pooled_rectification.PooledRectificationConfig` do.
+
     Video query row ``u`` of block ``i`` attends, in a single softmax, to the exact keys of every block ``mask``
-    reads in row ``i`` and to each video block ``j`` it skips as one pooled key ``k̄_j`` of weight ``n_j`` and
-    value ``v̄_j`` — when ``gapr``, only if ``|q_u · k̄_j| > |q_u · b_j|`` (``b_j`` = mean absolute key deviation).
-    Text query rows attend to their read blocks only. Rows with no key at all are 0. No LSE merge is used, so this
-    checks the implementation's merge independently.
+    reads in row ``i`` and to each video block ``j`` it skips. ``row_keys="mean"``: the skipped block enters as one
+    pooled key ``k̄_j`` of weight ``n_j`` and value ``v̄_j`` — when ``gapr``, only if ``|q_u · k̄_j| > |q_u · b_j|``
+    (``b_j`` = mean absolute key deviation). Text query rows attend to their read blocks only. Rows with no key at
+    all are 0. No LSE merge is used, so this checks the implementation's merge independently.
 
     ``row_keys="outlier"``: a skipped block ``j`` instead enters as its ``row_outliers`` most deviating keys
     exactly (the real tokens ``t`` with the largest ``||k_t - k̄_j||``, lowest index first on ties; their own values)

@@ -317,8 +317,8 @@ class SparseProcessorBase:
                       f"grid {grid} plus {text_tokens} text tokens makes {n_video + text_tokens}; running this "
                       "call dense. Report this with the model and resolution.", key=f"mismatch-{self.name}")
             return None
-        if rt.config.dense.is_dense(step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
-                                    video_tokens=n_video):
+        if rt.engine.runs_dense(step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
+                                video_tokens=n_video):
             return None
         return rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
 

@@ -102,6 +102,17 @@ def test_dense_policy_in_the_engine():
     assert engine.stats[0] == 1.0 and engine.stats[2] < 1.0
 
 
+def test_runs_dense_is_the_policy_of_a_call():
+    """What the processors ask before calling the engine: the config's DensePolicy for that step, layer and size
+    (only an int layer index matches dense_layers)."""
+    engine = SparseAttention(draft_config(0.9, dense=DensePolicy(dense_steps=2, dense_layers=(0,), min_tokens=64)))
+    kw = dict(num_steps=10, video_tokens=64)
+    assert engine.runs_dense(step=1, layer=3, **kw) and engine.runs_dense(step=5, layer=0, **kw)
+    assert not engine.runs_dense(step=5, layer=3, **kw) and not engine.runs_dense(step=5, layer="0", **kw)
+    assert engine.runs_dense(step=5, layer=3, num_steps=10, video_tokens=63)
+    assert not engine.runs_dense(step=None, layer=None, num_steps=None, video_tokens=64)
+
+
 def fidelity_errors(layout, sparsity, seeds=(0, 1), noise=0.0, length_scale=0.25):
     """Relative output error vs dense at (almost) equal density: random blocks, draft, draft+rectification."""
     errs = {"random": [], "draft": [], "draft+rect": [], "draft+rect (row)": []}

@@ -7,6 +7,7 @@ numeric terms (P̃, deviations, R, c) numerically. Fidelity uses structured inpu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import pytest
@@ -469,6 +470,14 @@ def test_row_combine_matches_float64_oracle(name, gapr, row_keys, row_outliers):
     # it differs from plain sparse attention on the same mask (something was compensated)
     plain = rectified_attention_reference(q, k, v, layout, mask, scale=scale)
     assert rel_error(out, plain) > 1e-3
+
+
+def test_row_oracle_defaults_are_the_config_defaults():
+    """The float64 row oracle's keyword defaults are the config's: a call without them checks the shipped mode."""
+    params = inspect.signature(row_rectified_attention_reference).parameters
+    cfg = PooledRectificationConfig(combine="row")
+    for name in ("gapr", "row_keys", "row_outliers"):
+        assert params[name].default == getattr(cfg, name), name
 
 
 def test_row_remainder_pieces():
