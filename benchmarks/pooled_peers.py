@@ -185,13 +185,13 @@ class _Capture:
     def __init__(self, steps):
         self.steps, self.calls = set(steps), []
 
-    def __call__(self, query, key, value, *, layout, step=None, layer=None, branch=None, scale=None, **_):
+    def sparse_attention(self, query, key, value, *, layout, step=None, layer=None, branch=None, scale=None, **_):
         if step in self.steps:
             self.calls.append((f"layer {layer} step {step} {branch}", layout, query.detach().float().clone(),
                                key.detach().float().clone(), value.detach().float().clone(), scale))
         return _dense(query, key, value, scale).to(query.dtype)
 
-    def runs_dense(self, **_):  # the processors ask first: every call reaches the capture
+    def runs_dense(self, **_):  # the processors ask first: every call reaches sparse_attention
         return False
 
     def reset(self):

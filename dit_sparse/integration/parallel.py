@@ -171,7 +171,8 @@ def ulysses_attention(engine, query: torch.Tensor, key: torch.Tensor, value: tor
     """Run a :class:`~dit_sparse.SparseAttention` call on sequence-sharded q/k/v under Ulysses.
 
     Args:
-        engine: the :class:`~dit_sparse.SparseAttention` (called with ``head_offset`` and ``total_heads``).
+        engine: the call to run on the full sequence, e.g. :meth:`~dit_sparse.SparseAttention.sparse_attention`
+            (called with ``head_offset`` and ``total_heads``).
         query, key, value: this rank's ``[B, S_local, H, D]`` in model order (``S_local`` equal on every rank).
         ug: the Ulysses group (:func:`ulysses_group`).
         text_tokens: text tokens in THIS rank's local sequence (``text_position`` says where).

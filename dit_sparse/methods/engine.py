@@ -336,9 +336,9 @@ class SparseAttention:
         """True when a call at ``step`` of ``num_steps`` in ``layer`` over ``video_tokens`` video tokens runs dense
         under the config's :class:`DensePolicy` (warm-up steps, dense layers, too few tokens, ``force_dense``).
 
-        The one place that decision is made: :meth:`__call__` asks it (and then runs :func:`dense_attention`), and
-        so do the diffusers processors before they call the engine (a dense call then runs the model's stock
-        attention instead of reaching the engine). Only an int ``layer`` can match ``dense_layers``.
+        The one place that decision is made, asked once per call: by :meth:`__call__`, or by the diffusers
+        processors, which then run the model's stock attention or :meth:`sparse_attention`. Only an int ``layer``
+        can match ``dense_layers``.
         """
         layer_index = layer if isinstance(layer, int) else None
         return self.config.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
@@ -350,16 +350,27 @@ class SparseAttention:
                  total_heads: int | None = None) -> torch.Tensor:
         """Attention of ``[B, S, H, D]`` q/k/v in model order under the config; returns ``[B, S, H, D]``.
 
-        ``head_offset`` and ``total_heads`` (context parallelism, :mod:`dit_sparse.integration.parallel`): the tensors
-        hold the
-        model's heads ``head_offset ... head_offset + H - 1`` of ``total_heads`` (default: all ``H`` heads), so
-        per-head settings (``DensePolicy.dense_heads``, per-head neighbourhood windows) apply to the global heads.
+        Dense (:func:`dense_attention`) when :meth:`runs_dense` says so, else :meth:`sparse_attention`.
+        ``head_offset`` and ``total_heads`` (context parallelism, :mod:`dit_sparse.integration.parallel`): the
+        tensors hold the model's heads ``head_offset ... head_offset + H - 1`` of ``total_heads`` (default: all
+        ``H`` heads), so per-head settings (``DensePolicy.dense_heads``, per-head neighbourhood windows) apply to
+        the global heads.
         """
-        cfg = self.config
-        _check_heads(query.shape[2], head_offset, total_heads)
         if self.runs_dense(step=step, num_steps=num_steps, layer=layer, video_tokens=layout.num_video_tokens):
+            _check_heads(query.shape[2], head_offset, total_heads)
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)
+        return self.sparse_attention(query, key, value, layout=layout, step=step, layer=layer, branch=branch,
+                                     scale=scale, head_offset=head_offset, total_heads=total_heads)
+
+    def sparse_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                         layout: TokenLayout, step: int | None = None, layer: Hashable = None,
+                         branch: Hashable = None, scale: float | None = None, head_offset: int = 0,
+                         total_heads: int | None = None) -> torch.Tensor:
+        """The sparse path of :meth:`__call__`, for a caller that has asked :meth:`runs_dense` already (the
+        diffusers processors, whose dense calls run the model's stock attention instead). Same arguments."""
+        cfg = self.config
+        _check_heads(query.shape[2], head_offset, total_heads)
         qp, kp, vp = (layout.permute(t) for t in (query, key, value))
         rect_cfg = cfg.rectification
         stats = None if rect_cfg is None else CallStatistics(qp, kp, vp, layout, rect_cfg, scale)

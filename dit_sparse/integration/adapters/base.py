@@ -226,12 +226,11 @@ class SparseProcessorBase:
             return dense()
         ctx = rt.context
         rt.calls["sparse"] += 1
-        kwargs = dict(layout=layout, step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
-                      branch=ctx.branch, scale=scale)
+        kwargs = dict(layout=layout, step=max(ctx.step, 0), layer=self.layer, branch=ctx.branch, scale=scale)
         if ug is None:
-            out = rt.engine(query, key, value, **kwargs)
+            out = rt.engine.sparse_attention(query, key, value, **kwargs)
         else:
-            out = ulysses_attention(rt.engine, query, key, value, ug, text_tokens=text_tokens,
+            out = ulysses_attention(rt.engine.sparse_attention, query, key, value, ug, text_tokens=text_tokens,
                                     text_position=rt.adapter.text_position or "after", **kwargs)
         if rt.track_error:
             ref = dense().float()
