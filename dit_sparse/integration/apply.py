@@ -121,7 +121,7 @@ def sparse_processors(transformer: torch.nn.Module, config_or_preset, *, schedul
                          f"{type(transformer).__name__} (found {found}); was another attention patch applied first? "
                          "Restore the stock processors before applying dit_sparse.")
     order = {n: i for i, n in enumerate(candidates)}
-    new = {n: adapter.make_processor(runtime, order[n], n, p) if n in order else p for n, p in original.items()}
+    new = {n: adapter.processor(runtime, order[n], n, p) if n in order else p for n, p in original.items()}
     hook = ContextHook(runtime.context, adapter.grid_fn, scheduler=scheduler, on_new_generation=runtime.reset)
     install_context_hook(transformer, hook)
     setattr(transformer, _ATTR, runtime)
@@ -134,7 +134,7 @@ def apply(pipe_or_transformer, config_or_preset, *, scheduler=None) -> list[Spar
 
     Args:
         pipe_or_transformer: a diffusers pipeline or transformer model of a supported family
-            (see :func:`dit_sparse.integration.adapters.base.supported_transformers`).
+            (see :func:`dit_sparse.integration.adapters.registry.supported_transformers`).
         config_or_preset (`SparseAttentionConfig` or `str`): the configuration, or a preset name.
         scheduler (*optional*): scheduler whose ``timesteps`` give the step count (taken from the pipeline when
             one is given).

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..integration.adapters.registry import family_of
 from .jobs import Job, JobError, SetupError, _bad
 
 __all__ = ["ModelRules", "read_model_rules", "is_embedded_folder"]
@@ -52,9 +53,8 @@ class ModelRules:
     @classmethod
     def from_configs(cls, pipeline: str, transformer: str | None, tcfg: dict, vcfg: dict, experts: int = 1,
                      defaults: dict | None = None) -> ModelRules:
-        from ..integration.pipelines.presets import FAMILY_TRANSFORMERS
-
-        family = next((f for f, c in FAMILY_TRANSFORMERS.items() if c == transformer), None)
+        found = family_of(transformer)
+        family = found.name if found is not None else None
         vae = str(vcfg.get("_class_name", ""))
         is_video = "Video" in vae or "Wan" in pipeline or "Video" in pipeline
         heads, hd = tcfg.get("num_attention_heads"), tcfg.get("attention_head_dim")

@@ -1,4 +1,4 @@
-"""What every model adapter shares: the run-time object per transformer, the processor base, the registry.
+"""What every model adapter shares: its spec and lookup, the run-time object per transformer, the processor base.
 
 An adapter only declares what differs between models (ALGORITHMS.md §2.4, ENVIRONMENT.md §4):
 which stock processors to replace, where the text sits, how to read the latent grid from the forward's inputs.
@@ -9,7 +9,6 @@ Its processor copies the stock processor's projections, norms and RoPE and swaps
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +21,9 @@ from ...layout import TokenLayout
 from ...methods.engine import SparseAttention, SparseAttentionConfig
 from ..context import StepContext
 from ..parallel import check_same_on_all_ranks, ulysses_attention, ulysses_group
+from .registry import ADDING_A_MODEL, Family, family_of, load_spec, supported_transformers
 
-__all__ = ["AdapterSpec", "SparseRuntime", "SparseProcessorBase", "get_adapter", "supported_transformers",
-           "ADAPTER_MODULES"]
+__all__ = ["AdapterSpec", "SparseRuntime", "SparseProcessorBase", "get_adapter", "supported_transformers"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,12 @@ class AdapterSpec:
     """Per-model metadata.
 
     Args:
-        name: short model family name (``"wan"``).
-        transformer_classes: diffusers transformer class names served.
+        family: the model family served (:data:`~dit_sparse.integration.adapters.registry.FAMILIES`): its name and
+            transformer class.
         processor_classes: stock processor class names to replace (others stay untouched, e.g. HunyuanVideo's
             token refiner keeps ``AttnProcessor2_0``).
-        make_processor: ``(runtime, layer, name, stock) -> processor`` for each video self-attention module.
+        processor: called as ``processor(runtime, layer, name, stock)`` for each video self-attention module: the
+            sparse processor class, or a function choosing one from the stock processor.
         grid_fn: ``(transformer, args, kwargs) -> (frames, height, width)`` in patch tokens, or None.
         text_position: where text sits in the self-attention call (``"before"``, ``"after"``) or None (text
             only in cross-attention).
@@ -46,64 +46,38 @@ class AdapterSpec:
             not, and sparse configs then raise ``NotImplementedError`` with that reason (a dense config still runs).
     """
 
-    name: str
-    transformer_classes: tuple[str, ...]
+    family: Family
     processor_classes: tuple[str, ...]
-    make_processor: Callable
+    processor: Callable
     grid_fn: Callable
     text_position: str | None
     is_sparse_candidate: Callable[[str], bool] = lambda name: True
     context_parallel: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The family's name (``"wan"``)."""
+        return self.family.name
+
     def check_context_parallel(self) -> None:
         """Raise ``NotImplementedError`` when this model's sparse calls cannot run under context parallelism."""
         if self.context_parallel is not None:
             raise NotImplementedError(
-                f"dit_sparse: sparse attention on {', '.join(self.transformer_classes)} under context parallelism "
+                f"dit_sparse: sparse attention on {self.family.transformer} under context parallelism "
                 f"(enable_parallelism) is not supported: {self.context_parallel}. Use a dense config "
                 "(DensePolicy(force_dense=True)) under context parallelism, or run this model without it.")
-
-
-#: transformer class name -> module defining its ``SPEC`` (imported lazily: no diffusers models at import time)
-ADAPTER_MODULES = {
-    "WanTransformer3DModel": "dit_sparse.integration.adapters.wan",
-    "HunyuanVideoTransformer3DModel": "dit_sparse.integration.adapters.hunyuan_video",
-    "CogVideoXTransformer3DModel": "dit_sparse.integration.adapters.cogvideox",
-    "LTXVideoTransformer3DModel": "dit_sparse.integration.adapters.ltx",
-    "FluxTransformer2DModel": "dit_sparse.integration.adapters.flux",
-    "SD3Transformer2DModel": "dit_sparse.integration.adapters.sd3",
-    # --- issue 13 (i13-models)
-    "HunyuanVideo15Transformer3DModel": "dit_sparse.integration.adapters.hunyuan_video15",
-    "LTX2VideoTransformer3DModel": "dit_sparse.integration.adapters.ltx2",
-    "CosmosTransformer3DModel": "dit_sparse.integration.adapters.cosmos",
-    "MochiTransformer3DModel": "dit_sparse.integration.adapters.mochi",
-    "Flux2Transformer2DModel": "dit_sparse.integration.adapters.flux2",
-    "Kandinsky6Transformer3DModel": "dit_sparse.integration.adapters.kandinsky6",
-    # --- issue 13 (i13-harness)
-    "WanVACETransformer3DModel": "dit_sparse.integration.adapters.wan_vace",
-    "WanAnimateTransformer3DModel": "dit_sparse.integration.adapters.wan_animate",
-    "SkyReelsV2Transformer3DModel": "dit_sparse.integration.adapters.skyreels_v2",
-    "QwenImageTransformer2DModel": "dit_sparse.integration.adapters.qwenimage",
-}
-
-
-#: where the recipe for a new model lives (named by the unsupported-model error)
-ADDING_A_MODEL = "the section 'Adding a model' of ARCHITECTURE.md in the dit_sparse source tree"
-
-
-def supported_transformers() -> list[str]:
-    return sorted(ADAPTER_MODULES)
 
 
 def get_adapter(transformer: torch.nn.Module) -> AdapterSpec:
     """The adapter for this transformer's class; ``ValueError`` listing the supported classes otherwise."""
     name = type(transformer).__name__
-    if name not in ADAPTER_MODULES:
+    family = family_of(name)
+    if family is None:
         raise ValueError(f"dit_sparse has no adapter for {name}. Supported transformers: "
                          f"{', '.join(supported_transformers())}. To add {name}, follow the recipe in "
                          f"{ADDING_A_MODEL}: one adapter file declaring the processors to replace, the text "
                          "position and the grid, plus one test-table entry.")
-    return importlib.import_module(ADAPTER_MODULES[name]).SPEC
+    return load_spec(family)
 
 
 class SparseRuntime:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase, patch_grid, project_heads
+from .registry import FAMILIES
 
 __all__ = ["CogVideoXSparseAttnProcessor", "SPEC"]
 
@@ -98,10 +99,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="cogvideox",
-    transformer_classes=("CogVideoXTransformer3DModel",),
+    family=FAMILIES["cogvideox"],
     processor_classes=("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"),
-    make_processor=_make_processor,
+    processor=_make_processor,
     grid_fn=_grid,
     text_position="before",
     is_sparse_candidate=lambda name: ".attn1." in name,

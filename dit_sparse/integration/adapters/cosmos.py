@@ -18,6 +18,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase
+from .registry import FAMILIES
 
 __all__ = ["CosmosSparseAttnProcessor", "SPEC"]
 
@@ -85,10 +86,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="cosmos",
-    transformer_classes=("CosmosTransformer3DModel",),
+    family=FAMILIES["cosmos"],
     processor_classes=("CosmosAttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: CosmosSparseAttnProcessor(runtime, layer, name, stock),
+    processor=CosmosSparseAttnProcessor,
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".attn1." in name,

@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase
+from .registry import FAMILIES
 
 
 def joint_qkv_text_first(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
@@ -131,10 +132,9 @@ def _row_major_grid(rows: torch.Tensor, cols: torch.Tensor) -> tuple[int, int, i
 
 
 SPEC = AdapterSpec(
-    name="flux",
-    transformer_classes=("FluxTransformer2DModel",),
+    family=FAMILIES["flux"],
     processor_classes=("FluxAttnProcessor",),
-    make_processor=lambda runtime, layer, name, stock: FluxSparseAttnProcessor(runtime, layer, name, stock),
+    processor=FluxSparseAttnProcessor,
     grid_fn=image_grid,
     text_position="before",
     is_sparse_candidate=lambda name: name.endswith(".attn.processor"),

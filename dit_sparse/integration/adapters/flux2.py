@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 from ..parallel import ulysses_group
 from .base import AdapterSpec, SparseProcessorBase
 from .flux import image_grid, joint_qkv_text_first
+from .registry import FAMILIES
 
 __all__ = ["Flux2SparseAttnProcessor", "Flux2SparseParallelSelfAttnProcessor", "SPEC"]
 
@@ -146,10 +147,9 @@ def _make_processor(runtime, layer, name, stock):
 
 
 SPEC = AdapterSpec(
-    name="flux2",
-    transformer_classes=("Flux2Transformer2DModel",),
+    family=FAMILIES["flux2"],
     processor_classes=("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"),
-    make_processor=_make_processor,
+    processor=_make_processor,
     grid_fn=image_grid,
     text_position="before",
     is_sparse_candidate=lambda name: name.endswith(".attn.processor"),

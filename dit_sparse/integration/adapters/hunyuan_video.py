@@ -27,6 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase, project_heads, project_out_text_last
+from .registry import FAMILIES
 
 __all__ = ["HunyuanVideoSparseAttnProcessor", "valid_prefix_length", "SPEC"]
 
@@ -144,10 +145,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="hunyuan_video",
-    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    family=FAMILIES["hunyuanvideo"],
     processor_classes=("HunyuanVideoAttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: HunyuanVideoSparseAttnProcessor(runtime, layer, name, stock),
+    processor=HunyuanVideoSparseAttnProcessor,
     grid_fn=_grid,
     text_position="after",
 )

@@ -28,6 +28,7 @@ from ..context import host_memo
 from .base import AdapterSpec, project_heads, project_out_text_last
 from .hunyuan_video import MASK_READ, HunyuanVideoSparseAttnProcessor, valid_prefix_length
 from .hunyuan_video import _grid as hunyuan_grid
+from .registry import FAMILIES
 
 __all__ = ["HunyuanVideo15SparseAttnProcessor", "SPEC"]
 
@@ -89,11 +90,9 @@ class HunyuanVideo15SparseAttnProcessor(HunyuanVideoSparseAttnProcessor):
 
 
 SPEC = AdapterSpec(
-    name="hunyuan_video15",
-    transformer_classes=("HunyuanVideo15Transformer3DModel",),
+    family=FAMILIES["hunyuanvideo15"],
     processor_classes=("HunyuanVideo15AttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: HunyuanVideo15SparseAttnProcessor(runtime, layer, name,
-                                                                                         stock),
+    processor=HunyuanVideo15SparseAttnProcessor,
     grid_fn=hunyuan_grid,
     text_position="after",
 )

@@ -18,6 +18,7 @@ import torch
 from diffusers.models.transformers.transformer_kandinsky6 import apply_rotary
 
 from .base import AdapterSpec, SparseProcessorBase
+from .registry import FAMILIES
 
 __all__ = ["Kandinsky6SparseAttnProcessor", "SPEC"]
 
@@ -71,10 +72,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="kandinsky6",
-    transformer_classes=("Kandinsky6Transformer3DModel",),
+    family=FAMILIES["kandinsky6"],
     processor_classes=("Kandinsky6AttnProcessor",),
-    make_processor=lambda runtime, layer, name, stock: Kandinsky6SparseAttnProcessor(runtime, layer, name, stock),
+    processor=Kandinsky6SparseAttnProcessor,
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".video_dec_block.self_attention." in name,

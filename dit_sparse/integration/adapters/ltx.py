@@ -22,6 +22,7 @@ import torch
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from .base import AdapterSpec, SparseProcessorBase
+from .registry import FAMILIES
 
 __all__ = ["LTXSparseAttnProcessor", "SPEC"]
 
@@ -93,10 +94,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="ltx",
-    transformer_classes=("LTXVideoTransformer3DModel",),
+    family=FAMILIES["ltx"],
     processor_classes=("LTXVideoAttnProcessor",),
-    make_processor=lambda runtime, layer, name, stock: LTXSparseAttnProcessor(runtime, layer, name, stock),
+    processor=LTXSparseAttnProcessor,
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".attn1." in name,

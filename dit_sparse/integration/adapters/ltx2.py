@@ -32,6 +32,7 @@ from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rot
 
 from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase
+from .registry import FAMILIES
 
 __all__ = ["LTX2SparseAttnProcessor", "SPEC"]
 
@@ -151,10 +152,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="ltx2",
-    transformer_classes=("LTX2VideoTransformer3DModel",),
+    family=FAMILIES["ltx2"],
     processor_classes=("LTX2AudioVideoAttnProcessor", "LTX2PerturbedAttnProcessor"),
-    make_processor=lambda runtime, layer, name, stock: LTX2SparseAttnProcessor(runtime, layer, name, stock),
+    processor=LTX2SparseAttnProcessor,
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".attn1." in name,

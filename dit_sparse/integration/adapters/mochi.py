@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..context import host_memo
 from .base import AdapterSpec, SparseProcessorBase, project_heads
+from .registry import FAMILIES
 
 __all__ = ["MochiSparseAttnProcessor", "SPEC"]
 
@@ -150,10 +151,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="mochi",
-    transformer_classes=("MochiTransformer3DModel",),
+    family=FAMILIES["mochi"],
     processor_classes=("MochiAttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: MochiSparseAttnProcessor(runtime, layer, name, stock),
+    processor=MochiSparseAttnProcessor,
     grid_fn=_grid,
     text_position="after",
 )

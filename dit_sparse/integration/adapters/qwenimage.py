@@ -22,6 +22,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from ..context import host_memo, host_read
 from .base import AdapterSpec, SparseProcessorBase, project_heads
+from .registry import FAMILIES
 
 _MASK_READ = "the valid-text count of the text mask decides the sparse call's shapes"
 
@@ -125,10 +126,9 @@ def image_grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="qwenimage",
-    transformer_classes=("QwenImageTransformer2DModel",),
+    family=FAMILIES["qwenimage"],
     processor_classes=("QwenDoubleStreamAttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: QwenImageSparseAttnProcessor(runtime, layer, name, stock),
+    processor=QwenImageSparseAttnProcessor,
     grid_fn=image_grid,
     text_position="before",
 )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import AdapterSpec, SparseProcessorBase, project_heads
+from .registry import FAMILIES
 
 
 class SD3SparseJointAttnProcessor(SparseProcessorBase):
@@ -81,10 +82,9 @@ def latent_grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="sd3",
-    transformer_classes=("SD3Transformer2DModel",),
+    family=FAMILIES["sd3"],
     processor_classes=("JointAttnProcessor2_0",),
-    make_processor=lambda runtime, layer, name, stock: SD3SparseJointAttnProcessor(runtime, layer, name, stock),
+    processor=SD3SparseJointAttnProcessor,
     grid_fn=latent_grid,
     text_position="after",
     is_sparse_candidate=lambda name: name.startswith("transformer_blocks."),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .registry import FAMILIES
 from .wan import SPEC as WAN
 
-SPEC = dataclasses.replace(WAN, name="skyreels_v2", transformer_classes=("SkyReelsV2Transformer3DModel",),
+SPEC = dataclasses.replace(WAN, family=FAMILIES["skyreels-v2"],
                            processor_classes=("SkyReelsV2AttnProcessor", "SkyReelsV2AttnProcessor2_0"))

@@ -15,6 +15,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from .base import AdapterSpec, SparseProcessorBase, patch_grid
+from .registry import FAMILIES
 
 
 def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
@@ -67,10 +68,9 @@ def _grid(module, args, kwargs):
 
 
 SPEC = AdapterSpec(
-    name="wan",
-    transformer_classes=("WanTransformer3DModel",),
+    family=FAMILIES["wan"],
     processor_classes=("WanAttnProcessor", "WanAttnProcessor2_0"),
-    make_processor=lambda runtime, layer, name, stock: WanSparseAttnProcessor(runtime, layer, name, stock),
+    processor=WanSparseAttnProcessor,
     grid_fn=_grid,
     text_position=None,
     is_sparse_candidate=lambda name: ".attn1." in name,

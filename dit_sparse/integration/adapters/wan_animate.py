@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .registry import FAMILIES
 from .wan import SPEC as WAN
 
-SPEC = dataclasses.replace(WAN, name="wan_animate", transformer_classes=("WanAnimateTransformer3DModel",))
+SPEC = dataclasses.replace(WAN, family=FAMILIES["wan-animate"])

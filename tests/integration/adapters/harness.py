@@ -42,8 +42,7 @@ tiny offline pipeline (``tests/tiny.py`` has the text stacks) and a seeded ``run
         cp="ulysses",                                 # "ulysses" | "no-plan" | "refuses"
     )]
 
-and register the transformer class in ``dit_sparse/integration/adapters/base.py:ADAPTER_MODULES``. Nothing else: the
-checks
+and declare the family in ``dit_sparse/integration/adapters/registry.py:FAMILIES``. Nothing else: the checks
 above then run on the new entry (``pytest tests/integration/adapters -k <id>``).
 """
 

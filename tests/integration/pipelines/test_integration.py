@@ -9,7 +9,8 @@ from test_wan import SPARSE, run, transformer_inputs, wan_pipeline, wan_transfor
 
 import dit_sparse
 from dit_sparse import DensePolicy, DraftAttentionConfig, SparseAttentionConfig
-from dit_sparse.integration.pipelines.presets import FAMILY_TRANSFORMERS, PRESETS
+from dit_sparse.integration.adapters.registry import FAMILIES
+from dit_sparse.integration.pipelines.presets import PRESETS
 
 
 def test_presets_listed_and_valid():
@@ -17,7 +18,7 @@ def test_presets_listed_and_valid():
     names = [p.name for p in presets]
     assert "wan2.1-t2v-1.3b:draft-80" in names and "hunyuanvideo:rectified-90" in names
     assert "flux:neighborhood" in names
-    assert {p.family for p in presets} == set(FAMILY_TRANSFORMERS)
+    assert {p.family for p in presets} == set(FAMILIES)
     for p in presets:
         assert isinstance(p.config, SparseAttentionConfig) and p.description
     assert [p.name for p in dit_sparse.list_presets("flux")] == [n for n in PRESETS if n.startswith("flux:")]
@@ -55,12 +56,12 @@ def test_load_pipeline_needs_a_model():
 def test_unsupported_model_lists_supported_classes_and_points_to_the_recipe():
     from pathlib import Path
 
-    from dit_sparse.integration.adapters.base import ADAPTER_MODULES
+    from dit_sparse.integration.adapters.registry import supported_transformers
 
     with pytest.raises(ValueError, match="no adapter for Linear") as e:
         dit_sparse.apply(torch.nn.Linear(2, 2), SPARSE)
     msg = str(e.value)
-    assert all(name in msg for name in ADAPTER_MODULES)  # every supported transformer is named
+    assert all(name in msg for name in supported_transformers())  # every supported transformer is named
     assert "'Adding a model' of ARCHITECTURE.md" in msg
     # the section it points to exists
     arch = (Path(__file__).resolve().parents[3] / "ARCHITECTURE.md").read_text()

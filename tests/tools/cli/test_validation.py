@@ -183,10 +183,10 @@ def test_default_preset_follows_family_and_size():
     assert default_preset_for("wan", "large")[0] == "wan2.1-t2v-14b:rectified-75"
     assert default_preset_for("wan", "large", experts=2)[0] == "wan2.2-t2v-a14b:rectified-85"
     assert default_preset_for("wan", "toy")[0].startswith(TINY_PRESET_PREFIX)
-    from dit_sparse.integration.pipelines.presets import FAMILY_TRANSFORMERS
+    from dit_sparse.integration.adapters.registry import FAMILIES
 
     for fam in {p.family for p in PRESETS.values()}:  # every family with presets has a default
-        assert fam in FAMILY_TRANSFORMERS and PRESETS[default_preset_for(fam, "small")[0]].family == fam
+        assert fam in FAMILIES and PRESETS[default_preset_for(fam, "small")[0]].family == fam
     with pytest.raises(LookupError, match="--preset"):
         default_preset_for(None, "small")
     # a real-size Wan config read like a folder: the 1.3B shape is "small", 14B "large"
