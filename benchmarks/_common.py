@@ -30,7 +30,7 @@ class Shape:
         return self.frames * self.height * self.width + self.text
 
 
-#: ALGORITHMS.md §1 (grids in patch tokens)
+#: docs/models.md#grids (grids in patch tokens)
 SHAPES = {
     "wan2.1-480p": Shape("wan2.1-480p", 21, 30, 52, 12),
     "wan2.1-720p": Shape("wan2.1-720p", 21, 45, 80, 40),

@@ -1,4 +1,4 @@
-"""Block-sparse attention op benchmark at real model shapes (ALGORITHMS.md §1).
+"""Block-sparse attention op benchmark at real model shapes (docs/models.md#grids).
 
 For Wan2.1 480p / 720p and HunyuanVideo 720p (head_dim 128, bf16) and densities 1.0 / 0.5 / 0.25 / 0.1 / 0.05,
 times (median ms) with the same shapes and, for the sparse peers, the same block mask:

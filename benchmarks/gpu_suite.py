@@ -28,8 +28,8 @@ issue's targets, each marked measured or not) and ``suite.log`` (all output).
     python benchmarks/gpu_suite.py OUT --dry-run        # print the stage commands, run nothing
     python benchmarks/gpu_suite.py OUT --smoke          # CPU dry run of the pipeline (smoke modes, no numbers)
 
-Device-run recipe (ENVIRONMENT.md §2). The GPU machine has torch, triton, pytest, pytest-xdist and hypothesis but
-no diffusers, flash-attn-4 or comfy-kitchen, and one call carries at most 64 MiB with the repository. On the CPU
+Device-run recipe (docs/testing.md#device-runs). The GPU machine has torch, triton, pytest, pytest-xdist and hypothesis
+but no diffusers, flash-attn-4 or comfy-kitchen, and one call carries at most 64 MiB with the repository. On the CPU
 machine, in the checkout the device calls send:
 
     python scripts/device_wheels.py prepare      # ~15 min once (xz); then `... commands` re-measures and prints
@@ -305,7 +305,7 @@ def render_summary(payload: dict) -> str:
     for r in (res.get("op") or {}).get("rows", []):
         if r.get("shape") == "hunyuan-720p" and r.get("packing") == "packed":
             names[r["density_requested"]] = (r.get("ours_backend"), _best_of_ours(r)[0])
-    out += ["## Issue 15 targets", "",
+    out += ["## Op targets", "",
             "Measured = what automatic dispatch runs; the last column reads the op targets with the fastest "
             "registered backend instead (a named-only one included), for the dispatch order's next step. "
             f"HunyuanVideo 720p packed, (auto, fastest) backend by density: {names or '-'}.", "",

@@ -60,7 +60,7 @@ def _img(name, text, side, source):  # 1024 x 1024 image models: 16x spatial (VA
 
 
 #: preset-name prefix (before ":") -> target: each model's default generation size (diffusers pipeline defaults
-#: or the paper's setting, ALGORITHMS.md §1); text counts of the joint-attention models are their max lengths
+#: or the paper's setting, docs/models.md#grids); text counts of the joint-attention models are their max lengths
 TARGETS: dict[str, Target] = {
     "wan2.1-t2v-1.3b": Target(SHAPES["wan2.1-480p"], source="Wan2.1 480p, 81 frames"),
     "wan2.1-t2v-14b": Target(SHAPES["wan2.1-720p"], source="Wan2.1 720p, 81 frames"),

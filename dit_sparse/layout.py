@@ -2,7 +2,7 @@
 
 Every method needs "one kernel block = one spatially compact group of tokens". A layout cuts the latent grid
 ``(frames, height, width)`` (in patch tokens, raster order ``f*H*W + y*W + x``) into tiles ``(tT, tH, tW)`` of
-``block_size = tT*tH*tW`` tokens. Two packings (ALGORITHMS.md §2.1):
+``block_size = tT*tH*tW`` tokens. Two packings (docs/layout.md#packings):
 
 * ``"packed"`` (the default): every **complete** tile is one block, in raster tile order, as before. The real
   tokens of the partial edge tiles (where an axis is not a tile multiple) follow, tile after tile in raster tile

@@ -1,4 +1,4 @@
-"""Bring the GPU suite's packages to the device machine in two calls (ENVIRONMENT.md §2).
+"""Bring the GPU suite's packages to the device machine in two calls (docs/testing.md#device-runs).
 
 The device machine has torch and triton but no diffusers, flash-attn-4 (CuTe DSL) or comfy-kitchen, and no
 network. One device call carries at most 64 MiB (the repository's files count), and the packages are about

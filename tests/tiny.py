@@ -1,4 +1,4 @@
-"""Tiny offline text stacks for test pipelines (ENVIRONMENT.md §6): in-memory tokenizers and text encoders.
+"""Tiny offline text stacks for test pipelines (docs/testing.md#tiny-models): in-memory tokenizers and text encoders.
 
 Nothing is downloaded. Every module is built from a config with a fixed seed and put in eval mode (T5 dropout
 would otherwise make two identical calls differ).

@@ -22,7 +22,7 @@ class AttentionInputs:
     plan: SparsePlan
     scale: float
     return_lse: bool
-    #: extra pooled key segment read in the same softmax (ALGORITHMS.md §4.6b); only some backends run it
+    #: extra pooled key segment read in the same softmax (docs/rectification.md#row-combine); only some backends run it
     pooled: PooledSegment | None = None
 
     def describe(self) -> str:

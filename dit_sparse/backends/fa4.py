@@ -35,7 +35,7 @@ __all__ = ["FA4Backend", "FA4Tensors", "INSTALL_HINT", "fa4_tensors", "head_dim_
 
 FA4_DTYPES = (torch.float16, torch.bfloat16)
 INSTALL_HINT = ("pip install --pre flash-attn-4 ('flash-attn-4[cu13]' on CUDA 13); its CuTe DSL libraries are a "
-                "~92 MB wheel: see the README's backends section (and ENVIRONMENT.md section 2 for an offline GPU "
+                "~92 MB wheel: see the README's backends section (and docs/testing.md#device-runs for an offline GPU "
                 "machine)")
 
 

@@ -19,8 +19,8 @@ Masking: key ``n`` is real iff ``n < Sk`` and ``n % block_k < kv_block_valid[n /
 -inf; the running max starts at the finite ``-1e30`` so fully masked sub-tiles add nothing and never make NaN.
 A row that reads no real key gets ``out = out_bias`` (0 without one) and ``lse = -inf``.
 
-Pooled key segment (``HAS_POOLED``; ALGORITHMS.md §4.6b, the per-row rectification in one pass). Contract, which
-every forward kernel of this op (a later Hopper kernel included) must keep:
+Pooled key segment (``HAS_POOLED``; docs/rectification.md#row-combine, the per-row rectification in one pass).
+Contract, which every forward kernel of this op (a later Hopper kernel included) must keep:
 
 * Operands: pooled keys ``PK [B, H, Np, D]`` and values ``PV [B, H, Np, D]`` (float32, unit stride on D; cast to
   the q tile's dtype before the dots), a base-2 bias ``PBias [Np]`` (the launcher passes ``log(n_j) * log2(e)``),
@@ -170,8 +170,8 @@ def _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, q
                     stride_gb, stride_gh, stride_gn,
                     NUM_POOLED, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, HAS_GATE: tl.constexpr,
                     RESCALE_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The pooled key segment (ALGORITHMS.md §4.6b; contract in the module docstring): continues the caller's
-    online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read."""
+    """The pooled key segment (docs/rectification.md#row-combine; contract in the module docstring): continues the
+    caller's online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read."""
     pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
     pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
     pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
@@ -357,7 +357,8 @@ def _block_sparse_attn_fwd(
         s = tl.where(key_ok[None, :] & use, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT, 0.0)
 
-    # -- the pooled key segment (ALGORITHMS.md §4.6b): same online softmax, per-row read mask, optional gate
+    # -- the pooled key segment (docs/rectification.md#row-combine): same online softmax, per-row read mask, optional
+    # gate
     if HAS_POOLED:
         m_i, l_i, acc = _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
                                         PK, PV, PBias, PRead, PGate,

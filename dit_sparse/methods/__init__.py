@@ -1,4 +1,4 @@
-"""The four methods as sparse-plan builders, and their composition (ALGORITHMS.md §3-§6)."""
+"""The four methods as sparse-plan builders, and their composition (docs/composition.md)."""
 
 from __future__ import annotations
 

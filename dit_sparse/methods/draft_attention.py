@@ -1,7 +1,7 @@
 """DraftAttention: block selection guided by a low-resolution "draft" attention map.
 
 Paper: *DraftAttention: Fast Video Diffusion via Low-Resolution Attention Guidance* (arXiv 2505.14708), code
-``shawnricecake/draft-attention``. Spec: ALGORITHMS.md §3.
+``shawnricecake/draft-attention``. Spec: docs/draft_attention.md.
 
 Every tile of the :class:`~dit_sparse.TokenLayout` (one kernel block) is pooled into one draft query and one
 draft key (true-count means of the post-RoPE, post-QK-norm q and k). The draft map
@@ -11,8 +11,9 @@ columns are always on.
 
 Selections (``DraftAttentionConfig.selection``):
 
-* ``"row_topk"`` (default, ours, §3.4): every video query row keeps ``budget`` video blocks, with the forced ones
-  (diagonal, sink, same-frame) counted inside the budget and the rest taken from the top of the draft row;
+* ``"row_topk"`` (default, ours, docs/draft_attention.md#selection): every video query row keeps ``budget`` video
+  blocks, with the forced ones (diagonal, sink, same-frame) counted inside the budget and the rest taken from the top
+  of the draft row;
 * ``"row_topp"`` (ours): like ``row_topk`` but the count per row is the smallest one whose draft mass reaches
   ``top_p``, clamped to ``[k_min, budget]``;
 * ``"head_global"`` (the reference code): one threshold per head over the whole ``Nv x Nv`` probability map.
@@ -69,8 +70,8 @@ def _mean_pool_logits(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, sca
 
 
 #: Registry of draft poolings by name (``DraftAttentionConfig.pooling``). Only ``"mean"`` (the paper's average
-#: pooling, better than max pooling per its Fig. 6) ships; a log-sum-exp over sub-block pairs (ALGORITHMS.md
-#: §3.7, sglang PR #34148) would register here.
+#: pooling, better than max pooling per its Fig. 6) ships; a log-sum-exp over sub-block pairs (see
+#: docs/draft_attention.md#pooling, sglang PR #34148) would register here.
 DRAFT_POOLINGS: dict[str, DraftPooling] = {"mean": _mean_pool_logits}
 
 
@@ -85,15 +86,16 @@ def register_draft_pooling(name: str, fn: DraftPooling) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DraftAttentionConfig:
-    """Semantic knobs of DraftAttention (ALGORITHMS.md §3). Derive variants with ``dataclasses.replace``.
+    """Semantic knobs of DraftAttention (docs/draft_attention.md). Derive variants with ``dataclasses.replace``.
 
     Args:
         sparsity (`float`, defaults to 0.75): fraction of video x video block pairs to skip, in ``[0, 1]``. The
             reference Wan code hard-codes 0.75, its HunyuanVideo code 0.9; the paper reports 0.55-0.9. The
             *achieved* density (``SparsePlan.density``) is higher: forced blocks, ``k_min`` and text are extra.
         selection (`str`, defaults to ``"row_topk"``): ``"row_topk"``, ``"row_topp"`` or ``"head_global"``
-            (see :func:`draft_select`). ``row_topk`` is ours (§3.4); ``head_global`` reproduces the reference
-            code's per-head threshold on softmax probabilities (ties kept) and may starve rows.
+            (see :func:`draft_select`). ``row_topk`` is ours (docs/draft_attention.md#selection); ``head_global``
+            reproduces the reference code's per-head threshold on softmax probabilities (ties kept) and may starve
+            rows.
         top_p (`float`, defaults to 0.9): draft mass to reach per row for ``"row_topp"``, in ``(0, 1]``. Ours.
         k_min (`int`, defaults to 2): least video blocks per video query row (``row_topk`` / ``row_topp``), >= 1.
             Ours: the reference has no floor.
@@ -108,8 +110,9 @@ class DraftAttentionConfig:
     Budget: ``row_budget = min(Nv, max(k_min, ceil((1 - sparsity) * Nv)))`` video blocks per row, the product
     rounded to 9 decimals before the ceiling so that float round-off never adds a block.
 
-    Dense warm-up steps and dense layers (§3.6: the reference keeps ~30% of steps and the first 1-2 blocks
-    dense) belong to the shared dense policy (§2.5), not to this config.
+    Dense warm-up steps and dense layers (docs/draft_attention.md#dense-warm-up: the reference keeps ~30% of steps and
+    the first 1-2 blocks dense) belong to the shared dense policy (docs/composition.md#dense-policy), not to this
+    config.
     """
 
     sparsity: float = 0.75
@@ -165,8 +168,9 @@ def draft_map(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout, s
     r"""The draft attention map ``softmax_j(q̄_i · k̄_j · scale + log n_j)`` over video blocks.
 
     ``n_j`` is the number of real tokens of key block ``j`` (the tile size, less for partial edge tiles), so a
-    block's draft mass is that of ``n_j`` copies of its mean key, as in the rectification estimate (§4.3). With
-    every tile full the term is a constant and the map is the paper's ``softmax_j(q̄_i · k̄_j · scale)``.
+    block's draft mass is that of ``n_j`` copies of its mean key, as in the rectification estimate
+    (docs/rectification.md#ipar). With every tile full the term is a constant and the map is the paper's
+    ``softmax_j(q̄_i · k̄_j · scale)``.
 
     Args:
         q_perm (`torch.Tensor`): permuted queries ``[B, P, H, D]`` (``layout.permute(q)``, after RoPE/QK-norm).
@@ -183,7 +187,8 @@ def draft_map(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout, s
         raise ValueError(f"draft_map: pooling={pooling!r} is unknown, expected one of {sorted(DRAFT_POOLINGS)}.")
     scale = 1.0 / math.sqrt(q_perm.shape[-1]) if scale is None else float(scale)
     logits = DRAFT_POOLINGS[pooling](q_perm, k_perm, layout, scale).float()
-    # a key block stands for its n_j real tokens: + log n_j (matters only for partial edge tiles; as §4.3)
+    # a key block stands for its n_j real tokens: + log n_j (matters only for partial edge tiles; as
+    # docs/rectification.md#ipar)
     log_n = layout.block_valid(logits.device)[: layout.num_video_blocks].to(torch.float32).log()
     return torch.softmax(logits + log_n, dim=-1)
 

@@ -5,7 +5,8 @@ Every method produces the same currency (a block mask, then a :class:`~dit_spars
 * **selection** = union of the enabled selectors: draft guidance, neighbourhood window; pooled rectification
   selects only when neither of those is enabled (otherwise it only corrects their selection);
 * **epilogue** = pooled rectification ``(R, c)`` for the final mask, *or* Re-ttention ``(rho + λΔt, residual)``
-  (both correct the softmax denominator: the config refuses to enable both, ALGORITHMS.md §4.7);
+  (both correct the softmax denominator: the config refuses to enable both,
+  docs/composition.md#rectification-and-re-ttention-do-not-combine);
 * **reuse** = the plan (and Re-ttention statistics) kept for ``refresh_period`` steps per (layer, branch);
 * **dense policy** = warm-up steps, chosen layers and heads, small calls, or everything dense.
 
@@ -72,7 +73,8 @@ def _int_set(value, name: str) -> frozenset[int]:
 
 @dataclass(frozen=True, kw_only=True)
 class DensePolicy:
-    """What stays dense, shared by every method (ALGORITHMS.md §2.5). Steps are step *indices*, never timesteps.
+    """What stays dense, shared by every method (docs/composition.md#dense-policy). Steps are step *indices*, never
+    timesteps.
 
     Args:
         dense_steps (`int`, defaults to 0): the first ``dense_steps`` denoising steps run dense.
@@ -172,8 +174,9 @@ class SparseAttentionConfig:
                 and self.reuse.retention:
             raise NotImplementedError(
                 "Pooled rectification and Re-ttention both correct the softmax denominator of the same sparse "
-                "output and are not combined (ALGORITHMS.md §4.7). Use TemporalReuseConfig(retention=False) to "
-                "reuse plans with rectification, or drop rectification to use Re-ttention.")
+                "output and are not combined (docs/composition.md#rectification-and-re-ttention-do-not-combine). "
+                "Use TemporalReuseConfig(retention=False) to reuse plans with rectification, or drop rectification "
+                "to use Re-ttention.")
         if self.neighborhood is not None and self.neighborhood.exact:
             raise NotImplementedError(
                 "NeighborhoodConfig(exact=True) applies a token-level element mask that only the torch path "

@@ -3,7 +3,7 @@
 Every video query attends a local 3-D window of the latent grid, plus every text token; text queries stay
 dense. The plan does not depend on the data: it is static per (grid, tile, window) and cached.
 
-Two ways to give the window (ALGORITHMS.md §6):
+Two ways to give the window (docs/neighborhood.md):
 
 * **Tile windows** (``window``, the default): a window of ``(WT, WH, WW)`` whole tiles around each query tile
   (Sliding Tile Attention, arXiv 2502.04507; GNA, arXiv 2504.16922). Per axis ``a`` with ``n_a`` tiles::
@@ -21,16 +21,16 @@ Two ways to give the window (ALGORITHMS.md §6):
   queries of a packed block see the union of their windows); ``exact=True`` restores exactness there.
 
 * **Token windows** (``kernel_size``, with ``stride``, ``dilation``, ``causal``): the per-axis NATTEN / GNA rule
-  of §6.1 on tokens (:func:`dit_sparse.reference.neighborhood.natten_axis_allowed` is its brute-force form).
-  Token windows do not line up with tiles, so the block plan is **rounded up to blocks**: it reads every block
-  pair whose token bounding boxes (``layout.block_bbox``) hold at least one (query, key) pair the rule allows.
-  On blocks that are tiles the box is the block's token set, so this is exactly "the blocks that hold an
-  allowed pair, and no other"; on packed edge blocks the box is wider and the plan a (slightly larger) superset.
-  The Triton kernel executes that block-rounded plan, which is a superset of the token window (queries also see
-  the other keys of the blocks their window cuts). ``exact=True`` restores token exactness with an element mask
-  (:func:`neighborhood_token_mask`); the kernel contract has no element mask, so ``exact=True`` currently runs
-  on the torch path only (:func:`neighborhood_attention_exact`, which visits only the blocks of the plan).
-  ``exact=True`` also applies to tile windows (only needed on packed edge blocks).
+  of docs/neighborhood.md#token-windows on tokens (:func:`dit_sparse.reference.neighborhood.natten_axis_allowed` is its
+  brute-force form). Token windows do not line up with tiles, so the block plan is **rounded up to blocks**: it reads
+  every block pair whose token bounding boxes (``layout.block_bbox``) hold at least one (query, key) pair the rule
+  allows. On blocks that are tiles the box is the block's token set, so this is exactly "the blocks that hold an
+  allowed pair, and no other"; on packed edge blocks the box is wider and the plan a (slightly larger) superset. The
+  Triton kernel executes that block-rounded plan, which is a superset of the token window (queries also see the other
+  keys of the blocks their window cuts). ``exact=True`` restores token exactness with an element mask
+  (:func:`neighborhood_token_mask`); the kernel contract has no element mask, so ``exact=True`` currently runs on the
+  torch path only (:func:`neighborhood_attention_exact`, which visits only the blocks of the plan). ``exact=True`` also
+  applies to tile windows (only needed on packed edge blocks).
 
 Everything works on permuted tensors (``layout.permute``: ``[B, P, H, D]``, video tiles first, then text
 blocks) and block masks ``[B, H, N, N]`` over ``N = layout.num_blocks``; see :mod:`dit_sparse.methods.base`.
@@ -96,7 +96,8 @@ class NeighborhoodConfig:
             one window per attention head (STA profiles per-head windows offline); masks and plans then carry
             a head dimension. A window at least as large as the tiles on an axis covers that whole axis.
             Defaults to ``(3, 3, 3)`` (STA) when ``kernel_size`` is not given.
-        kernel_size (`tuple[int, int, int]`, *optional*): token-level window ``(kt, kh, kw)`` of §6.1
+        kernel_size (`tuple[int, int, int]`, *optional*): token-level window ``(kt, kh, kw)`` of
+        docs/neighborhood.md#token-windows
             (NATTEN's ``kernel_size``). On an axis shorter than ``kernel_size * dilation`` (where NATTEN would
             raise) the window covers the whole dilation group, which is NATTEN's window in the limit.
         stride (`int` or `tuple[int, int, int]`, defaults to 1): GNA stride, ``1 <= stride <= kernel_size``
@@ -104,8 +105,8 @@ class NeighborhoodConfig:
         dilation (`int` or `tuple[int, int, int]`, defaults to 1): NATTEN dilation (token windows only).
         causal (`bool`, defaults to False): causal along the time axis only (token windows only).
         exact (`bool`, defaults to False): False runs the block plan (a superset of the token window where it
-            is rounded up to blocks) on any backend; True applies the token test (§6.1, or the tile window of
-            each token's tile) as an element mask, which runs on the torch path only
+            is rounded up to blocks) on any backend; True applies the token test (docs/neighborhood.md#token-windows,
+            or the tile window of each token's tile) as an element mask, which runs on the torch path only
             (:func:`neighborhood_attention_exact`). Tile windows need it only on packed edge blocks.
 
     Example::
@@ -206,7 +207,7 @@ def _tile_axis(n: int, windows: torch.Tensor, device: torch.device) -> torch.Ten
 
 @tensor_cache(maxsize=256)
 def _token_axis(length: int, kernel: int, stride: int, dilation: int, causal: bool, device: str) -> torch.Tensor:
-    """bool ``[L, L]``: §6.1 per-axis rule, ``[query coordinate, key coordinate]``."""
+    """bool ``[L, L]``: docs/neighborhood.md#token-windows per-axis rule, ``[query coordinate, key coordinate]``."""
     x = torch.arange(length, device=device)
     q, k = x.view(-1, 1), x.view(1, -1)
     group = q % dilation
@@ -231,8 +232,9 @@ def _token_axes(layout: TokenLayout, config: NeighborhoodConfig, device: str) ->
 
 
 def _axis_rules(layout: TokenLayout, config: NeighborhoodConfig, device: str) -> list[torch.Tensor]:
-    """Per-axis token rules bool ``[Hw, L_a, L_a]`` ``[query coordinate, key coordinate]``: the §6.1 rule
-    (token windows, ``Hw = 1``) or the tile window of each coordinate's tile (tile windows, one per head)."""
+    """Per-axis token rules bool ``[Hw, L_a, L_a]`` ``[query coordinate, key coordinate]``: the
+    docs/neighborhood.md#token-windows rule (token windows, ``Hw = 1``) or the tile window of each coordinate's tile
+    (tile windows, one per head)."""
     if config.mode == "token":
         return [r[None] for r in _token_axes(layout, config, device)]
     windows = torch.tensor(config.windows, dtype=torch.long)
@@ -349,9 +351,10 @@ def neighborhood_token_mask(layout: TokenLayout, config: NeighborhoodConfig,
                             query_slots: torch.Tensor | slice | None = None) -> torch.Tensor:
     """Token-exact element mask over permuted slots: bool ``[P, P]`` (``[H, P, P]`` for per-head windows).
 
-    Entry ``[i, j]`` says whether the query in slot ``i`` attends the key in slot ``j``: the §6.1 token rule for
-    token windows (what NATTEN computes), the tile window expanded to its tokens for tile windows; text keys
-    on for every real query, text queries dense; padding slots off as queries and as keys.
+    Entry ``[i, j]`` says whether the query in slot ``i`` attends the key in slot ``j``: the
+    docs/neighborhood.md#token-windows token rule for token windows (what NATTEN computes), the tile window expanded to
+    its tokens for tile windows; text keys on for every real query, text queries dense; padding slots off as queries
+    and as keys.
 
     The full mask is ``P x P``: meant for tests and small grids. Pass ``query_slots`` (a slice or an index
     tensor) for a band of rows, ``[Pq, P]``.

@@ -1,18 +1,20 @@
-"""Pooled rectification: Rectified SpaAttn (arXiv 2511.19835; BienLuky/Rectified-SpaAttn), ALGORITHMS.md §4.
+"""Pooled rectification: Rectified SpaAttn (arXiv 2511.19835; BienLuky/Rectified-SpaAttn), docs/rectification.md.
 
 Plain block-sparse attention renormalises over the kept key blocks (it *amplifies* them by ``1 / kept mass``) and
 *loses* the dropped blocks. Rectified SpaAttn estimates every block's share of the full attention from pooled
-(block-mean) queries and keys and corrects both biases in the output epilogue of the one sparse kernel (§2.3)::
+(block-mean) queries and keys and corrects both biases in the output epilogue of the one sparse kernel
+(docs/plan.md#epilogue)::
 
     O_u = R_i * SparseAttn_u(C_i) + c_i          for every query token u of video block i
 
-* **IPAR** (isolated-pooling attention reallocation, §4.3): ``P̃ [B, H, Nv, Nv + 1]``, the block-level attention of
-  pooled queries over pooled video keys (weighted by their true token counts) **plus every valid text token
-  un-pooled**, with the text mass collapsed into one column. ``R_i`` is the mass ``P̃`` gives to the blocks the sparse
-  kernel reads (plus the dropped blocks whose pooled estimate is not trusted).
-* **GAPR** (gain-aware pooling rectification, §4.5): a dropped block ``j`` is compensated with ``P̃_ij * v̄_j`` only
-  where the pooled logit's magnitude exceeds a first-order bound on its pooling error (``Z_ij = G_ij > E_ij``).
-* **Selection** (§4.4): per query block, top-p (``top_p``) over ``P̃`` with a top-k floor
+* **IPAR** (isolated-pooling attention reallocation, docs/rectification.md#ipar): ``P̃ [B, H, Nv, Nv + 1]``, the
+  block-level attention of pooled queries over pooled video keys (weighted by their true token counts) **plus every
+  valid text token un-pooled**, with the text mass collapsed into one column. ``R_i`` is the mass ``P̃`` gives to the
+  blocks the sparse kernel reads (plus the dropped blocks whose pooled estimate is not trusted).
+* **GAPR** (gain-aware pooling rectification, docs/rectification.md#gapr): a dropped block ``j`` is compensated with
+  ``P̃_ij * v̄_j`` only where the pooled logit's magnitude exceeds a first-order bound on its pooling error (``Z_ij =
+  G_ij > E_ij``).
+* **Selection** (docs/rectification.md#selection): per query block, top-p (``top_p``) over ``P̃`` with a top-k floor
   (``int((1 - sparsity) * Nv)``), plus 3-D tile neighbours, text columns, dense text rows and (Wan) the
   first-frame rule.
 

@@ -1,14 +1,14 @@
-"""Temporal reuse across denoising steps: sparse-plan reuse and Re-ttention (ALGORITHMS.md §5).
+"""Temporal reuse across denoising steps: sparse-plan reuse and Re-ttention (docs/temporal_reuse.md).
 
 Two ideas that share one per-(layer, branch) state:
 
-* **Plan reuse** (§5.2, [ours], after AdaSpa / SVG2): the block mask changes slowly across denoising steps, so
-  build it once and reuse it until ``step - built_step >= refresh_period``, until the pooled queries drift
-  (``mean_h (1 - cos(q̄_t, q̄_ref)) > drift_threshold``), or until the layout or shapes change. What this saves is
-  the mask source's work (draft map, top-k, CSR build).
-* **Re-ttention** (§5.1, arXiv 2505.22918, NeurIPS 2025; cccrrrccc/Re-ttention): at very high sparsity the
-  damage comes mostly from the softmax denominator shift. At a *cache step* (every plan rebuild) run dense and
-  sparse attention on the same q, k, v, output the exact dense result and cache, per row,
+* **Plan reuse** (docs/temporal_reuse.md#plan-reuse, [ours], after AdaSpa / SVG2): the block mask changes slowly across
+  denoising steps, so build it once and reuse it until ``step - built_step >= refresh_period``, until the pooled
+  queries drift (``mean_h (1 - cos(q̄_t, q̄_ref)) > drift_threshold``), or until the layout or shapes change. What this
+  saves is the mask source's work (draft map, top-k, CSR build).
+* **Re-ttention** (docs/temporal_reuse.md#re-ttention, arXiv 2505.22918, NeurIPS 2025; cccrrrccc/Re-ttention): at very
+  high sparsity the damage comes mostly from the softmax denominator shift. At a *cache step* (every plan rebuild) run
+  dense and sparse attention on the same q, k, v, output the exact dense result and cache, per row,
 
   ``rho = exp(LSE_sparse - LSE_full)`` (the kept share of the softmax mass, fp32 ``[B, H, P]``) and
   ``R = O_full - rho * O_sparse`` (the exact contribution of the masked keys, ``[B, P, H, D]``).
@@ -18,11 +18,11 @@ Two ideas that share one per-(layer, branch) state:
   attention op's epilogue (``SparsePlan.out_scale`` / ``out_bias``), so a sparse step costs one sparse call.
 
 A plan rebuild always forces a Re-ttention cache step: ``rho`` and ``R`` are only valid for the mask they were
-measured with (§5.2 "Interplay").
+measured with (docs/temporal_reuse.md#interplay-with-plan-rebuilds).
 
 State is keyed by (layer, branch) in a :class:`ReuseCache` (diffusers' ``cache_context`` names "cond", "uncond",
 "cond_uncond"), and must be reset at the start of every generation (:meth:`ReuseCache.reset`). Steps are denoising
-step *indices* (§2.6), never timestep values.
+step *indices* (docs/composition.md#steps-and-branches), never timestep values.
 
 Shapes: B batch, P = ``layout.padded_len`` (permuted sequence), H heads, D head dim, N = ``layout.num_blocks``.
 
@@ -103,7 +103,7 @@ class TemporalReuseConfig:
             device-to-host sync (the only sync on the sparse path; none without it).
         warn_bytes (`int`, *optional*, defaults to 4 GiB): warn once, with the byte count, when a
             :class:`ReuseCache` holds more than this many bytes of cached state. None disables the warning.
-            Wan-14B 720p caches ~0.77 GB of residual per layer and branch in bf16 (§5.1 "Memory").
+            Wan-14B 720p caches ~0.77 GB of residual per layer and branch in bf16 (docs/temporal_reuse.md#memory).
     """
 
     refresh_period: int = 5
@@ -364,7 +364,7 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
         q_perm, k_perm, v_perm (`torch.Tensor`): permuted ``[B, P, H, D]`` (``layout.permute``), P =
             ``layout.padded_len``.
         layout (`TokenLayout`): the layout the tensors were permuted with.
-        step (`int`): denoising step index (>= 0), counted per generation (ALGORITHMS §2.6).
+        step (`int`): denoising step index (>= 0), counted per generation (docs/composition.md#steps-and-branches).
         state (`TemporalReuseState`): this (layer, branch)'s state, from :meth:`ReuseCache.get`.
         config (`TemporalReuseConfig`): reuse / Re-ttention settings.
         build_mask (`Callable[[], torch.Tensor]`): returns the method's bool block mask ``[B | 1, H | 1, N, N]``;
@@ -374,8 +374,8 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
             pooled rectification's R and c, recomputed each step) to the reused plan. Not combined with
             ``retention`` (``NotImplementedError``).
         segment (`Callable[[SparsePlan], PooledSegment]`, *optional*): the pooled key segment of the per-row
-            rectification (``combine="row"``, ALGORITHMS §4.6b) for the reused plan, rebuilt every step from this
-            step's pooled keys and values, so a reused plan keeps a correct remainder. Not combined with
+            rectification (``combine="row"``, docs/rectification.md#row-combine) for the reused plan, rebuilt every
+            step from this step's pooled keys and values, so a reused plan keeps a correct remainder. Not combined with
             ``retention`` (``NotImplementedError``).
         plan_width (`int`, *optional*): a bound, known from the method's config and the layout alone, on the key
             blocks any row of ``build_mask()``'s masks reads (:func:`dit_sparse.methods.engine.plan_row_bound`):
@@ -403,12 +403,14 @@ def reuse_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Te
     if config.retention and segment is not None:
         raise NotImplementedError(
             "reuse_attention got retention=True and a pooled segment: per-row rectification and Re-ttention both "
-            "correct the softmax denominator of the dropped blocks and are not combined (ALGORITHMS §4.7). Use "
+            "correct the softmax denominator of the dropped blocks and are not combined "
+            "(docs/composition.md#rectification-and-re-ttention-do-not-combine). Use "
             "TemporalReuseConfig(retention=False) to reuse the plan with the pooled segment.")
     if config.retention and epilogue is not None:
         raise NotImplementedError(
             "reuse_attention got retention=True and a caller epilogue: pooled rectification and Re-ttention both "
-            "correct the softmax denominator of the dropped blocks and are not combined (ALGORITHMS §4.7). Use "
+            "correct the softmax denominator of the dropped blocks and are not combined "
+            "(docs/composition.md#rectification-and-re-ttention-do-not-combine). Use "
             "TemporalReuseConfig(retention=False) to reuse the plan with your epilogue, or drop the epilogue.")
     for name, t in (("q_perm", q_perm), ("k_perm", k_perm), ("v_perm", v_perm)):
         check_permuted(t, layout, name)

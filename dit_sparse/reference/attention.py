@@ -11,7 +11,8 @@ Semantics every backend must reproduce (see ``dit_sparse.plan.SparsePlan``)::
 A query row that reads no key returns exactly ``out_bias`` (0 without one) and ``lse = -inf``; never NaN.
 
 With a :class:`~dit_sparse.segment.PooledSegment` ``pooled``, the softmax (and ``lse``) also runs over the pooled keys
-each row may read, as extra columns ``q . k̄_j * scale + log_count[j]`` with values ``v̄_j`` (ALGORITHMS.md §4.6b).
+each row may read, as extra columns ``q . k̄_j * scale + log_count[j]`` with values ``v̄_j``
+(docs/rectification.md#row-combine).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Brute-force token layout (test oracle; loops, small grids only): which model-order tokens each block holds.
 
-Written from ALGORITHMS.md §2.1 and the packing rule of :mod:`dit_sparse.layout`, one token at a time, without
+Written from docs/layout.md#packings and the packing rule of :mod:`dit_sparse.layout`, one token at a time, without
 the vectorised index code it checks:
 
 * ``"tiled"``: tile after tile in raster tile order, one block each; inside a tile the real tokens in raster order.

@@ -3,7 +3,7 @@
 Only for tests and debugging. Nothing here imports the method modules, so an oracle never shares a bug with the
 code it checks; configs are read by attribute only.
 
-DraftAttention (ALGORITHMS.md §3): :func:`draft_map_reference`, :func:`draft_mask_reference`.
+DraftAttention (docs/draft_attention.md): :func:`draft_map_reference`, :func:`draft_mask_reference`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Brute-force neighborhood-attention references (test oracles; loops, small grids only).
 
-* :func:`natten_axis_allowed`: the per-axis NATTEN / GNA token test of ALGORITHMS.md §6.1, written after the
-  expressions of NATTEN's flex mask (``src/natten/backends/flex.py``), one (query, key) pair at a time.
+* :func:`natten_axis_allowed`: the per-axis NATTEN / GNA token test of docs/neighborhood.md#token-windows, written
+  after the expressions of NATTEN's flex mask (``src/natten/backends/flex.py``), one (query, key) pair at a time.
 * :func:`natten_token_mask_reference`: the 3-D token mask, video tokens in raster order.
-* :func:`tile_window_mask_reference`: the §6.2 tile-window rule, one (query tile, key tile) pair at a time.
+* :func:`tile_window_mask_reference`: the docs/neighborhood.md#tile-windows tile-window rule, one (query tile, key
+  tile) pair at a time.
 * :func:`neighborhood_token_mask_reference`: the full element mask in **model order** (video + text).
 * :func:`block_box_mask_reference`: the video block mask of any layout (packed edge blocks included): a block
   pair is on iff the window allows some (query, key) pair of coordinates in the two blocks' bounding boxes.
@@ -53,7 +54,8 @@ def natten_axis_allowed(x: int, xk: int, length: int, kernel: int, stride: int =
 def natten_token_mask_reference(grid: tuple[int, int, int], kernel_size: tuple[int, int, int],
                                 stride: tuple[int, int, int] = (1, 1, 1), dilation: tuple[int, int, int] = (1, 1, 1),
                                 causal: tuple[bool, bool, bool] = (False, False, False)) -> torch.Tensor:
-    """bool ``[Nv, Nv]`` over video tokens in raster order ``f*H*W + y*W + x``: the §6.1 rule on every axis."""
+    """bool ``[Nv, Nv]`` over video tokens in raster order ``f*H*W + y*W + x``: the token-window rule
+    (docs/neighborhood.md#token-windows) on every axis."""
     axes = []
     for length, k, s, d, c in zip(grid, kernel_size, stride, dilation, causal):
         t = torch.zeros(length, length, dtype=torch.bool)
@@ -67,7 +69,8 @@ def natten_token_mask_reference(grid: tuple[int, int, int], kernel_size: tuple[i
 
 
 def tile_window_mask_reference(tiles_per_axis: tuple[int, int, int], window: tuple[int, int, int]) -> torch.Tensor:
-    """bool ``[n_b, n_b]`` over tiles in raster order: the §6.2 tile-window rule, pair by pair."""
+    """bool ``[n_b, n_b]`` over tiles in raster order: the tile-window rule (docs/neighborhood.md#tile-windows),
+    pair by pair."""
     nt, nh, nw = tiles_per_axis
     coords = [(a, b, c) for a in range(nt) for b in range(nh) for c in range(nw)]
     m = torch.zeros(len(coords), len(coords), dtype=torch.bool)
@@ -103,7 +106,8 @@ def neighborhood_token_mask_reference(layout, config) -> torch.Tensor:
 
 
 def _tile_axis_allowed(x: int, xk: int, length: int, tile: int, window: int) -> bool:
-    """Tile window on one axis (§6.2): the key's tile lies in the window of the query's tile."""
+    """Tile window on one axis (docs/neighborhood.md#tile-windows): the key's tile lies in the window of the query's
+    tile."""
     n = -(-length // tile)
     g, gk = x // tile, xk // tile
     start = min(max(g - window // 2, 0), max(n - window, 0))

@@ -1,4 +1,4 @@
-"""Brute-force float64 oracle of pooled rectification (Rectified SpaAttn, ALGORITHMS.md §4). Tests only: loops.
+"""Brute-force float64 oracle of pooled rectification (Rectified SpaAttn, docs/rectification.md). Tests only: loops.
 
 Works on **model-order** tensors ``[B, S, H, D]`` and recovers every block's tokens from the grid coordinates
 itself (:func:`dit_sparse.reference.layout.block_members_reference`, loops), so it does not share the

@@ -1,9 +1,10 @@
 """What every model adapter shares: its spec and lookup, the run-time object per transformer, the processor base.
 
-An adapter only declares what differs between models (ALGORITHMS.md §2.4, ENVIRONMENT.md §4):
-which stock processors to replace, where the text sits, how to read the latent grid from the forward's inputs.
-Its processor copies the stock processor's projections, norms and RoPE and swaps only the attention call for
-:meth:`SparseProcessorBase.attend`, which runs the stock attention (``dense``) whenever the call stays dense.
+An adapter only declares what differs between models (docs/models.md#text-placement,
+docs/models.md#adapters-and-diffusers-processors): which stock processors to replace, where the text sits, how to read
+the latent grid from the forward's inputs. Its processor copies the stock processor's projections, norms and RoPE and
+swaps only the attention call for :meth:`SparseProcessorBase.attend`, which runs the stock attention (``dense``)
+whenever the call stays dense.
 """
 
 from __future__ import annotations

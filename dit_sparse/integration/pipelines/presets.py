@@ -1,6 +1,6 @@
 """Named presets: a model family, its hub id, and a :class:`~dit_sparse.SparseAttentionConfig`.
 
-Defaults follow ALGORITHMS.md (§3.6 DraftAttention, §4.7 Rectified SpaAttn, §5.1 Re-ttention, §6 neighbourhood):
+Defaults follow docs/models.md#preset-defaults:
 the sparsity in a preset name is the *requested* fraction of video x video blocks skipped. Steps are counted by
 index; ``dense_fraction`` needs the pipeline's step count (known inside a pipeline call).
 
@@ -223,7 +223,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "; measured density 0.25 on structured inputs at 25x34x60 (SkyReels-V2 544x960, 97 frames)",
          _rectified(0.75, dense_steps=5, dense_layers=(0, 1))),
     ],
-    # Qwen-Image takes the image-DiT settings of FLUX / SD3 (ALGORITHMS.md §7)
+    # Qwen-Image takes the image-DiT settings of FLUX / SD3 (docs/models.md#preset-defaults)
     "qwenimage": [
         ("qwenimage:neighborhood", "Qwen/Qwen-Image",
          "2-D window of 3x3 tiles (as FLUX), first 20% steps dense"
@@ -235,10 +235,10 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "; measured density 0.50 at 1x64x64 (Qwen-Image 1024x1024, no text)", _draft(0.5, dense_fraction=0.25)),
     ],
     # 2025-26 models (HunyuanVideo 1.5, LTX-2, Cosmos, Mochi, FLUX.2, Kandinsky 6): densities and dense warm-up follow
-    # the family's peers (ALGORITHMS.md §7): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%, 25% steps and
-    # blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan / LTX (Draft
-    # 75%, 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream blocks
-    # dense).
+    # the family's peers (docs/models.md#preset-defaults): HunyuanVideo-like joint DiTs like HunyuanVideo (Draft 90%,
+    # 25% steps and blocks 0-1 dense; Rectified 90% with 20% warm-up), video DiTs with cross-attention text like Wan /
+    # LTX (Draft 75%, 25% steps and block 0 dense), FLUX.2 like FLUX.1 (Rectified 90% with the last 20 single-stream
+    # blocks dense).
     "hunyuanvideo15": [
         ("hunyuanvideo15:draft-90", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
          "DraftAttention 90%, first 25% steps and blocks 0-1 dense (as HunyuanVideo)"

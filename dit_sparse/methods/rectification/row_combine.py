@@ -49,7 +49,7 @@ def row_rectified_attention(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: 
 
 def pooled_segment(layout: TokenLayout, mask: torch.Tensor, config: PooledRectificationConfig, *,
                    stats: BlockStatistics, device=None) -> PooledSegment:
-    """The pooled key segment of the per-row combine (§4.6b) for a final block ``mask``.
+    """The pooled key segment of the per-row combine (docs/rectification.md#row-combine) for a final block ``mask``.
 
     One pooled key per video block (true-count mean key ``k̄_j`` and value ``v̄_j``, logit bias ``log n_j``); the
     rows of video query block ``i`` read the blocks ``mask`` skips in row ``i``; text query rows read none. With

@@ -57,7 +57,7 @@ def selection_width(ncol: int, top_k: int, top_p: float) -> int:
 
 def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
                            config: PooledRectificationConfig) -> torch.Tensor:
-    """Critical-block selection (§4.4) from ``P̃`` -> bool block mask ``[B, H, N, N]``.
+    """Critical-block selection (docs/rectification.md#selection) from ``P̃`` -> bool block mask ``[B, H, N, N]``.
 
     Per (batch, head, video query block), rank the ``Nv + 1`` entries of ``P̃`` (video blocks and the collapsed
     text column, as in the reference) by descending value; exact ties rank the lower column index first (video

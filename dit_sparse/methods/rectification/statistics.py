@@ -85,7 +85,7 @@ def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layo
 
 def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.Tensor | None,
                      layout: TokenLayout, *, deviations: bool = True, outliers: int = 0) -> BlockStatistics:
-    """Pooled block statistics of permuted q, k, v (§4.2, §4.5).
+    """Pooled block statistics of permuted q, k, v (docs/rectification.md#block-pooling, docs/rectification.md#gapr).
 
     Args:
         q_perm, k_perm, v_perm (`torch.Tensor`, ``[B, P, H, D]``): permuted by ``layout`` (zeros in padding slots).
@@ -127,7 +127,7 @@ def block_statistics(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torch.T
 
 
 def ipar_probabilities(stats: BlockStatistics, scale: float) -> torch.Tensor:
-    r"""IPAR implicit full attention ``P̃`` (§4.3) -> float32 ``[B, H, Nv, Nv + 1]``.
+    r"""IPAR implicit full attention ``P̃`` (docs/rectification.md#ipar) -> float32 ``[B, H, Nv, Nv + 1]``.
 
     For video query block ``i``, the keys are the pooled video blocks ``k̄_j`` plus every valid text token ``k_τ``
     un-pooled; ``P = softmax(q̄_i · key * scale)`` over these ``Nv + Nt`` entries. With ``n_j`` the true token
@@ -155,7 +155,8 @@ def ipar_probabilities(stats: BlockStatistics, scale: float) -> torch.Tensor:
 
 
 def gapr_reliable(stats: BlockStatistics) -> torch.Tensor:
-    r"""GAPR reliability ``Z [B, H, Nv, Nv]`` (bool, §4.5): is the pooled estimate of (i, j) trustworthy?
+    r"""GAPR reliability ``Z [B, H, Nv, Nv]`` (bool, docs/rectification.md#gapr): is the pooled estimate of (i, j)
+    trustworthy?
 
     ``G_ij = |q̄_i · k̄_j|`` (gain) against ``E_ij = |a_i · k̄_j| + |q̄_i · b_j|`` (first-order pooling error), with
     ``a_i = mean_u |q_u - q̄_i|`` and ``b_j = mean_v |k_v - k̄_j|`` over real tokens. ``Z_ij = G_ij > E_ij``.

@@ -14,7 +14,7 @@ AWKWARD = [(21, 30, 52), (13, 30, 45), (1, 64, 64), (5, 7, 9)]
 
 
 def brute_force_perm(layout: TokenLayout) -> list[int]:
-    """ALGORITHMS.md §2.1 sketch (the tiled packing), with loops: model-order index of every slot (-1 = padding)."""
+    """The tiled packing of docs/layout.md#packings, with loops: model-order index of every slot (-1 = padding)."""
     T, Hg, Wg = layout.grid
     tt, th, tw = layout.tile
     nt, nh, nw = layout.tiles_per_axis
@@ -84,7 +84,8 @@ def test_valid_first_counts(packing):
 
 
 def test_draft_closed_form():
-    """§3.3: with tile (1, h, w) dividing the grid, slot = f*Hg*Wg + (i*(Wg/w) + j)*(h*w) + u*w + v."""
+    """docs/layout.md#draftattention-reorder: with tile (1, h, w) dividing the grid,
+    slot = f*Hg*Wg + (i*(Wg/w) + j)*(h*w) + u*w + v."""
     T, Hg, Wg, h, w = 3, 16, 32, 8, 16
     layout = TokenLayout(frames=T, height=Hg, width=Wg, tile=(1, h, w))
     x = torch.arange(T * Hg * Wg).view(1, -1, 1)
@@ -141,7 +142,7 @@ def _video_members(layout: TokenLayout, tiles: bool = False) -> list[list[int]]:
     return [[i for i in every if tile_of(i) == tile_of(blk[0])] for blk in blocks]
 
 
-# every preset's target grid (ALGORITHMS.md §1; text in the self-attention call, block 128)
+# every preset's target grid (docs/models.md#grids; text in the self-attention call, block 128)
 PRESET_GRIDS = {
     "wan2.1-480p": (21, 30, 52, 0, "after"), "wan2.1/2.2-720p": (21, 45, 80, 0, "after"),
     "hunyuanvideo-720p": (33, 45, 80, 256, "after"), "hunyuanvideo-540p": (33, 34, 60, 256, "after"),

@@ -1,4 +1,4 @@
-"""Every registered backend against the fp32 torch reference on CUDA (issue 15 items 3-4; the GPU suite's tests).
+"""Every registered backend against the fp32 torch reference on CUDA (run by the GPU suite).
 
 Parametrized over ``dit_sparse.backends.BACKENDS`` at collection, so a backend registered later (``hopper``,
 ``fa4``) is tested with no change here. Each case is a call the production path makes (bf16, head dim 128,

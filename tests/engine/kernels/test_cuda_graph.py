@@ -1,5 +1,5 @@
 """A sparse call (plan building, the compiled kernel, epilogues, merges) captured in one CUDA graph and replayed on
-new inputs (issue 15 item 1): possible only because the path never syncs with the host. GPU only.
+new inputs: possible only because the path never syncs with the host. GPU only.
 
 Parametrized over every registered backend but ``torch`` (``dit_sparse.backends.BACKENDS``, read at collection:
 a backend registered later is captured too). A backend that cannot run a method's calls skips with the reasons

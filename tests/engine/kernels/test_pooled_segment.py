@@ -1,4 +1,4 @@
-"""The pooled key segment (ALGORITHMS.md §4.6b): one pass, in the Triton kernel and the torch reference.
+"""The pooled key segment (docs/rectification.md#row-combine): one pass, in the Triton kernel and the torch reference.
 
 Checked three ways: the kernel against the torch reference on raw random segments; the one-pass row rectification
 (``row_rectified_attention``) against today's two-pass form (sparse ``(out, lse)`` merged with

@@ -1,4 +1,4 @@
-"""Issue 12 item 5: every field of every user-facing config is checked when the config is built, and the error
+"""Every field of every user-facing config is checked when the config is built, and the error
 names the field, what was got and what is expected (and, for the composite config, the fix)."""
 
 from __future__ import annotations

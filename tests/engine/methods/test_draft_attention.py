@@ -1,4 +1,4 @@
-"""DraftAttention (ALGORITHMS.md §3): draft map, row_topk / row_topp / head_global selection, plans, fidelity.
+"""DraftAttention (docs/draft_attention.md): draft map, row_topk / row_topp / head_global selection, plans, fidelity.
 
 Selections are compared EXACTLY with the loop-based oracle ``dit_sparse.reference.masks.draft_mask_reference``
 fed the implementation's float32 draft map (the map itself is compared numerically with the float64 oracle).

@@ -1,4 +1,4 @@
-"""Neighborhood attention (ALGORITHMS.md §6): tile windows (STA / GNA) and token windows (NATTEN).
+"""Neighborhood attention (docs/neighborhood.md): tile windows (STA / GNA) and token windows (NATTEN).
 
 Selection sets are compared exactly with brute-force oracles (``dit_sparse.reference.neighborhood``); numeric
 outputs with the float64 oracles. Everything runs on the torch backend on small odd grids.
@@ -121,7 +121,8 @@ def test_tile_windows_differ_from_natten_at_ragged_edges():
 
 # ---------------------------------------------------------------------------------------------- (c) token rule
 def test_axis_rule_matches_natten_examples():
-    """Hand-checked §6.1 cases: border clamping, stride leaders, dilation groups, causal."""
+    """Hand-checked token-window cases (docs/neighborhood.md#token-windows): border clamping, stride leaders,
+    dilation groups, causal."""
     row = lambda x, L, k, s=1, d=1, c=False: [j for j in range(L) if natten_axis_allowed(x, j, L, k, s, d, c)]
     assert row(0, 7, 3) == [0, 1, 2]  # clamped inward: still k keys
     assert row(3, 7, 3) == [2, 3, 4]

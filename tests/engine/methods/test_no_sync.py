@@ -1,4 +1,4 @@
-"""A sparse call after warm-up never forces a device-to-host sync (issue 15 item 1), checked on CPU with a
+"""A sparse call after warm-up never forces a device-to-host sync, checked on CPU with a
 ``TorchDispatchMode`` (``tests/sync_guard.py``) over the engine's whole per-call path: permute, selection, plan
 build, dispatch, the op (torch backend), epilogues, merges, unpermute."""
 

@@ -1,4 +1,4 @@
-"""Pooled rectification (Rectified SpaAttn, ALGORITHMS.md §4) against the float64 loop oracle, plus fidelity.
+"""Pooled rectification (Rectified SpaAttn, docs/rectification.md) against the float64 loop oracle, plus fidelity.
 
 Selection sets are compared exactly (the oracle ranks the implementation's fp32 P̃ with a full Python sort);
 numeric terms (P̃, deviations, R, c) numerically. Fidelity uses structured inputs only and asserts orderings.
@@ -259,7 +259,7 @@ def test_top_k_floor_is_round_off_safe():
 
 
 def test_one_budget_rule_across_methods():
-    """Draft and rectification round the budget the same way (issue 14 item 4): 0.9 on 64 blocks keeps 7."""
+    """Draft and rectification round the budget the same way: 0.9 on 64 blocks keeps 7."""
     from dit_sparse.methods.base import keep_blocks
     from dit_sparse.methods.draft_attention import row_budget
 
@@ -667,7 +667,7 @@ FAMILY_LAYOUTS = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("density", [0.25, 0.1])
 def test_row_never_worse_than_draft_alone_on_every_family(family, density, block):
-    """Issue 14 item 3: on diffuse, local and sharp-sparse inputs, per head (our stand-in for a layer) and seed,
+    """The row safeguard: on diffuse, local and sharp-sparse inputs, per head (our stand-in for a layer) and seed,
     at 16- and 128-token blocks, draft + row rectification (the default ``row_keys="outlier"`` with the default
     ``row_outliers``) is no worse than draft alone on the same blocks. On the sharp family the one-mean-key
     remainder (``row_keys="mean"``, GAPR per row) is worse than draft alone somewhere at 16-token blocks: the

@@ -1,4 +1,4 @@
-"""Temporal reuse (plan reuse + Re-ttention, ALGORITHMS.md §5): oracle, exactness, schedule, state, memory."""
+"""Temporal reuse (plan reuse + Re-ttention, docs/temporal_reuse.md): oracle, exactness, schedule, state, memory."""
 
 from __future__ import annotations
 

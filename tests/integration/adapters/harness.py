@@ -1,7 +1,7 @@
 """The shared adapter test harness: one table entry per model, the generic checks run on every entry.
 
-Every adapter must pass the same contract (issue 13, ALGORITHMS.md §2.4). Instead of copying the lifecycle tests
-per model, a model's test file declares ``CASES = [AdapterCase(...)]`` and keeps only its model-specific tests;
+Every adapter must pass the same contract (docs/models.md#text-placement). Instead of copying the lifecycle
+tests per model, a model's test file declares ``CASES = [AdapterCase(...)]`` and keeps only its model-specific tests;
 ``test_contract.py`` finds every ``CASES`` in ``tests/integration/adapters/test_*.py`` and runs these checks on each
 entry:
 

@@ -59,7 +59,7 @@ def transformer_inputs(transformer, variant: str = "5b"):
 def cog_pipeline(variant: str = "5b"):
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
 
-    # ENVIRONMENT.md §6 recipe with 3 blocks instead of 4: spatial factor 4, so 64 x 96 px give a 16 x 24
+    # docs/testing.md#tiny-models recipe with 3 blocks instead of 4: spatial factor 4, so 64 x 96 px give a 16 x 24
     # latent (decoding is most of a tiny pipeline's time)
     vae = seeded(AutoencoderKLCogVideoX, in_channels=3, out_channels=3,
                  down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,

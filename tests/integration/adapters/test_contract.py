@@ -101,8 +101,9 @@ TEXT_CASES = [c for c in CASES if c.text_rows and adapter_spec(c).text_position 
 
 @by_id(TEXT_CASES)
 def test_text_rows_equal_stock_on_the_declared_side(case):
-    """Text query rows read every key (ALGORITHMS.md §2.4): at the declared text position they equal the stock
-    attention under a sparse plan, video rows differ. Declaring the other side must break it (negative control)."""
+    """Text query rows read every key (docs/models.md#text-placement): at the declared text position they equal the
+    stock attention under a sparse plan, video rows differ. Declaring the other side must break it (negative
+    control)."""
     tr = case.transformer()
     (rt,) = dit_sparse.apply(tr, SPARSE)
     side = rt.adapter.text_position
@@ -117,7 +118,7 @@ def test_text_rows_equal_stock_on_the_declared_side(case):
 
 @by_id(CASES)
 def test_sparse_path_does_not_sync(case, monkeypatch):
-    """Issue 15 item 1 outside the engine: after a warm-up forward, neither the context hook nor any dit_sparse
+    """No host sync outside the engine either: after a warm-up forward, neither the context hook nor any dit_sparse
     processor call of a sparse forward forces a device-to-host sync, except the documented reads made through
     :func:`dit_sparse.integration.context.host_read` (the step from the timestep, a grid read from ids, a valid-text
     count),

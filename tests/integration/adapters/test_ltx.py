@@ -31,7 +31,7 @@ def ltx_pipeline():
                  layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, decoder_inject_noise=(False,) * 5,
                  upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1,
                  encoder_causal=True, decoder_causal=False)
-    # ENVIRONMENT.md §6: the framewise paths of the tiny VAE do not work
+    # docs/testing.md#tiny-models: the framewise paths of the tiny VAE do not work
     vae.use_framewise_encoding = vae.use_framewise_decoding = False
     return LTXPipeline(transformer=ltx_transformer(num_layers=1), vae=vae, text_encoder=t5_encoder(),
                        tokenizer=t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler())

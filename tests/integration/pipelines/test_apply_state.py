@@ -1,4 +1,4 @@
-"""Issue 12 item 5: ``sparse_processors`` marks nothing applied until its processors are installed, and
+"""``sparse_processors`` marks nothing applied until its processors are installed, and
 ``runtime.summary()`` says which generation it describes (the last finished one between pipeline calls)."""
 
 from __future__ import annotations

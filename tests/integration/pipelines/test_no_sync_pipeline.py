@@ -1,4 +1,4 @@
-"""Issue 15 item 1 on the embedded pipeline: after a warm-up generation, no sparse attention call of a preset
+"""No host sync on the embedded pipeline: after a warm-up generation, no sparse attention call of a preset
 forces a device-to-host sync (``tests/sync_guard.py``; every ``attend`` of the dit_sparse processors is guarded)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Every preset states its measured block density on its target shape (issue 14 item 4), and the real-model presets
-use the per-row rectification where they rectify (item 5).
+"""Every preset states its measured block density on its target shape, and the real-model presets
+use the per-row rectification where they rectify.
 
 The numbers come from ``python benchmarks/preset_density.py --real`` (real-model presets at their models' target
 grids) and ``python benchmarks/preset_density.py`` (embedded model). Here they are recomputed where it is cheap:
