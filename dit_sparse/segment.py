@@ -1,9 +1,8 @@
 """``PooledSegment``: an extra key segment of pooled keys that the sparse op reads in the same softmax.
 
-docs/rectification.md#row-combine (exact plus pooled, per row, in one pass). Each pooled key ``j`` stands for ``n_j``
-real keys with mean key ``keys[j]`` and mean value ``values[j]``; it enters the online softmax of every query row ``u``
-of
-query block ``i`` with the logit::
+The row combine of pooled rectification (docs/rectification.md#row-combine: exact plus pooled, per row, in one
+pass). Each pooled key ``j`` stands for ``n_j`` real keys with mean key ``keys[j]`` and mean value ``values[j]``; it
+enters the online softmax of every query row ``u`` of query block ``i`` with the logit::
 
     ℓ_uj = q_u · keys[j] * scale + log_count[j]             where read[i, j] (and the row gate, if any, passes)
 

@@ -8,9 +8,8 @@
 
 Both run sparse; RoPE covers text + image and is applied before the attention call, as in stock. The grid
 ``(1, rows, cols)`` comes from the forward's 4-axis ``img_ids`` (T, H, W, L) through the FLUX.1 adapter's
-:func:`~dit_sparse.integration.adapters.flux.image_grid`: only trusted when the H, W ids are exactly the row-major
-grid of the
-packed latent ``hidden_states [B, N, C]``. Reference-image tokens (FLUX.2 editing: extra tokens with their own T
+:func:`~dit_sparse.integration.adapters.flux.image_grid`: only trusted when the H, W ids are exactly the row-major grid
+of the packed latent ``hidden_states [B, N, C]``. Reference-image tokens (FLUX.2 editing: extra tokens with their own T
 offset) give no grid, so every call runs the stock attention. The KV-cache processors of the klein-KV pipeline
 (``Flux2KVAttnProcessor``, ``Flux2KVParallelSelfAttnProcessor``) are not served.
 

@@ -73,8 +73,7 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorBase):
     def _valid_length(self, mask: torch.Tensor | None, batch: int, tokens: int, n_video: int) -> int | None:
         """:func:`valid_prefix_length`, read on the host once per mask tensor
         (:func:`~dit_sparse.integration.context.host_memo`): the transformer builds the mask once per forward, so its
-        first
-        sparse layer reads it and every other layer of that forward reuses the count (no sync)."""
+        first sparse layer reads it and every other layer of that forward reuses the count (no sync)."""
         if mask is None:
             return tokens
         return host_memo(MASK_READ, mask, (batch, tokens, n_video),

@@ -5,9 +5,8 @@ Every block's ``attn1`` (``MochiAttention`` with ``MochiAttnProcessor2_0``) is j
 stock processor loops over the batch: for each sample it keeps only the text tokens its ``[B, text]`` mask marks
 valid (any pattern, gathered with ``nonzero`` in every call; here read once per mask tensor, so once per
 generation: :func:`~dit_sparse.integration.context.host_memo`), attends over ``[video, valid text]`` with plain SDPA
-and pads the
-rest with zeros. This processor does the same loop with the SDPA call swapped for :meth:`attend`, so text position
-and masks are exact by construction: text = the sample's valid tokens, after the video.
+and pads the rest with zeros. This processor does the same loop with the SDPA call swapped for :meth:`attend`, so text
+position and masks are exact by construction: text = the sample's valid tokens, after the video.
 
 Like stock, every sample is its own attention call; with a batch > 1 the engine's per-(layer, branch) state is
 kept per sample (branch ``(branch, sample)``), so batched CFG (the pipeline's ``"cond_uncond"`` context) never mixes

@@ -2,9 +2,8 @@
 
 ``SkyReelsV2AttnProcessor`` is ``WanAttnProcessor`` line for line for self-attention, so Wan's sparse processor and
 grid serve it (:mod:`dit_sparse.integration.adapters.wan`). Self-attention ``attn1`` runs sparse, cross-attention
-``attn2``
-stays stock. Diffusion-forcing configs with ``num_frame_per_block > 1`` pass a block-causal mask to self-attention:
-those calls run the stock attention (with the mask), exactly.
+``attn2`` stays stock. Diffusion-forcing configs with ``num_frame_per_block > 1`` pass a block-causal mask to
+self-attention: those calls run the stock attention (with the mask), exactly.
 """
 
 from __future__ import annotations

@@ -317,8 +317,7 @@ def default_preset_for(family: str | None, size_class: str, *, experts: int = 1,
 
     ``size_class`` is ``"toy"`` (< 50 M parameters), ``"small"`` (< 3 B), ``"large"`` or ``"unknown"``
     (:attr:`dit_sparse.tools.model_rules.ModelRules.size_class`). The embedded model's 16-token-block presets go to
-    toy-sized Wan
-    models only, never to a real one. Raises ``LookupError`` when the family has no preset.
+    toy-sized Wan models only, never to a real one. Raises ``LookupError`` when the family has no preset.
     """
     size = f"{params / 1e9:.1f} B" if params and params >= 1e8 else f"{params / 1e6:.1f} M" if params else None
     of = f" ({size} parameters)" if size and "parameters" not in what else ""

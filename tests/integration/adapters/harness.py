@@ -15,8 +15,7 @@ entry:
   while video rows differ; declaring the text on the other side breaks it (negative control);
 * no host sync: after a warm-up forward (same input tensors, as a pipeline passes them), the context hook and every
   dit_sparse processor call run no device-to-host sync except documented ``dit_sparse.integration.context.host_read``
-  reads,
-  each at most once per forward (``tests/sync_guard.py``);
+  reads, each at most once per forward (``tests/sync_guard.py``);
 * a sparse preset of the family (scaled to the tiny grid: 16-token blocks, no dense layers) renders finite
   output through the real pipeline class, with sparse calls; a second generation is identical (state reset);
 * context parallelism: ``cp="ulysses"`` entries run in the 2-process gloo run of
@@ -25,8 +24,8 @@ entry:
   itself: checked); ``cp="refuses"`` entries must raise ``NotImplementedError`` naming the model at ``apply``.
 
 Adding a model (see ARCHITECTURE.md "Adding a model"): write ``tests/integration/adapters/test_<model>.py`` with
-builders for a
-TINY transformer (a few hundred tokens, 1-2 layers, heads x head_dim small) and its forward kwargs, optionally a
+builders for a TINY transformer (a few hundred tokens, 1-2 layers, heads x head_dim small) and its forward kwargs,
+optionally a
 tiny offline pipeline (``tests/tiny.py`` has the text stacks) and a seeded ``run(pipe, steps)``, then::
 
     CASES = [AdapterCase(

@@ -121,10 +121,9 @@ def test_sparse_path_does_not_sync(case, monkeypatch):
     """No host sync outside the engine either: after a warm-up forward, neither the context hook nor any dit_sparse
     processor call of a sparse forward forces a device-to-host sync, except the documented reads made through
     :func:`dit_sparse.integration.context.host_read` (the step from the timestep, a grid read from ids, a valid-text
-    count),
-    each at most once per forward. The inputs are the same tensors at every forward, as a pipeline passes its ids
-    and prompt masks. diffusers' own code between the processors is not ours and is not guarded (HunyuanVideo
-    1.5's forward indexes with boolean masks, for one)."""
+    count), each at most once per forward. The inputs are the same tensors at every forward, as a pipeline passes its
+    ids and prompt masks. diffusers' own code between the processors is not ours and is not guarded (HunyuanVideo 1.5's
+    forward indexes with boolean masks, for one)."""
     from collections import Counter
 
     from dit_sparse.integration.context import ContextHook, host_read
