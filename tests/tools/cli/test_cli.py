@@ -158,13 +158,14 @@ def test_dtype_is_honoured_on_the_embedded_model(tmp_path):
 #: the console script's ``main`` with job-1's generation held until the Ctrl-C comes (a state to wait for, not a race
 #: against the machine's load); everything else runs as the user's command does
 _HOLD_JOB_1 = """
-import pathlib, sys, threading
+import pathlib, sys, time
 from dit_sparse.tools import render
 started, real = pathlib.Path(sys.argv.pop(1)), render.Renderer.generate
 def generate(self, job, preset, **kw):
     if job.name == "job-1":
         started.touch()
-        threading.Event().wait()
+        while True:  # short sleeps: the main thread sees the SIGINT even when another thread received it
+            time.sleep(0.01)
     return real(self, job, preset, **kw)
 render.Renderer.generate = generate
 from dit_sparse.tools.cli import main
