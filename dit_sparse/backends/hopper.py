@@ -107,7 +107,6 @@ class HopperBackend(TritonBackend):
             reasons += [f"HopperOptions(tma=True): {r}" for r in tma_reasons(*unit_stride_qkv(inputs))]
         return reasons
 
-
     def describe(self, inputs: AttentionInputs) -> str:
         """Which kernel path these inputs take (TMA or pointer loads and why; the switches)."""
         from ..kernels.block_sparse_attn_hopper import kernel_path
