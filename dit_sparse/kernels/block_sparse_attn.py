@@ -357,8 +357,8 @@ def _block_sparse_attn_fwd(
         s = tl.where(key_ok[None, :] & use, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT, 0.0)
 
-    # -- the pooled key segment (docs/rectification.md#row-combine): same online softmax, per-row read mask, optional
-    # gate
+    # -- the pooled key segment (docs/rectification.md#row-combine): same online softmax, per-row read mask,
+    # optional gate
     if HAS_POOLED:
         m_i, l_i, acc = _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
                                         PK, PV, PBias, PRead, PGate,

@@ -301,8 +301,8 @@ def _block_sparse_attn_fwd_hopper(
                              PLAN_BLOCK_K, BLOCK_N, EVEN_D, True, HAS_KV_VALID, USE_TMA, UPCAST, IEEE_DOT,
                              RESCALE_THRESHOLD, WARP_SPEC)
 
-    # -- the pooled key segment (docs/rectification.md#row-combine): same online softmax, per-row read mask, optional
-    # gate
+    # -- the pooled key segment (docs/rectification.md#row-combine): same online softmax, per-row read mask,
+    # optional gate
     if HAS_POOLED:
         m_i, l_i, acc = _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, qk_scale,
                                         PK, PV, PBias, PRead, PGate,

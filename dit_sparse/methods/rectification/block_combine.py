@@ -19,8 +19,8 @@ def rectification_terms(q_perm: torch.Tensor, k_perm: torch.Tensor, v_perm: torc
                         mask: torch.Tensor, config: PooledRectificationConfig, scale: float | None = None, *,
                         stats: BlockStatistics | None = None, p_tilde: torch.Tensor | None = None,
                         reliable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Rectification factor ``R`` and compensation ``c`` (docs/rectification.md#block-combine) for ANY final block
-    mask.
+    r"""Rectification factor ``R`` and compensation ``c`` (docs/rectification.md#block-combine) for ANY final
+    block mask.
 
     For video query block ``i``: ``C_i`` = the video key blocks ``mask`` reads in row ``i``, plus the text column
     (always treated as critical: text keys are always read); ``U_i = C_i ∪ {j : Z_ij = 0}``::

@@ -155,8 +155,8 @@ def ipar_probabilities(stats: BlockStatistics, scale: float) -> torch.Tensor:
 
 
 def gapr_reliable(stats: BlockStatistics) -> torch.Tensor:
-    r"""GAPR reliability ``Z [B, H, Nv, Nv]`` (bool, docs/rectification.md#gapr): is the pooled estimate of (i, j)
-    trustworthy?
+    r"""GAPR reliability ``Z [B, H, Nv, Nv]`` (bool, docs/rectification.md#gapr): is the pooled estimate of
+    (i, j) trustworthy?
 
     ``G_ij = |q̄_i · k̄_j|`` (gain) against ``E_ij = |a_i · k̄_j| + |q̄_i · b_j|`` (first-order pooling error), with
     ``a_i = mean_u |q_u - q̄_i|`` and ``b_j = mean_v |k_v - k̄_j|`` over real tokens. ``Z_ij = G_ij > E_ij``.
