@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .presets import Preset, get_preset
-
 if TYPE_CHECKING:
     import torch
+
+    from .presets import Preset
 
 __all__ = ["load_pipeline", "looks_like_hub_id"]
 
@@ -42,6 +42,7 @@ def load_pipeline(model_id_or_path: str | None = None, preset: str | Preset | No
     from diffusers import DiffusionPipeline
 
     from ..apply import apply
+    from .presets import get_preset
 
     if isinstance(preset, str):
         preset = get_preset(preset)

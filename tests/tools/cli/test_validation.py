@@ -242,3 +242,18 @@ def test_ray_path_takes_the_prompt_with_a_model(tmp_path, monkeypatch):
     assert main(["render", "--ray", "--model", str(ASSET_DIR), "--prompt", "a fox in the snow", "--steps", "2",
                  "--out", str(tmp_path)]) == 0
     assert [j.prompt for j in seen["jobs"]] == ["a fox in the snow"] and seen["preset"] == "tiny-wan:draft-rect-80"
+
+
+def test_job_checks_and_the_hub_id_rule_import_no_torch(tmp_path):
+    """Loading a job file and the hub-id rule of the pipeline loader stay torch-free."""
+    import subprocess
+    import sys
+
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a red circle moving right"}\n')
+    probe = ("import sys\nfrom dit_sparse.tools.jobs import load_jobs\n"
+             "from dit_sparse.integration.pipelines.loaders import looks_like_hub_id\n"
+             "print(len(load_jobs('jobs.jsonl')), looks_like_hub_id('Wan-AI/Wan2.1-T2V-1.3B-Diffusers'),\n"
+             "      sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True", "[]"]
