@@ -173,6 +173,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _terminal_sigint() -> None:
+    """In the child, before exec: SIGINT as a terminal gives it to a command (default action, not blocked). A test
+    process may have inherited it ignored or blocked from the tools that ran earlier in the same worker; the child
+    would then never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 6}) for i, p in
@@ -181,7 +189,8 @@ def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path):
     out, started = tmp_path / "out", tmp_path / "job-1-started"
     cmd = [sys.executable, "-c", _HOLD_JOB_1, str(started), "render", "--jobs", str(jobs), "--out", str(out),
            "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_terminal_sigint)
     deadline = time.time() + 600  # only a guard against a hang: the test waits for the state, not for a time
     while not started.exists():
         assert proc.poll() is None, "the render ended before job-1 started: " + proc.stderr.read()[-2000:]
