@@ -14,8 +14,17 @@ Target: the remainder costs <= 5% over the plain sparse kernel at density 0.1.
   segment; and, apart, building the block epilogue and the segments from q, k, v. Writes
   ``pooled-cost-<gpu>.json`` into ``out_dir``.
 
-    python benchmarks/pooled_cost.py            # CPU: the key counts, and says the timing is CUDA-only (exit 0)
+* :func:`run_cpu` (``--device cpu``): the op on CPU with and without the pooled segment on the same plan (a random
+  per-head plan at density 0.1, 128-token blocks, the segment of the default ``PooledRectificationConfig(
+  combine="row")``: ``row_keys="outlier"``, ``row_outliers=2``, built from the statistics of the same q, k, v), fp32,
+  for each ``--backends`` name (default: automatic dispatch; a backend that is not registered, or that cannot run
+  the call, is skipped with its reason), at S of about 8k and 16k tokens (``--shapes``: Wan 480p geometry with 5 and
+  10 latent frames; ``wan2.1-480p`` is 32k), ``--heads`` heads, next to one dense SDPA call of the same shape timed
+  in the same run. Goal: the segment costs <= 10% of the sparse op at density 0.1. Writes ``pooled-cost-cpu.json``.
+
+    python benchmarks/pooled_cost.py            # CPU: the key counts, and says the CUDA timing needs a GPU (exit 0)
     python benchmarks/pooled_cost.py OUT        # CUDA: the timing too, JSON into OUT (default benchmarks/results)
+    python benchmarks/pooled_cost.py --device cpu [--backends torch,compiled] [--heads 2]   # CPU timing
     python benchmarks/pooled_cost.py --smoke    # CPU dry run of the timing code on a tiny shape (torch backend)
 """
 
@@ -133,6 +142,104 @@ def _time_shape(shape: Shape, device: torch.device, backend: str, bench) -> list
     return rows
 
 
+#: CPU mode shapes: Wan 480p rows/cols with fewer latent frames (S ~ 8k, 16k)
+CPU_SHAPES = {"wan-480p-5f": Shape("wan-480p-5f", 5, 30, 52, 12),
+              "wan-480p-10f": Shape("wan-480p-10f", 10, 30, 52, 12), **SHAPES}
+
+
+def run_cpu(shapes: list[Shape], heads: int, backends: list[str | None], rep: int = 2, out_dir=None,
+            write: bool = True) -> dict:
+    """The CPU mode (module docstring): per shape, dense SDPA once, then per backend the op on the same plan without
+    and with the pooled segment, and the segment's build time. ``None`` in ``backends`` is automatic dispatch."""
+    rows, skipped = [], []
+    for shape in shapes:
+        rows += _cpu_shape(shape, heads, backends, rep, skipped)
+    payload = {"environment": environment(), "mode": "cpu", "density": DENSITY,
+               "goal": "segment cost <= 10% of the sparse op at density 0.1", "rows": rows, "skipped": skipped}
+    if write:
+        payload["path"] = str(write_json("pooled-cost", payload, out_dir))
+    return payload
+
+
+def _cpu_shape(shape: Shape, heads: int, backends: list[str | None], rep: int, skipped: list) -> list[dict]:
+    import torch.nn.functional as F
+
+    from benchmarks._common import bench
+    from benchmarks.attention import random_plan
+    from dit_sparse import block_sparse_attention
+    from dit_sparse.backends import BACKENDS, choose_backend
+    from dit_sparse.backends.base import AttentionInputs
+    from dit_sparse.methods.base import plan_from_mask
+    from dit_sparse.methods.pooled_rectification import (
+        PooledRectificationConfig,
+        block_statistics,
+        pooled_segment,
+        row_outlier_count,
+    )
+
+    cfg = PooledRectificationConfig(combine="row")
+    m = row_outlier_count(cfg)
+    layout = _layout(shape)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.seq_len, heads, shape.head_dim, generator=g) for _ in range(3))
+    qp, kp, vp = (layout.permute(t) for t in (q, k, v))
+    plan = random_plan(layout, heads, DENSITY, "cpu")
+    mask = plan.to_dense()
+    scale = shape.head_dim ** -0.5
+
+    def build():
+        stats = block_statistics(qp, kp, vp, layout, deviations=False, outliers=m)
+        return pooled_segment(layout, mask, cfg, stats=stats)
+
+    seg = build()
+    build_ms = float(bench(build, warmup=1, rep=rep))
+    csr_ms = float(bench(lambda: plan_from_mask(mask, layout), warmup=1, rep=rep))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    dense_ms = float(bench(lambda: F.scaled_dot_product_attention(qt, kt, vt), warmup=1, rep=rep))
+    base = {"shape": shape.name, "grid": [shape.frames, shape.height, shape.width], "tokens": layout.seq_len,
+            "padded_tokens": layout.padded_len, "block_size": layout.block_size, "heads": heads,
+            "head_dim": shape.head_dim, "dtype": "float32", "density": round(plan.density, 4),
+            "row_keys": cfg.row_keys, "row_outliers": m, "segment_keys": seg.num_keys,
+            "dense_sdpa_ms": dense_ms, "segment_build_ms": build_ms, "csr_build_ms": csr_ms}
+    print(f"{shape.name}: {layout.seq_len} tokens ({layout.padded_len} padded), {heads} heads, density "
+          f"{plan.density:.3f}, {seg.num_keys} segment keys; dense SDPA {dense_ms:.1f} ms; segment build "
+          f"{build_ms:.1f} ms, CSR {csr_ms:.1f} ms", flush=True)
+    rows = []
+    for name in backends:
+        label = name or "auto"
+        if name is not None and name not in BACKENDS:
+            why = f"backend {name!r} is not registered (registered: {sorted(BACKENDS)})"
+            print(f"  {label}: skipped: {why}", flush=True)
+            skipped.append({"shape": shape.name, "backend": label, "reason": why})
+            continue
+        ms, ran, why = {}, {}, {}
+        for variant, pooled in (("plain", None), ("segment", seg)):
+            try:  # what runs each variant (automatic dispatch may pick another backend for the segment)
+                ran[variant] = choose_backend(AttentionInputs(qp, kp, vp, plan, scale, False, pooled), name).name
+            except (ValueError, RuntimeError, NotImplementedError) as e:
+                why[variant] = str(e)
+                print(f"  {label} {variant}: skipped: {e}", flush=True)
+                continue
+            ms[variant] = float(bench(lambda pooled=pooled, name=name: block_sparse_attention(
+                qp, kp, vp, plan, scale=scale, backend=name, pooled=pooled), warmup=1, rep=rep))
+        if why:
+            skipped.append({"shape": shape.name, "backend": label, "reason": why})
+        if "plain" not in ms:
+            continue
+        both = "segment" in ms
+        cost = 100.0 * (ms["segment"] / ms["plain"] - 1) if both else None
+        rows.append({**base, "backend": label, "backend_run": "/".join(dict.fromkeys(ran.values())),
+                     "plain_ms": ms["plain"], "segment_ms": ms.get("segment"),
+                     "segment_cost_pct": None if cost is None else round(cost, 2),
+                     "plain_vs_dense": ms["plain"] / dense_ms,
+                     "segment_vs_dense": ms["segment"] / dense_ms if both else None,
+                     "segment_build_pct_of_plain": round(100.0 * build_ms / ms["plain"], 2)})
+        print(f"  {label} ({rows[-1]['backend_run']}): plain {ms['plain']:.1f} ms"
+              + (f", with segment {ms['segment']:.1f} ms ({cost:+.1f}%)" if both else ", segment not run")
+              + f"; plain x{ms['plain'] / dense_ms:.2f} of dense", flush=True)
+    return rows
+
+
 def run(out_dir=None) -> dict:
     """Time plain sparse vs block and row rectification at density 0.1 on CUDA (``triton.testing.do_bench``,
     median), JSON into ``out_dir`` (default benchmarks/results). Without CUDA: ``{"skipped": reason,
@@ -154,7 +261,23 @@ def main(argv=None) -> int:
     ap.add_argument("out", nargs="?", type=Path, default=RESULTS, help="folder for the JSON (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the timing code on a tiny shape (torch "
                     "backend, perf_counter; no numbers worth reporting, nothing written)")
+    ap.add_argument("--device", default=None, choices=("cpu",), help="cpu: the CPU timing mode (run_cpu)")
+    ap.add_argument("--backends", default="auto", help="CPU mode: comma-separated backend names, 'auto' = automatic "
+                    "dispatch (default auto; e.g. torch,compiled)")
+    ap.add_argument("--shapes", default="wan-480p-5f,wan-480p-10f", help=f"CPU mode: of {sorted(CPU_SHAPES)}")
+    ap.add_argument("--heads", type=int, default=2, help="CPU mode: heads")
+    ap.add_argument("--rep", type=int, default=2, help="CPU mode: timed calls per variant (median)")
     args = ap.parse_args(argv)
+    if args.device == "cpu":
+        backends = [None if b == "auto" else b for b in args.backends.split(",")]
+        shapes = [CPU_SHAPES[n] for n in args.shapes.split(",")]
+        with torch.no_grad():
+            result = run_cpu(shapes, args.heads, backends, args.rep, args.out)
+        print()
+        print_table(result["rows"], ["shape", "tokens", "heads", "density", "backend", "backend_run", "dense_sdpa_ms",
+                                     "plain_ms", "segment_ms", "segment_cost_pct", "segment_build_ms"])
+        print(f"\nwrote {result['path']}")
+        return 0
     if args.smoke:
         from benchmarks._common import bench
 

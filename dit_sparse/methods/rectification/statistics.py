@@ -48,15 +48,38 @@ def _video_ranks_real(layout: TokenLayout, ranks: int, device) -> torch.Tensor:
     return torch.arange(ranks, device=device).view(1, ranks) < valid.view(-1, 1)
 
 
+#: float32 elements of one chunk of a ``[B, c, Bs, H, D]`` per-token temporary in the statistics (4 MiB): the
+#: elementwise terms are computed a few video blocks at a time, so no temporary as large as the input is allocated
+#: (at 119k tokens a full one is hundreds of MB, and allocating it costs more than the arithmetic).
+STAT_CHUNK = 1 << 20
+
+
+def _block_chunks(nv: int, per_block: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of video blocks whose per-token temporaries hold about :data:`STAT_CHUNK` elements.
+
+    Every range holds at least 2 blocks (unless ``nv`` is 1): ``einsum`` contracts a block dimension of size 1 by
+    another kernel (a matrix-vector product, other rounding), while for 2 or more blocks it runs the same per-block
+    product as on the whole tensor, so each block's value is the same bits whatever the chunking.
+    """
+    step = max(2, STAT_CHUNK // max(1, per_block))
+    starts = list(range(0, nv, step))
+    if len(starts) > 1 and nv - starts[-1] < 2:  # a last range of one block joins the one before
+        starts.pop()
+    return [(j, starts[i + 1] if i + 1 < len(starts) else nv) for i, j in enumerate(starts)]
+
+
 def _mean_abs_deviation(x: torch.Tensor, mean: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """``mean_{real u in block} |x_u - mean_block|`` for the video blocks -> float32 ``[B, H, Nv, D]``."""
     b, _, h, d = x.shape
     nv, bs = layout.num_video_blocks, layout.block_size
-    xv = x[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
+    xv = x[:, : nv * bs].reshape(b, nv, bs, h, d)
     valid = layout.block_valid(x.device)[:nv].to(torch.float32)
     real = _video_ranks_real(layout, bs, x.device).to(torch.float32)  # [Nv, Bs]
-    dev = (xv - mean.permute(0, 2, 1, 3).unsqueeze(2)).abs_()  # [B, Nv, Bs, H, D]
-    dev = torch.einsum("bnshd,ns->bhnd", dev, real)
+    mean_t = mean.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Nv, 1, H, D]
+    dev = torch.empty(b, h, nv, d, dtype=torch.float32, device=x.device)
+    for j0, j1 in _block_chunks(nv, b * bs * h * d):
+        part = (xv[:, j0:j1].to(torch.float32) - mean_t[:, j0:j1]).abs_()  # [B, c, Bs, H, D]
+        dev[:, :, j0:j1] = torch.einsum("bnshd,ns->bhnd", part, real[j0:j1])
     return dev / valid.view(1, 1, nv, 1)
 
 
@@ -65,18 +88,22 @@ def _block_outliers(k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, layo
     exact ties) and their values -> float32 ``[B, H, Nv, m, D]`` twice (zeros at ranks ``>= n_j``)."""
     b, _, h, d = k.shape
     nv, bs = layout.num_video_blocks, layout.block_size
-    kv = k[:, : nv * bs].reshape(b, nv, bs, h, d).to(torch.float32)
-    vv = v[:, : nv * bs].reshape(b, nv, bs, h, -1).to(torch.float32)
-    dist = (kv - k_mean.permute(0, 2, 1, 3).unsqueeze(2)).square().sum(-1)  # [B, Nv, Bs, H]
+    kv = k[:, : nv * bs].reshape(b, nv, bs, h, d)
+    vv = v[:, : nv * bs].reshape(b, nv, bs, h, -1)
+    mean_t = k_mean.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Nv, 1, H, D]
+    dist = torch.empty(b, nv, bs, h, dtype=torch.float32, device=k.device)
+    for j0, j1 in _block_chunks(nv, b * bs * h * d):
+        dist[:, j0:j1] = (kv[:, j0:j1].to(torch.float32) - mean_t[:, j0:j1]).square_().sum(-1)  # [B, c, Bs, H]
     real = _video_ranks_real(layout, bs, k.device)
-    dist = dist.masked_fill(~real.view(1, nv, bs, 1), -1.0)
+    dist = dist.masked_fill_(~real.view(1, nv, bs, 1), -1.0)
     # a stable descending sort keeps equal distances in slot order: the lowest slot first among exact ties;
     # padding slots (-1) sort after every real key
     mm = min(m, bs)  # ranks past the block size hold no token (zeros below, never read)
     idx = torch.sort(dist, dim=2, descending=True, stable=True).indices[:, :, :mm]  # [B, Nv, mm, H]
     keep = _video_ranks_real(layout, mm, k.device).view(1, nv, mm, 1, 1).to(torch.float32)
-    k_out = kv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, d)) * keep
-    v_out = vv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, vv.shape[-1])) * keep
+    # gather the few outliers from the input (any dtype), then convert: the same values as converting first
+    k_out = kv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, d)).to(torch.float32) * keep
+    v_out = vv.gather(2, idx.unsqueeze(-1).expand(b, nv, mm, h, vv.shape[-1])).to(torch.float32) * keep
     if mm < m:
         k_out = torch.cat([k_out, k_out.new_zeros(b, nv, m - mm, h, d)], 2)
         v_out = torch.cat([v_out, v_out.new_zeros(b, nv, m - mm, h, vv.shape[-1])], 2)
