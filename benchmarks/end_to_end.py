@@ -21,6 +21,17 @@ Wan2.1-1.3B 480p >= 2.0x with no warm-up.
     python benchmarks/end_to_end.py --models hunyuan-720p --layers 8   # fewer layers if memory demands
     python benchmarks/end_to_end.py --out results_dir     # JSON into that folder
     python benchmarks/end_to_end.py --smoke               # CPU dry run on tiny configs
+    python benchmarks/end_to_end.py --device cpu --blocks 1 [--backend compiled]   # CPU, Wan2.1-1.3B 480p
+
+``--device cpu``: Wan2.1-1.3B from its real config (random weights, fp32) cut to ``--blocks`` transformer blocks
+(``num_layers`` override; the real model has 30), at the real 480p token count (latent 21x60x104 -> 21x30x52 =
+32,760 patch tokens; ``--frames`` cuts the latent frames for a quicker check), one timed step each (``--rep``,
+default 1; one untimed warm-up call first where ``--backend compiled`` compiles), stock vs every Wan2.1-1.3B preset
+of ``dit_sparse.list_presets()`` (``--presets`` to pick some). With only a few blocks a preset's dense layers
+(block 0, or 0-1) would be every block, so the CPU mode runs every block sparse and says so
+(``dense_layers_dropped``): the step speedup, attention share and Amdahl limit are those of the sparse blocks.
+``--backend``: the op backend (default: automatic dispatch); one that is not registered is refused with the list.
+Writes ``end_to_end-cpu.json``.
 """
 
 from __future__ import annotations
@@ -191,24 +202,41 @@ def attention_unmasked(backend: str):
         F.scaled_dot_product_attention = real
 
 
-def no_warmup(config):
+def no_warmup(config, keep_dense_layers: bool = True):
     d = config.dense
-    return dataclasses.replace(config, dense=DensePolicy(dense_layers=d.dense_layers, dense_heads=d.dense_heads,
-                                                         min_tokens=d.min_tokens))
+    return dataclasses.replace(config, dense=DensePolicy(
+        dense_layers=d.dense_layers if keep_dense_layers else frozenset(), dense_heads=d.dense_heads,
+        min_tokens=d.min_tokens))
 
 
-def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
+def cpu_model(frames: int | None = None) -> Model:
+    """Wan2.1-1.3B 480p with every Wan2.1-1.3B preset of ``list_presets()`` (``frames``: latent frames, default 21)."""
+    base = MODELS["wan2.1-1.3b-480p"]
+    names = tuple(p.name for p in dit_sparse.list_presets() if p.name.startswith("wan2.1-t2v-1.3b:"))
+    latent = base.latent if frames is None else (base.latent[0], frames, *base.latent[2:])
+    return dataclasses.replace(base, latent=latent, presets=names)
+
+
+def run_model(model: Model, layers, device, dtype, rep, *, warmup: int | None = None, backend: str | None = None,
+              keep_dense_layers: bool = True) -> list[dict]:
+    """``warmup``: untimed calls before each timing (default: ``bench``'s); ``backend``: the op backend of the sparse
+    steps (None: automatic dispatch); ``keep_dense_layers=False`` runs every layer sparse (few-block CPU runs)."""
+    timing = {} if warmup is None else {"warmup": warmup}
+    sparse_timing = dict(timing)
+    if backend == "compiled" and warmup is not None:
+        sparse_timing["warmup"] = max(1, warmup)  # the first call compiles
     tr, cfg = build(model, layers, device, dtype)
     kw = inputs(model, device, dtype)
     n_attn = model.attn_layers if layers is None else sum(min(cfg.get(k, 0), layers)
                                                           for k in ("num_layers", "num_single_layers"))
     n_video = tokens(model, cfg)
-    dense_ms = bench(lambda: tr(**kw), rep=rep)
+    dense_ms = bench(lambda: tr(**kw), rep=rep, **timing)
     with attention_removed():
-        no_attn_ms = bench(lambda: tr(**kw), rep=rep)
+        no_attn_ms = bench(lambda: tr(**kw), rep=rep, **timing)
     attn_ms = max(dense_ms - no_attn_ms, 0.0)
     share = attn_ms / dense_ms
-    op_ms = attention_op_ms(model, n_video, device, dtype)
+    # the op alone (for reference; on CPU it would cost one more dense attention layer: not timed)
+    op_ms = attention_op_ms(model, n_video, device, dtype) if torch.device(device).type == "cuda" else None
     best, backend_ms = best_unmasked_backend(model, n_video, device, dtype)
     unmasked_ms = None
     if best is not None:
@@ -217,12 +245,14 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
         print(f"  dense step with every SDPA call unmasked on {best}: {unmasked_ms:.1f} ms (op times {backend_ms})")
     print(f"\n{model.name}: {n_video} video tokens, {n_attn} attention layers; dense step {dense_ms:.1f} ms, "
           f"without attention {no_attn_ms:.1f} ms -> attention {attn_ms:.1f} ms = {share:.1%} of the step "
-          f"({attn_ms / n_attn:.1f} ms per layer as diffusers runs it; unmasked SDPA op {op_ms:.1f} ms)")
+          f"({attn_ms / n_attn:.1f} ms per layer as diffusers runs it"
+          + ("" if op_ms is None else f"; unmasked SDPA op {op_ms:.1f} ms") + ")", flush=True)
     rows = []
     for name in model.presets:
         preset = dit_sparse.get_preset(name)
-        (rt,) = dit_sparse.apply(tr, no_warmup(preset.config))
-        sparse_ms = bench(lambda: tr(**kw), rep=rep)
+        (rt,) = dit_sparse.apply(tr, no_warmup(preset.config, keep_dense_layers))
+        with dit_sparse.use_backend(backend):
+            sparse_ms = bench(lambda: tr(**kw), rep=rep, **sparse_timing)
         density = rt.density
         dit_sparse.remove(tr)
         warm = preset.config.dense.warmup_steps(RUN_STEPS)
@@ -230,10 +260,15 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
         run_speedup = RUN_STEPS * dense_ms / (warm * dense_ms + (RUN_STEPS - warm) * sparse_ms)
         d = density if density is not None else 1.0
         limit = 1.0 / (w + (1 - w) * ((1 - share) + share * d))
+        step_limit = 1.0 / ((1 - share) + share * d)  # one sparse step (no warm-up)
         layout = preset.config.layout(*grid(model, cfg), text_tokens=model.text_in_self_attn)
         rows.append({"model": model.name, "preset": name, "video_tokens": n_video, "layers": n_attn,
                      "tokens": layout.seq_len, "padded_tokens": layout.padded_len, "tile": layout.tile,
                      "packing": layout.packing,
+                     "grid": list(grid(model, cfg)), "heads": model.heads, "head_dim": model.head_dim,
+                     "dtype": str(dtype).replace("torch.", ""), "backend": backend or "auto",
+                     "dense_layers_dropped": (sorted(preset.config.dense.dense_layers)
+                                              if not keep_dense_layers else []),
                      "dense_step_ms": dense_ms, "no_attention_step_ms": no_attn_ms,
                      "attention_layer_ms": attn_ms / n_attn, "unmasked_sdpa_op_ms": op_ms,
                      "sparse_step_ms": sparse_ms, "attention_share": share,
@@ -241,11 +276,13 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
                      "best_unmasked_backend": best, "unmasked_sdpa_backend_ms": backend_ms,
                      "dense_unmasked_step_ms": unmasked_ms,
                      "step_speedup_vs_unmasked": None if unmasked_ms is None else unmasked_ms / sparse_ms,
-                     "run_speedup": run_speedup, "amdahl_limit": limit, "of_limit": run_speedup / limit})
+                     "run_speedup": run_speedup, "amdahl_limit": limit, "of_limit": run_speedup / limit,
+                     "step_amdahl_limit": step_limit, "step_of_limit": dense_ms / sparse_ms / step_limit})
         vs_unmasked = "" if unmasked_ms is None else f" (x{unmasked_ms / sparse_ms:.2f} vs unmasked {best})"
         print(f"  {name}: sparse step {sparse_ms:.1f} ms, density {d:.3f}, step x{dense_ms / sparse_ms:.2f}"
-              f"{vs_unmasked}, "
-              f"50-step run x{run_speedup:.2f} (Amdahl limit x{limit:.2f}, {run_speedup / limit:.0%} of it)")
+              f"{vs_unmasked} (step limit x{step_limit:.2f}, {dense_ms / sparse_ms / step_limit:.0%} of it), "
+              f"50-step run x{run_speedup:.2f} (Amdahl limit x{limit:.2f}, {run_speedup / limit:.0%} of it)",
+              flush=True)
     share_limit = 1 / ((1 - share) + share * 0.1)
     print(f"  Amdahl: with attention share {share:.2f}, 90% sparsity cannot exceed x{share_limit:.2f} without "
           f"warm-up, or x{1 / (0.2 + 0.8 / share_limit):.2f} with 20% dense steps.")
@@ -255,29 +292,64 @@ def run_model(model: Model, layers, device, dtype, rep) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--layers", type=int, default=None, help="cap layers per stack (memory); attention share and "
-                                                               "speedups are per-layer ratios, so they carry over")
+    ap.add_argument("--layers", "--blocks", dest="layers", type=int, default=None,
+                    help="cap layers (transformer blocks) per stack (memory, CPU time); attention share and speedups "
+                         "are per-layer ratios, so they carry over")
+    ap.add_argument("--device", default=None, choices=("cpu",), help="cpu: the CPU mode (Wan2.1-1.3B 480p, fp32)")
+    ap.add_argument("--backend", default=None, help="op backend of the sparse steps (default: automatic dispatch)")
+    ap.add_argument("--presets", default=None, help="CPU mode: comma-separated preset names (default: every "
+                                                    "Wan2.1-1.3B preset)")
+    ap.add_argument("--frames", type=int, default=None, help="CPU mode: latent frames (default 21, the real 81-frame "
+                                                             "video; fewer for a quicker check)")
+    ap.add_argument("--rep", type=int, default=None, help="timed steps per measurement (CPU default 1)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on tiny configs (no numbers worth reporting)")
     args = ap.parse_args(argv)
-    if args.smoke:
+    if args.backend is not None:
+        from dit_sparse.backends import BACKENDS
+
+        if args.backend not in BACKENDS:
+            print(f"benchmarks/end_to_end.py: --backend {args.backend!r} is not registered; registered: "
+                  f"{sorted(BACKENDS)} (or leave --backend out for automatic dispatch).", file=sys.stderr)
+            return 2
+    extra = {"backend": args.backend}
+    if args.device == "cpu" and not args.smoke:
+        model = cpu_model(args.frames)
+        if args.presets:
+            unknown = sorted(set(args.presets.split(",")) - set(model.presets))
+            if unknown:
+                print(f"benchmarks/end_to_end.py: --presets {unknown} are not Wan2.1-1.3B presets; expected some of "
+                      f"{list(model.presets)}.", file=sys.stderr)
+                return 2
+            model = dataclasses.replace(model, presets=tuple(args.presets.split(",")))
+        layers = 1 if args.layers is None else args.layers
+        models, device, dtype, rep = [model], "cpu", torch.float32, args.rep or 1
+        extra.update(warmup=0, keep_dense_layers=False)
+        args.layers = layers
+    elif args.smoke:
         models, device, dtype, rep = list(SMOKE.values()), "cpu", torch.float32, 2
     else:
         if not torch.cuda.is_available():
-            print("benchmarks/end_to_end.py needs a CUDA GPU; pass --smoke for a CPU dry run of the script.",
-                  file=sys.stderr)
+            print("benchmarks/end_to_end.py needs a CUDA GPU; pass --device cpu for the CPU mode or --smoke for a CPU "
+                  "dry run of the script.", file=sys.stderr)
             return 2
         models, device, dtype, rep = [MODELS[m] for m in args.models.split(",")], "cuda", torch.bfloat16, 5
     rows = []
     with torch.no_grad():
         for m in models:
-            rows += run_model(m, args.layers, device, dtype, rep)
+            rows += run_model(m, args.layers, device, dtype, rep, **extra)
     print()
-    print_table(rows, ["model", "preset", "attention_share", "density", "step_speedup", "step_speedup_vs_unmasked",
-                       "warmup_steps",
+    print_table(rows, ["model", "preset", "attention_share", "density", "step_speedup", "step_amdahl_limit",
+                       "step_of_limit", "step_speedup_vs_unmasked", "warmup_steps",
                        "run_speedup", "amdahl_limit", "of_limit"])
     if not args.smoke or args.out is not None:  # smoke runs write only where asked (the suite's dry run)
-        payload = {"environment": environment(), "layers": args.layers, "rows": rows}
+        payload = {"environment": environment(), "layers": args.layers, "rows": rows,
+                   "command": "python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        if args.device == "cpu" and not args.smoke:
+            payload["note"] = (f"CPU mode: Wan2.1-1.3B's real config cut to {args.layers} of its 30 blocks "
+                               f"(num_layers override), random weights, fp32, {rep} timed step(s) each; every block "
+                               "runs sparse (the presets' dense layers dropped, see dense_layers_dropped); no dense "
+                               "warm-up in the timed step (warmup_steps enter run_speedup only)")
         print(f"\nwrote {write_json('end_to_end', payload, folder=args.out)}")
     return 0
 
