@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                                "dots_pct", "segment_read", "read_pct"])
     result = run(args.out)
     if "skipped" in result:
-        print(f"\npooled_cost: CUDA-only: {result['skipped']}.")
+        print(f"\npooled_cost: CUDA-only: {result['skipped']}; --device cpu times it on CPU.")
         return 0
     print(f"\nwrote {result['path']}")
     return 0
