@@ -11,6 +11,10 @@ pooled keys this row may read; ``lse`` covers both. The row gate (GAPR per row) 
 ``|q_u · keys[j]| > |q_u · gate[j]|`` (``gate`` = the block's mean absolute key deviation).
 
 The plan's epilogue (``out_scale``, ``out_bias``) applies after this softmax, as without the segment.
+
+The pooled logits are computed at the exact logits' precision on every backend (see :class:`PooledSegment`):
+the means are fp32 (built from 16-bit tokens with fp32 accumulation), and no backend rounds them to the input
+dtype before the dot products.
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ class PooledSegment:
         gate (`torch.Tensor`, float32 ``[B|1, H|1, Nk, D]``, *optional*): per-row reliability: row ``u`` reads key
             ``j`` only where also ``|q_u · keys[j]| > |q_u · gate[j]|``.
 
-    The pooled dot products run in the query dtype (fp32 with IEEE precision for fp32 inputs), like the exact ones.
+    Precision: the pooled logits (and the gate's dots) are as precise as the exact ones, whatever the input dtype:
+    products of the query as the op sees it (in its dtype) with the fp32 keys as they are, accumulated in fp32
+    (fp32 inputs: IEEE, no TF32). The keys are never rounded to a 16-bit input dtype: a logit of 30 would move by
+    up to 0.12 in bf16 (30 * 2^-8). The pooled values enter at fp32 accuracy too; the probabilities round as the
+    exact part's do.
     """
 
     keys: torch.Tensor

@@ -22,10 +22,11 @@ A row that reads no real key gets ``out = out_bias`` (0 without one) and ``lse =
 Pooled key segment (``HAS_POOLED``; docs/rectification.md#row-combine, the per-row rectification in one pass).
 Contract, which every forward kernel of this op (a later Hopper kernel included) must keep:
 
-* Operands: pooled keys ``PK [B, H, Np, D]`` and values ``PV [B, H, Np, D]`` (float32, unit stride on D; cast to
-  the q tile's dtype before the dots), a base-2 bias ``PBias [Np]`` (the launcher passes ``log(n_j) * log2(e)``),
-  a read mask ``PRead [B, H, Mq, Np]`` (uint8, per plan query block: nonzero = this block's rows may read pooled
-  key j) and, with ``HAS_GATE``, gate keys ``PGate [B, H, Np, D]``.
+* Operands: pooled keys ``PK [B, H, Np, D]`` and values ``PV [B, H, Np, D]`` (float32, unit stride on D; never
+  rounded to a 16-bit input dtype: each enters its dots as ``hi + lo``, two tiles of the input dtype, so the
+  pooled logits have the exact logits' precision; ``_pooled_segment``), a base-2 bias ``PBias [Np]`` (the
+  launcher passes ``log(n_j) * log2(e)``), a read mask ``PRead [B, H, Mq, Np]`` (uint8, per plan query block:
+  nonzero = this block's rows may read pooled key j) and, with ``HAS_GATE``, gate keys ``PGate [B, H, Np, D]``.
 * After the CSR loop, the program walks the ``Np`` pooled keys in ``BLOCK_N`` chunks, in the SAME online softmax
   (same ``m_i``, ``l_i``, ``acc``): logit ``q . PK[j] * qk_scale + PBias[j]`` where ``PRead[row, j]`` and, with the
   gate, ``|q . PK[j]| > |q . PGate[j]|`` (per query row); ``-inf`` elsewhere. Value ``PV[j]``.
@@ -131,9 +132,10 @@ def _mm(a, b, acc, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr):
-    """One online-softmax step over a sub-tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N] (-inf = not read) and
-    its values ``v`` [BLOCK_N, BLOCK_D]. Returns the new ``(m_i, l_i, acc)``.
+def _online_softmax(s, m_i, l_i, acc, RESCALE_THRESHOLD: tl.constexpr):
+    """The softmax half of one online-softmax step over a sub-tile of base-2 logits ``s`` [BLOCK_M, BLOCK_N]
+    (-inf = not read): returns ``(p, m_i, l_i, acc)`` with ``acc`` and ``l_i`` rescaled to the new running max
+    and ``p`` the sub-tile's unnormalised probabilities (fp32), ready for ``acc += p @ v``.
 
     ``RESCALE_THRESHOLD == 0``: the running max follows every increase (FlashAttention-2). ``> 0`` (conditional
     rescaling, FlashAttention-4): ``acc`` and ``l_i`` are rescaled only when some row's max grows by more than the
@@ -157,8 +159,47 @@ def _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD
         m_i = m_new
     p = tl.math.exp2(s - m_i[:, None])
     l_i = l_i + tl.sum(p, 1)
+    return p, m_i, l_i, acc
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, IEEE_DOT: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr):
+    """One online-softmax step (``_online_softmax``) over base-2 logits ``s`` [BLOCK_M, BLOCK_N] and their values
+    ``v`` [BLOCK_N, BLOCK_D]: ``acc += p @ v`` with ``p`` in ``v``'s dtype. Returns the new ``(m_i, l_i, acc)``."""
+    p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc, RESCALE_THRESHOLD)
     acc = _mm(p.to(v.dtype), v, acc, IEEE_DOT)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _split_fp32(x, IN_DTYPE: tl.constexpr, TILE_DTYPE: tl.constexpr):
+    """An fp32 tile as ``hi + lo``, two tiles of the op's 16-bit input dtype ``IN_DTYPE`` (held in ``TILE_DTYPE``,
+    the q tile's dtype: ``IN_DTYPE`` itself on a GPU, fp32 where the interpreter upcasts). ``hi`` keeps the top
+    8 (bf16) / 11 (fp16) significand bits, ``lo`` the next as many: ``x - hi - lo`` is below 2^-16 (bf16) /
+    2^-22 (fp16) of ``|x|``, near fp32 (``x - hi`` is exact in fp32)."""
+    hi = x.to(IN_DTYPE, fp_downcast_rounding="rtne")  # the GPU's default; the interpreter would truncate
+    lo = (x - hi.to(tl.float32)).to(IN_DTYPE, fp_downcast_rounding="rtne")
+    return hi.to(TILE_DTYPE), lo.to(TILE_DTYPE)
+
+
+@triton.jit
+def _dot_fp32_keys(q, x, IN_DTYPE: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """``q @ x^T`` for fp32 pooled keys ``x`` [BLOCK_N, BLOCK_D] at the exact logits' precision: products of
+    the q tile with the keys as they are (fp32), accumulated in fp32.
+
+    fp32 inputs: one IEEE dot. 16-bit inputs: ``x`` split into ``hi + lo`` (``_split_fp32``) and two tensor-core
+    dots with fp32 accumulation, ``q @ hi^T + q @ lo^T``: q is exact in its dtype and each product of two 16-bit
+    values is exact in fp32, so the only rounding left is the fp32 accumulation and the split's residual (below
+    2^-16 of ``|x|``), where one dot of ``x`` rounded to bf16 moves a logit of 30 by up to 30 * 2^-8 = 0.12.
+    The split costs a second MMA per pooled sub-tile; an IEEE fp32 dot instead (the other exact option) runs on
+    the CUDA cores, an order of magnitude slower than the tensor cores, and the segment may hold a few thousand
+    keys.
+    """
+    if IEEE_DOT:
+        return tl.dot(q, tl.trans(x), input_precision="ieee")
+    else:
+        hi, lo = _split_fp32(x, IN_DTYPE, q.dtype)
+        return tl.dot(q, tl.trans(lo), tl.dot(q, tl.trans(hi)))
 
 
 @triton.jit
@@ -168,10 +209,18 @@ def _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, q
                     stride_pvb, stride_pvh, stride_pvn,
                     stride_rb, stride_rh, stride_rm, stride_rn,
                     stride_gb, stride_gh, stride_gn,
-                    NUM_POOLED, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr, HAS_GATE: tl.constexpr,
-                    RESCALE_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
+                    NUM_POOLED, IN_DTYPE: tl.constexpr, EVEN_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+                    HAS_GATE: tl.constexpr, RESCALE_THRESHOLD: tl.constexpr, BLOCK_N: tl.constexpr):
     """The pooled key segment (docs/rectification.md#row-combine; contract in the module docstring): continues the
-    caller's online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read."""
+    caller's online softmax (``m_i``, ``l_i``, ``acc``) over the ``NUM_POOLED`` pooled keys this plan row may read.
+    ``IN_DTYPE``: the op's input dtype (``Q``'s element type; the q tile may be upcast in the interpreter).
+
+    Precision: the pooled keys, gate keys and values are fp32 and never rounded to the 16-bit input dtype as a
+    whole. Their dots with the q tile run as ``_dot_fp32_keys`` (hi + lo split, fp32 accumulation), like the
+    exact logits (exact 16-bit products, fp32 accumulation); ``p @ v̄`` runs as ``p @ v̄_hi + p @ v̄_lo`` with ``p``
+    rounded to the input dtype as the exact part rounds it. Rounding ``v̄`` alone to the input dtype adds up to
+    2^-8 (bf16) of ``|v̄|`` to rows the pooled keys dominate, as much again as the output's own rounding: measured
+    in the interpreter, it took the output error to 1.7-2.5x the exact part's (the oracle test asks <= 2x)."""
     pk_base = PK + off_b * stride_pkb + off_h * stride_pkh
     pv_base = PV + off_b * stride_pvb + off_h * stride_pvh
     pr_base = PRead + off_b * stride_rb + off_h * stride_rh + row.to(tl.int64) * stride_rm
@@ -186,18 +235,22 @@ def _pooled_segment(q, m_i, l_i, acc, off_b, off_h, row, offs_n, offs_d, d_ok, q
             p_mask = p_ok[:, None] & d_ok[None, :]
         pk = tl.load(pk_base + offs_p[:, None] * stride_pkn + offs_d[None, :], mask=p_mask, other=0.0)
         pv = tl.load(pv_base + offs_p[:, None] * stride_pvn + offs_d[None, :], mask=p_mask, other=0.0)
-        pk = pk.to(q.dtype)
-        pv = pv.to(q.dtype)
-        pqk = _mm(q, tl.trans(pk), None, IEEE_DOT)
+        pqk = _dot_fp32_keys(q, pk, IN_DTYPE, IEEE_DOT)
         p_read = p_ok[None, :]
-        if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|
+        if HAS_GATE:  # GAPR per row: |q . k_mean| > |q . k_dev|, both at the same precision
             pg = tl.load(pg_base + offs_p[:, None] * stride_gn + offs_d[None, :], mask=p_mask, other=0.0)
-            pqg = _mm(q, tl.trans(pg.to(q.dtype)), None, IEEE_DOT)
+            pqg = _dot_fp32_keys(q, pg, IN_DTYPE, IEEE_DOT)
             p_read = p_read & (tl.abs(pqk) > tl.abs(pqg))
         # base-2 logits: q . k_mean * scale * log2(e) + log2(n_j) (the launcher pre-multiplies the bias)
         p_bias = tl.load(PBias + offs_p, mask=p_ok, other=0.0)
         plog = tl.where(p_read, pqk * qk_scale + p_bias[None, :], float("-inf"))
-        m_i, l_i, acc = _softmax_step(plog, pv, m_i, l_i, acc, IEEE_DOT, RESCALE_THRESHOLD)
+        p, m_i, l_i, acc = _online_softmax(plog, m_i, l_i, acc, RESCALE_THRESHOLD)
+        if IEEE_DOT:
+            acc = tl.dot(p, pv, acc, input_precision="ieee")
+        else:
+            pv_hi, pv_lo = _split_fp32(pv, IN_DTYPE, q.dtype)
+            p = p.to(q.dtype)
+            acc = tl.dot(p, pv_lo, tl.dot(p, pv_hi, acc))
     return m_i, l_i, acc
 
 
@@ -366,7 +419,8 @@ def _block_sparse_attn_fwd(
                                         stride_pvb, stride_pvh, stride_pvn,
                                         stride_rb, stride_rh, stride_rm, stride_rn,
                                         stride_gb, stride_gh, stride_gn,
-                                        NUM_POOLED, EVEN_D, IEEE_DOT, HAS_GATE, 0.0, BLOCK_N)
+                                        NUM_POOLED, Q.dtype.element_ty, EVEN_D, IEEE_DOT, HAS_GATE, 0.0,
+                                        BLOCK_N)
 
     # -- epilogue (out = out_scale * (acc / l) + out_bias, natural-log lse), then store out
     o = _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,

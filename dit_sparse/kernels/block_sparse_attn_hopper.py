@@ -310,7 +310,8 @@ def _block_sparse_attn_fwd_hopper(
                                         stride_pvb, stride_pvh, stride_pvn,
                                         stride_rb, stride_rh, stride_rm, stride_rn,
                                         stride_gb, stride_gh, stride_gn,
-                                        NUM_POOLED, EVEN_D, IEEE_DOT, HAS_GATE, RESCALE_THRESHOLD, BLOCK_N)
+                                        NUM_POOLED, Q.dtype.element_ty, EVEN_D, IEEE_DOT, HAS_GATE,
+                                        RESCALE_THRESHOLD, BLOCK_N)
 
     o = _epilogue(acc, l_i, m_i, off_b, off_h, row, start_m, offs_m, offs_d, row_ok, d_ok,
                   Lse, OutScale, OutBias,

@@ -28,6 +28,7 @@ from dit_sparse.methods.pooled_rectification import (  # noqa: E402
     row_rectified_attention,
 )
 from dit_sparse.plan import SparsePlan  # noqa: E402
+from dit_sparse.reference.attention import block_sparse_attention_reference  # noqa: E402
 from dit_sparse.reference.rectification import row_rectified_attention_reference  # noqa: E402
 from dit_sparse.segment import PooledSegment  # noqa: E402
 from tests.utils import TOLERANCES  # noqa: E402
@@ -123,6 +124,71 @@ def test_kernel_bf16_and_epilogue(backend):
     torch.testing.assert_close(lse.cpu(), want_lse, atol=atol, rtol=rtol)
 
 
+# ---------------------------------------------------------------------------------------------------- precision
+#: unit roundoff of each 16-bit input dtype (round to nearest: half a unit in the last place, relative)
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _large_logit_case(gen, dtype, seq, dim, npooled):
+    """q, k, v in ``dtype`` (v ~ N(0, 1)) whose logits q . k * scale have std 8 at scale 1 / sqrt(D) (|q|, |k|
+    ~ 2.8 sqrt(D): about 16 at D 32), so the largest reach about ±30 as a DiT's do; a plan with a ragged tail and a
+    padded key block; a segment of fp32 keys of the same size (never representable in ``dtype``), fp32 values, a
+    gate that closes about a third of the reads."""
+    batch, heads, bq = 1, 2, 16
+    mq = _cdiv(seq, bq)
+    sig = math.sqrt(8.0)
+    q, k = (sig * torch.randn(batch, seq, heads, dim, generator=gen) for _ in range(2))
+    v = torch.randn(batch, seq, heads, dim, generator=gen)
+    valid = torch.full((mq,), bq, dtype=torch.int32)
+    valid[1] = bq - 5  # padding slots in a middle block
+    mask = torch.rand(batch, heads, mq, mq, generator=gen) < 0.5
+    mask[..., 0] = True  # every row reads a real key
+    plan = SparsePlan.from_dense(mask, block_q=bq, block_k=bq, seq_q=seq, seq_k=seq, kv_block_valid=valid)
+    seg = PooledSegment(keys=sig * torch.randn(batch, heads, npooled, dim, generator=gen),
+                        values=torch.randn(batch, heads, npooled, dim, generator=gen),
+                        log_count=torch.rand(npooled, generator=gen) * 3.0,
+                        read=torch.rand(batch, heads, mq, npooled, generator=gen) < 0.7,
+                        gate=0.7 * sig * torch.randn(batch, heads, npooled, dim, generator=gen))
+    return tuple(t.to(dtype) for t in (q, k, v)), plan, seg
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNELS])
+@pytest.mark.parametrize("dtype,seq,dim,npooled", [(torch.bfloat16, 50, 40, 21), (torch.float16, 37, 64, 19)],
+                         ids=["bf16", "fp16"])
+def test_segment_logits_at_exact_precision(backend, dtype, seq, dim, npooled):
+    """The pooled logits are as precise as the exact ones: against the float64 oracle of the contract (the inputs
+    as the op sees them, the segment's fp32 keys / values as they are), the output error with the segment stays
+    within 2x the exact part's alone (+ 1/16 of the dtype's epsilon at the output's size), with logits up to ±30;
+    the lse error within the fp32 round-off of the pooled dot products (the split's residual u^2 and the fp32
+    accumulation, bound from the data) on top of 2x the exact part's. Rounding the fp32 pooled keys to the input
+    dtype moves such a logit by up to 30 u (bf16: 0.12), many times the exact part's error."""
+    if backend != "torch" and not (INTERPRET or CUDA):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 before import) or a CUDA GPU")
+    gen = torch.Generator().manual_seed(seq * dim + npooled)
+    (q, k, v), plan, seg = _large_logit_case(gen, dtype, seq, dim, npooled)
+    scale = 1.0 / math.sqrt(dim)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    pooled_logits = scale * (q64.transpose(1, 2) @ seg.keys.double().transpose(-1, -2))
+    assert pooled_logits.abs().max() > 20.0  # the regime this test is about
+    seg_dev = PooledSegment(**{f: getattr(seg, f).to(DEV) for f in ("keys", "values", "log_count", "read", "gate")})
+    err, lse_err = {}, {}
+    for name, s, s_dev in (("exact", None, None), ("segment", seg, seg_dev)):
+        want, want_lse = block_sparse_attention_reference(q64, k64, v64, plan, scale=scale, return_lse=True,
+                                                          pooled=s)
+        got, got_lse = dit_sparse.block_sparse_attention(q.to(DEV), k.to(DEV), v.to(DEV), plan.to(DEV),
+                                                         scale=scale, return_lse=True, backend=backend,
+                                                         pooled=s_dev)
+        assert got.dtype == dtype
+        err[name] = float((got.cpu().double() - want).abs().max())
+        lse_err[name] = float((got_lse.cpu().double() - want_lse).abs().max())
+        floor = torch.finfo(dtype).eps * float(want.abs().max()) / 16
+    assert err["segment"] <= 2 * err["exact"] + floor, (err, floor)
+    u = _UNIT_ROUNDOFF[dtype]
+    dot_bound = scale * float((q64.abs().transpose(1, 2) @ seg.keys.double().abs().transpose(-1, -2)).max()) \
+        * (2 * u * u + 2 * (dim + 2) * 2.0 ** -24)
+    assert lse_err["segment"] <= 2 * lse_err["exact"] + dot_bound, (lse_err, dot_bound)
+
+
 def test_segment_validation_and_backends():
     gen = torch.Generator().manual_seed(0)
     seg = _random_segment(gen, 1, 2, 3, 4, 16, gate=False)
@@ -200,6 +266,38 @@ def _assert_agree(layout, fused, lse, two, two_lse, ref):
     lse_m = layout.unpermute(lse.transpose(1, 2).unsqueeze(-1))
     two_m = layout.unpermute(two_lse.transpose(1, 2).unsqueeze(-1))
     torch.testing.assert_close(lse_m, two_m, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_segment_built_in_fp32_from_16bit_tokens(dtype):
+    """The segment's means of 16-bit tokens are float32 sums (not 16-bit ones): the pooled keys, values and gate
+    of ``pooled_segment`` from bf16 / fp16 q, k, v equal the float64 means of the same tokens within float32
+    accumulation round-off (a 16-bit mean would be off by up to 2^-8 / 2^-11 of it). Tokens share a large per-block
+    offset, so the means are as large as the tokens and not representable in the input dtype."""
+    layout = LAYOUTS["text_before_partial"]
+    g = torch.Generator().manual_seed(31)
+    b, h, d = 1, 2, 24
+    nv, bs = layout.num_video_blocks, layout.block_size
+    offset = 10.0 * torch.randn(1, layout.num_blocks, 1, h, d, generator=g)
+    qp, kp, vp = ((offset + torch.randn(b, layout.num_blocks, bs, h, d, generator=g)).reshape(b, -1, h, d)
+                  for _ in range(3))
+    qp, kp, vp = (layout.permute(layout.unpermute(t).to(dtype)) for t in (qp, kp, vp))  # zero padding slots
+    stats = block_statistics(qp, kp, vp, layout)
+    seg = pooled_segment(layout, torch.eye(layout.num_blocks, dtype=torch.bool),
+                         PooledRectificationConfig(combine="row", row_keys="mean", gapr=True), stats=stats)
+    n = layout.block_valid()[:nv].double().view(1, nv, 1, 1)
+    real = (torch.arange(bs).view(1, bs) < layout.block_valid()[:nv].view(nv, 1)).double().view(1, nv, bs, 1, 1)
+
+    def blocks(t):
+        return t[:, : nv * bs].double().reshape(b, nv, bs, h, d)
+
+    k_mean = blocks(kp).sum(2) / n
+    want = {"keys": k_mean, "values": blocks(vp).sum(2) / n,
+            "gate": ((blocks(kp) - k_mean.unsqueeze(2)).abs() * real).sum(2) / n}
+    for name, w in want.items():
+        got = getattr(seg, name).double()
+        bound = bs * 2.0 ** -23 * float(blocks(kp if name != "values" else vp).abs().max())
+        assert float((got - w.transpose(1, 2)).abs().max()) <= bound, name
 
 
 @needs_kernel
