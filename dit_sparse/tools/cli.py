@@ -452,7 +452,7 @@ def cmd_render(args) -> int:
             line += f"  ({r['error']})"
         print(line)
     print(f"dit-sparse render: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
-          f"-> {args.out}/ (runs/{summary['run']}.json)")
+          f"-> {args.out}/ (runs/{run.run}.json)")
     return 1 if summary["failed"] else 0
 
 

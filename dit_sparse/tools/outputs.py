@@ -205,7 +205,7 @@ class RunLog:
         self.jobs = list(jobs)
         self.run = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-{secrets.token_hex(2)}"
         self.own = self.out_dir / RUNS_DIR / f"{self.run}.json"
-        self._lock = self._take_lock()
+        self.writes_shared = self._take_lock()
         removed, unfinished = clean_stale(self.out_dir)
         for f, s in unfinished:
             if say is not None:
@@ -213,7 +213,7 @@ class RunLog:
                 say(f"the last run in {self.out_dir}/ did not finish (pid {s['pid']} is gone; {RUNS_DIR}/{f.name}): "
                     f"{len(pending)} job(s) were pending: {', '.join(pending) or 'none'}; removed "
                     f"{len(removed)} temporary file(s) it left")
-        if say is not None and self._lock is None:
+        if say is not None and not self.writes_shared:
             say(f"another dit-sparse run is writing into {self.out_dir}/: this run's summary is "
                 f"{RUNS_DIR}/{self.run}.json only ({SUMMARY} is that run's)")
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -221,7 +221,10 @@ class RunLog:
         self.results: list[dict] = []
         self.write([], state="running")
 
-    def _take_lock(self):
+    def _take_lock(self) -> bool:
+        """This run writes ``run_summary.json`` when it gets the folder's lock (held until :meth:`close`; the
+        system drops it when the process dies)."""
+        self._fd = None
         try:
             import fcntl
         except ImportError:  # no flock: this run writes run_summary.json too
@@ -231,8 +234,9 @@ class RunLog:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            return None
-        return fd
+            return False
+        self._fd = fd
+        return True
 
     def write(self, results: list[dict], *, state: str = "running", current: str | None = None,
               error: str | None = None) -> dict:
@@ -248,7 +252,7 @@ class RunLog:
                    "pending": [j.name for j in self.jobs if j.name not in names], "results": list(results)}
         if error is not None:
             summary["error"] = error
-        for path in (self.own, self.out_dir / SUMMARY if self._lock is not None else None):
+        for path in (self.own, self.out_dir / SUMMARY if self.writes_shared else None):
             if path is None:
                 continue
             try:
@@ -267,9 +271,9 @@ class RunLog:
         out = None
         if self.state == "running":
             out = self.write(self.results, state=state, error=error)
-        if isinstance(self._lock, int):
-            os.close(self._lock)
-            self._lock = False
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self.writes_shared = None, False
         return out
 
     def __enter__(self) -> RunLog:
