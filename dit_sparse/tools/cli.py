@@ -22,9 +22,11 @@ RENDER_EXAMPLES = """examples:
 
 job fields (JSONL or YAML): prompt, negative_prompt, seed, steps, frames, size ("WxH") or width/height,
 guidance_scale, preset, name (output file name), pipeline_kwargs. Every field is checked before the model
-loads; unknown keys are errors. Finished jobs (sidecar present) are skipped on rerun; Ctrl-C stops cleanly and
-run_summary.json lists the pending jobs. With --model and no --preset, the preset is chosen from the model's
-family and size (printed with the reason).
+loads; unknown keys are errors. Finished jobs (sidecar present) with the same settings are skipped on rerun
+(without loading the model when all are); other settings under the same name are refused, naming what differs:
+--force renders again. Ctrl-C stops cleanly and run_summary.json lists the pending jobs; each run also writes its
+own runs/<run>.json (state running / finished / interrupted). With --model and no --preset, the preset is chosen
+from the model's family and size (printed with the reason).
 
 exit codes: 0 all jobs done or skipped, 1 a job failed, 2 bad input or set-up (one line that names the fix),
 130 interrupted.
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(render)
     _add_job_args(render)
     render.add_argument("--jobs", default=None, help="job file (.jsonl, .yaml)")
+    render.add_argument("--force", action="store_true", help="render every job again, also finished ones, and "
+                                                             "replace their files atomically")
     render.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="distribute the jobs over a Ray cluster: no ADDRESS starts (or attaches to) a local "
                              "Ray instance; 'auto' or 'ray://host:10001' connects to a cluster")
@@ -155,7 +159,10 @@ def _check_out(out: str) -> None:
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".dit_sparse-write-test"
+        import os
+        import secrets
+
+        probe = path / f".dit_sparse-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # concurrent runs: one each
         probe.write_bytes(b"")
         probe.unlink()
     except FileExistsError:
@@ -372,6 +379,33 @@ def _after_load(args, renderer, rules, jobs, preset):
     return preset
 
 
+def _plan_outputs(args, rules, jobs, preset):
+    """Before any model loads: every file name fits, and a rerun asks the settings its finished jobs were rendered
+    with (else a one-line error, unless --force). The jobs to skip (True), or None where the model is not at hand
+    yet (a hub id: checked once it has loaded)."""
+    from .outputs import check_name_lengths, job_settings, plan_outputs
+    from .render import job_preset, media_suffix
+
+    check_name_lengths(jobs, args.out)
+    suffix = media_suffix(args.model)
+    if rules is None or suffix is None:
+        return None
+    return plan_outputs(jobs, args.out, suffix, lambda j: job_settings(
+        j, job_preset(j, preset), rules=rules, model=args.model, dtype=args.dtype, fps=args.fps,
+        video=suffix == ".mp4"), force=args.force)
+
+
+def _all_skipped(args, jobs, preset, run) -> dict:
+    """Every job is rendered already with the same settings: the summary, and no model loaded."""
+    from .render import media_suffix, skipped_entry
+
+    suffix = media_suffix(args.model)
+    _say(f"all {len(jobs)} job(s) are already rendered in {args.out}/ with the same settings: nothing to do, the "
+         "model is not loaded (--force renders them again)")
+    with run:
+        return run.write([skipped_entry(j, preset, suffix) for j in jobs], state="finished")
+
+
 def cmd_render(args) -> int:
     from .jobs import JobError
 
@@ -382,34 +416,43 @@ def cmd_render(args) -> int:
     if args.jobs and args.prompt is not None:
         raise JobError("give --prompt or --jobs, not both")
     rules, jobs, preset = _prepare(args)
-    if args.ray is not None:
+    skip = _plan_outputs(args, rules, jobs, preset)
+    from .outputs import RunLog
+
+    run = RunLog(args.out, jobs, say=_say)
+    if skip is not None and all(skip):
+        summary = _all_skipped(args, jobs, preset, run)
+    elif args.ray is not None:
         import torch
 
         from .ray_batch import render_jobs_ray
 
         ray_preset = args.preset if args.preset is not None else preset
-        try:
-            summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
-                                      address=args.ray or None, actors=args.ray_actors, device=args.device,
-                                      dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet)
-        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
-            from .jobs import SetupError
+        with run:
+            try:
+                summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
+                                          address=args.ray or None, actors=args.ray_actors, device=args.device,
+                                          dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet,
+                                          force=args.force, rules=rules, run_log=run)
+            except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
+                from .jobs import SetupError
 
-            raise SetupError(str(e).strip().replace("\n", " ")) from None
+                raise SetupError(str(e).strip().replace("\n", " ")) from None
     else:
         from .render import render_jobs
 
-        renderer = _renderer(args)
-        preset = _after_load(args, renderer, rules, jobs, preset)
-        summary = render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps,
-                              progress=not args.quiet)
+        with run:
+            renderer = _renderer(args)
+            preset = _after_load(args, renderer, rules, jobs, preset)
+            summary = render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps,
+                                  progress=not args.quiet, force=args.force, run=run)
     for r in summary["results"]:
         line = f"  {r['status']:<28} {r['output']}"
         if r["status"] == "failed":
             line += f"  ({r['error']})"
         print(line)
     print(f"dit-sparse render: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
-          f"-> {args.out}/ (run_summary.json)")
+          f"-> {args.out}/ (runs/{run.run}.json)")
     return 1 if summary["failed"] else 0
 
 
@@ -419,6 +462,9 @@ def cmd_compare(args) -> int:
     from .words import speed_words
 
     rules, jobs, preset = _prepare(args, compare=True)
+    from .outputs import check_name_lengths
+
+    check_name_lengths(jobs, args.out, extra_stem="-compare")
     if args.preset is not None and preset is None:
         raise JobError("--preset none: compare needs a sparse preset to compare with dense; pick one from "
                        "`dit-sparse presets`")

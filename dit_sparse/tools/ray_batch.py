@@ -11,8 +11,11 @@ actors with ``num_cpus=1``. Outputs, sidecars, resume and failures are those of
   mounted at the same absolute path on every node (NFS, a FUSE bucket mount, ...) and on the driver's machine
   (it reads the sidecars to resume; also with ``ray://`` from outside the cluster), and every node needs
   ``dit_sparse`` installed and the model loadable (the same local path, or the hub cache);
-* the driver collects the result entries and writes ``run_summary.json`` atomically, in job order, after every
-  finished job; a tqdm bar over jobs shows the progress.
+* the driver collects the result entries and writes the run summary atomically, in job order, at the start and
+  after every finished job (:class:`~dit_sparse.tools.outputs.RunLog`: ``runs/<run>.json`` and ``run_summary.json``);
+  a tqdm bar over jobs shows the progress;
+* a rerun compares each finished job's settings with its sidecar's as a local run does: the same settings are
+  skipped, other ones refused unless ``force``.
 
 Retry semantics. A job whose own code raises (unknown preset, CUDA OOM caught as an exception, ...) is recorded
 as ``failed`` with its error and is *not* retried, exactly like a local run. A job is resubmitted only when its
@@ -38,19 +41,21 @@ from pathlib import Path
 
 import torch
 
+from .outputs import RunLog, job_settings, plan_outputs
 from .render import (
     DEFAULT_MODEL,
     Job,
     Renderer,
+    folder_rules,
     is_rendered,
     job_entry,
     job_outputs,
+    job_preset,
     media_suffix,
     model_default_preset,
     prepare_out_dir,
     render_job,
     skipped_entry,
-    write_summary,
 )
 
 __all__ = ["render_jobs_ray", "RenderWorker", "RAY_INSTALL_HINT", "MAX_RETRIES"]
@@ -78,7 +83,8 @@ class RenderWorker:
         self.renderer = factory()
 
     def info(self) -> dict:
-        return {"suffix": self.renderer.suffix, "pid": os.getpid(), "host": socket.gethostname()}
+        return {"suffix": self.renderer.suffix, "pid": os.getpid(), "host": socket.gethostname(),
+                "rules": self.renderer.rules}
 
     def default_preset(self) -> str:
         return model_default_preset(self.renderer)
@@ -112,7 +118,8 @@ def _first_line(e: BaseException) -> str:
 def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAULT_MODEL, preset: str | None = None,
                     address: str | None = None, actors: int | None = None, device: str | None = None,
                     dtype: torch.dtype = torch.float32, fps: int = 8, progress: bool = True,
-                    max_retries: int = MAX_RETRIES, renderer_factory=None) -> dict:
+                    max_retries: int = MAX_RETRIES, renderer_factory=None, force: bool = False, rules=None,
+                    run_log: RunLog | None = None) -> dict:
     """Render ``jobs`` into ``out_dir`` on Ray actors; returns (and writes) the run summary of ``render_jobs``.
 
     Args:
@@ -133,6 +140,10 @@ def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAUL
         max_retries: resubmissions of a job after its actor died.
         renderer_factory: picklable zero-argument callable that builds the renderer inside an actor (custom
             pipelines, tests); default ``Renderer(model, device=device, dtype=dtype)``.
+        force: render every job again (a finished job with other settings is otherwise a ``JobError``).
+        rules: the model's :class:`~dit_sparse.tools.model_rules.ModelRules` (fills the defaults into the settings
+            a rerun compares); default: read from the model folder.
+        run_log: the run summary (:class:`~dit_sparse.tools.outputs.RunLog`); default: one started here.
 
     Raises:
         ImportError: Ray is not installed. RuntimeError: no actor could load the model. LookupError: no default
@@ -140,10 +151,17 @@ def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAUL
     """
     ray = import_ray()
     run = _RayRun(ray, jobs, Path(out_dir), model=model, preset=preset, fps=fps, progress=progress,
-                  max_retries=max_retries)
+                  max_retries=max_retries, force=force, rules=rules, dtype=dtype)
     if not run.pending:  # every job finished already: no cluster needed
         _say(progress, f"all {len(jobs)} jobs already rendered in {run.out_dir}")
-        return run.summary()
+        with run.open_log(run_log):
+            return run.summary(state="finished")
+    with run.open_log(run_log):
+        return _render_on_ray(ray, run, address=address, actors=actors, device=device, dtype=dtype,
+                              progress=progress, renderer_factory=renderer_factory)
+
+
+def _render_on_ray(ray, run, *, address, actors, device, dtype, progress, renderer_factory) -> dict:
     started_ray = not ray.is_initialized()
     if started_ray:
         import logging
@@ -155,7 +173,7 @@ def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAUL
         run.start_actors(actors=actors, device=device, dtype=dtype, renderer_factory=renderer_factory)
         return run.render()
     except KeyboardInterrupt:  # as a local run: the summary says interrupted and names the pending jobs
-        run.summary(interrupted=True)
+        run.summary(state="interrupted")
         raise
     finally:
         run.kill_all()
@@ -166,8 +184,9 @@ def render_jobs_ray(jobs: list[Job], out_dir: str | Path, *, model: str = DEFAUL
 class _RayRun:
     """State of one distributed run, in the driver: pending jobs, actors (starting / idle / busy), results."""
 
-    def __init__(self, ray, jobs, out_dir: Path, *, model, preset, fps, progress, max_retries):
+    def __init__(self, ray, jobs, out_dir: Path, *, model, preset, fps, progress, max_retries, force, rules, dtype):
         self.ray, self.jobs, self.fps, self.progress, self.max_retries = ray, jobs, fps, progress, max_retries
+        self.force, self.dtype, self.log = force, str(dtype), None
         self.out_dir = prepare_out_dir(out_dir.resolve())
         self.model = str(Path(model).resolve()) if model != DEFAULT_MODEL and Path(model).exists() else model
         self.results: dict[int, dict] = {}
@@ -180,6 +199,8 @@ class _RayRun:
         # which jobs are pending is decided before any model is loaded when the media suffix can be read from the
         # model folder; otherwise (a hub id) once the first actor has loaded the pipeline
         self.suffix = media_suffix(self.model)
+        # the model's rules fill its defaults into the settings a rerun compares; a hub id's come from an actor
+        self.rules = rules if rules is not None else folder_rules(self.model)
         self.pending = self._pending() if self.suffix is not None else list(range(len(jobs)))
         self.actors: list = []  # every actor started, for the final clean-up
         self.starting: dict = {}  # info ref -> actor, until the actor has loaded its pipeline
@@ -188,17 +209,31 @@ class _RayRun:
         self.start_error: str | None = None
 
     # -- results -------------------------------------------------------------------------------------------------
-    def summary(self, interrupted: bool = False) -> dict:
-        """Write ``run_summary.json``; ``interrupted`` (Ctrl-C) marks the run and lists the jobs not finished."""
-        pending = [job.name for i, job in enumerate(self.jobs) if i not in self.results] if interrupted else None
-        return write_summary(self.out_dir / "run_summary.json", [self.results[i] for i in sorted(self.results)],
-                             self.jobs, pending=pending)
+    def open_log(self, log: RunLog | None) -> RunLog:
+        self.log = log if log is not None else RunLog(self.out_dir, self.jobs)
+        return self.log
+
+    def summary(self, state: str = "running") -> dict:
+        """Write the run summary (:class:`~dit_sparse.tools.outputs.RunLog`): ``state`` ``"interrupted"`` (Ctrl-C)
+        marks the run, and the jobs not finished are listed under ``pending``."""
+        return self.log.write([self.results[i] for i in sorted(self.results)], state=state)
 
     def _pending(self) -> list[int]:
+        """The jobs to render; a finished job whose sidecar records other settings is a ``JobError`` unless
+        ``force``. Decided when the suffix is known and, unless ``force``, the preset and the rules too."""
         self.results.clear()
+        if not self.force and (self.preset is None and any(j.preset is None for j in self.jobs)
+                               or self.rules is None):
+            return list(range(len(self.jobs)))  # decided again once the first actor has loaded the pipeline
+
+        def settings_of(job):
+            return job_settings(job, job_preset(job, self.preset), rules=self.rules, model=self.model,
+                                dtype=self.dtype, fps=self.fps, video=self.suffix == ".mp4")
+
+        skip = plan_outputs(self.jobs, self.out_dir, self.suffix, settings_of, force=self.force)
         todo = []
         for i, job in enumerate(self.jobs):
-            if not is_rendered(job, self.out_dir, self.suffix):
+            if not skip[i]:
                 todo.append(i)
                 continue
             self.results[i] = skipped_entry(job, self.preset, self.suffix)
@@ -279,8 +314,8 @@ class _RayRun:
         self.start_failures = 0
         self.live.add(actor)
         self.idle.append(actor)
-        if info["suffix"] != self.suffix:  # the suffix was not known (or not right) without a pipeline
-            self.suffix = info["suffix"]
+        if info["suffix"] != self.suffix or self.rules is None:  # not known (or not right) without a pipeline
+            self.suffix, self.rules = info["suffix"], self.rules if self.rules is not None else info["rules"]
             self.pending = self._pending()
         return True
 
@@ -301,8 +336,7 @@ class _RayRun:
             except LookupError as e:
                 raise LookupError(str(getattr(e, "cause", e))) from None
             _say(self.progress, f"no --preset given, using {self.preset!r}")
-            for i in self.results:  # skipped entries name the preset they would have used, as in local runs
-                self.results[i] = skipped_entry(self.jobs[i], self.preset, self.suffix)
+            self.pending = self._pending()  # the settings a rerun compares are known only now
         for _ in range(len(self.live) + len(self.starting) - max(1, len(self.pending))):  # fewer jobs than actors
             if self.starting:
                 self._kill(self.starting.pop(next(iter(self.starting))))
@@ -353,7 +387,7 @@ class _RayRun:
             self.idle.append(actor)
             finish(i, entry)
         bar.close()
-        return self.summary()
+        return self.summary(state="finished")
 
     def _actor_died(self, i: int, deaths: int, queue, finish) -> None:
         job = self.jobs[i]

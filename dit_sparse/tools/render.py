@@ -3,15 +3,16 @@
 A job renders one prompt to ``<out>/<name>.mp4`` (video models) or ``<name>.png`` (image models) plus a JSON
 sidecar ``<name>.json``. The media file is written to a temporary name and renamed into place; the sidecar is
 written the same way, *after* the media: a job is done exactly when its sidecar exists, so an interrupted run
-never leaves a truncated file that counts as done, and a rerun skips finished jobs and redoes the rest. A
-failing job is recorded in ``run_summary.json`` with its error; the others continue.
+never leaves a truncated file that counts as done, and a rerun skips finished jobs (the same settings; other
+settings under the same name are refused unless ``force``) and redoes the rest. A failing job is recorded in the
+run summary with its error; the others continue. The folder's bookkeeping (temporary names, the settings a rerun
+compares, the run summaries) is :mod:`dit_sparse.tools.outputs`.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import os
 import platform
 import time
 import traceback
@@ -22,23 +23,12 @@ import torch
 
 from .jobs import Job, load_jobs
 from .model_rules import ModelRules
+from .outputs import RunLog, job_outputs, job_settings, plan_outputs, write_atomic
 
 __all__ = ["Job", "load_jobs", "Renderer", "write_atomic", "side_by_side", "library_versions", "render_jobs",
-           "render_job", "is_rendered", "media_suffix", "model_default_preset"]
+           "render_job", "is_rendered", "media_suffix", "model_default_preset", "renderer_settings"]
 
 DEFAULT_MODEL = "embedded"
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def library_versions() -> dict:
@@ -125,6 +115,23 @@ def rules_of_pipeline(pipe, defaults: dict | None = None) -> ModelRules:
     return ModelRules.from_configs(type(pipe).__name__, type(tr).__name__ if tr is not None else None, tcfg, vcfg,
                                    experts=2 if tr2 is not None else 1,
                                    defaults=defaults if defaults is not None else call_defaults(type(pipe)))
+
+
+def folder_rules(model: str) -> ModelRules | None:
+    """:class:`~dit_sparse.tools.model_rules.ModelRules` of ``"embedded"`` or a local folder with the pipeline
+    class's own call defaults (as the CLI reads them before loading); None for a hub id."""
+    import dataclasses
+
+    import diffusers
+
+    from .model_rules import read_model_rules
+
+    rules = read_model_rules(model)
+    if rules is not None and not rules.defaults:
+        cls = getattr(diffusers, rules.pipeline, None)
+        if cls is not None:
+            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+    return rules
 
 
 def call_defaults(pipeline_cls) -> dict:
@@ -282,11 +289,9 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` and remove temporary files left by a run that was killed mid-write."""
+    """Create ``out_dir`` (the temporary files of runs that are gone are removed by :class:`RunLog`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.partial.*"):  # left by a run that was killed mid-write
-        stale.unlink(missing_ok=True)
     return out_dir
 
 
@@ -296,9 +301,10 @@ def job_preset(job: Job, default_preset: str | None):
     return None if preset in (None, "none", "dense") else preset
 
 
-def job_outputs(job: Job, out_dir: Path, suffix: str) -> tuple[Path, Path]:
-    """``(media, sidecar)`` paths of ``job`` in ``out_dir``."""
-    return out_dir / f"{job.name}{suffix}", out_dir / f"{job.name}.json"
+def renderer_settings(renderer: Renderer, fps: int):
+    """``settings_of(job, preset)``: the settings a job renders with on ``renderer`` (stored in its sidecar)."""
+    return lambda job, preset: job_settings(job, preset, rules=renderer.rules, model=renderer.model,
+                                            dtype=str(renderer.dtype), fps=fps, video=renderer.is_video)
 
 
 def is_rendered(job: Job, out_dir: Path, suffix: str) -> bool:
@@ -321,8 +327,11 @@ def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_pre
                fps: int = 8) -> dict:
     """Render one job into ``out_dir`` (media, then sidecar, both atomic) and return its result entry.
 
-    A job's own error does not propagate: it is returned as a ``"failed"`` entry with the error and traceback.
-    Used by :func:`render_jobs` and by the Ray actors of :mod:`dit_sparse.tools.ray_batch`.
+    An older sidecar of the job is removed first, so until the new sidecar is in place the job counts as not done
+    (the old media stays readable until the new one replaces it). The sidecar records the job's settings
+    (:func:`~dit_sparse.tools.outputs.job_settings`), which a rerun compares. A job's own error does not propagate:
+    it is returned as a ``"failed"`` entry with the error and traceback. Used by :func:`render_jobs` and by the
+    Ray actors of :mod:`dit_sparse.tools.ray_batch`.
     """
     out_dir = Path(out_dir)
     preset = job_preset(job, default_preset)
@@ -331,8 +340,11 @@ def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_pre
     t0 = time.perf_counter()
     try:
         frames, seconds, stats, kw = renderer.generate(job, preset)
+        side.unlink(missing_ok=True)
         save_media(frames, media, fps=fps)
-        _write_json(side, renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0, frames))
+        meta = renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0, frames)
+        meta["settings"] = renderer_settings(renderer, fps)(job, preset)
+        _write_json(side, meta)
         return {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
     except Exception as e:  # one bad job must not stop the batch; the error is recorded
         return {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
@@ -340,50 +352,42 @@ def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_pre
 
 
 def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, default_preset: str | None,
-                fps: int = 8, progress: bool = True) -> dict:
+                fps: int = 8, progress: bool = True, force: bool = False, run: RunLog | None = None) -> dict:
     """Render ``jobs`` into ``out_dir``; returns (and writes) the run summary.
 
-    Finished jobs (sidecar present) are skipped; a failing job is recorded with its error and the run goes on.
-    ``default_preset`` applies to jobs without their own ``preset`` (None: stock attention).
-    On ``KeyboardInterrupt`` (Ctrl-C) the summary is written with ``"interrupted": true`` and the names of the
-    jobs not finished under ``"pending"``, then the interrupt propagates.
-    :func:`dit_sparse.tools.ray_batch.render_jobs_ray` does the same over a Ray cluster.
+    Finished jobs with the same settings are skipped; a finished job whose sidecar records other settings is a
+    :class:`~dit_sparse.tools.jobs.JobError` (nothing rendered) unless ``force`` (then every job is rendered again
+    and its files replaced atomically). A failing job is recorded with its error and the run goes on.
+    ``default_preset`` applies to jobs without their own ``preset`` (None: stock attention). The summary is
+    ``run``'s (:class:`~dit_sparse.tools.outputs.RunLog`; one is started when None): ``"state": "running"`` with
+    the ``current`` job while it runs, then ``"finished"``. On ``KeyboardInterrupt`` (Ctrl-C) it is written with
+    ``"state": "interrupted"``, ``"interrupted": true`` and the names of the jobs not finished under ``"pending"``,
+    then the interrupt propagates. :func:`dit_sparse.tools.ray_batch.render_jobs_ray` does the same over a Ray
+    cluster.
     """
     from tqdm.auto import tqdm
 
     out_dir = prepare_out_dir(out_dir)
-    results = []
-    summary_path = out_dir / "run_summary.json"
-    bar = tqdm(jobs, desc="jobs", unit="job", disable=not progress)
-    try:
-        for job in bar:
-            bar.set_postfix_str(job.name[:40])
-            if is_rendered(job, out_dir, renderer.suffix):
-                results.append(skipped_entry(job, default_preset, renderer.suffix))
-                continue
-            results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
-            write_summary(summary_path, results, jobs)
-    except KeyboardInterrupt:
-        bar.close()
-        finished = {r["name"] for r in results}
-        write_summary(summary_path, results, jobs, pending=[j.name for j in jobs if j.name not in finished])
-        raise
-    return write_summary(summary_path, results, jobs)
-
-
-def write_summary(path: Path, results: list[dict], jobs: list[Job], pending: list[str] | None = None) -> dict:
-    """Write ``run_summary.json`` atomically; returns the summary. ``pending`` (names of the jobs left when the
-    run was interrupted) marks the run ``"interrupted": true``."""
-    summary = _summary(results, jobs)
-    if pending is not None:
-        summary.update(interrupted=True, pending=pending)
-    _write_json(path, summary)
-    return summary
-
-
-def _summary(results: list[dict], jobs: list[Job]) -> dict:
-    count = {s: sum(r["status"].startswith(s) for r in results) for s in ("done", "skipped", "failed")}
-    return {"jobs": len(jobs), **count, "interrupted": False, "results": results}
+    settings_of = renderer_settings(renderer, fps)
+    skip = plan_outputs(jobs, out_dir, renderer.suffix, lambda j: settings_of(j, job_preset(j, default_preset)),
+                        force=force)
+    with run if run is not None else RunLog(out_dir, jobs) as log:
+        results = []
+        bar = tqdm(list(zip(jobs, skip)), desc="jobs", unit="job", disable=not progress)
+        try:
+            for job, skipped in bar:
+                bar.set_postfix_str(job.name[:40])
+                if skipped:
+                    results.append(skipped_entry(job, default_preset, renderer.suffix))
+                    continue
+                log.write(results, current=job.name)
+                results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
+                log.write(results)
+        except KeyboardInterrupt:
+            bar.close()
+            log.write(results, state="interrupted")
+            raise
+        return log.write(results, state="finished")
 
 
 def compare(renderer: Renderer, job: Job, preset: str, out_dir: str | Path, *, fps: int = 8) -> dict:
