@@ -57,8 +57,8 @@ class Backend:
     def segment_reasons(self, inputs: AttentionInputs) -> list[str]:
         """Why this backend cannot read the call's pooled key segment (empty when there is none or it can)."""
         if inputs.pooled is not None and not self.reads_pooled_segment:
-            return [f"backend {self.name!r} does not read a pooled key segment (pooled=...); the torch, triton "
-                    "and hopper backends do"]
+            return [f"backend {self.name!r} does not read a pooled key segment (pooled=...); the torch, compiled, "
+                    "triton and hopper backends do"]
         return []
 
     def forward(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
