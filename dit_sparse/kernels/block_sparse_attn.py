@@ -139,9 +139,10 @@ def _online_softmax(s, m_i, l_i, acc, RESCALE_THRESHOLD: tl.constexpr):
 
     ``RESCALE_THRESHOLD == 0``: the running max follows every increase (FlashAttention-2). ``> 0`` (conditional
     rescaling, FlashAttention-4): ``acc`` and ``l_i`` are rescaled only when some row's max grows by more than the
-    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (no overflow in fp32) and the
-    result is exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per
-    tile (a max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
+    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (the Hopper kernel's
+    ``MAX_RESCALE_THRESHOLD`` of 15 keeps ``p`` finite when rounded to fp16 for ``p @ v``) and the result is
+    exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per tile (a
+    max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
     warp, and a skipped rescale skips the ``[BLOCK_M, BLOCK_D]`` multiply for all warps. FA4 decides per row
     group inside its softmax warps; Triton gives no per-warp control, so a tile-wide test is the closest form.
     """
