@@ -173,3 +173,29 @@ def test_refuses_a_folder_with_an_earlier_run(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), str(tmp_path), "--smoke"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "already holds an earlier run (gpu_suite.json)" in res.stderr
+
+
+def test_hopper_options_as_a_user_types_it(tmp_path):
+    """``python benchmarks/hopper_options.py`` from another folder: on CPU it refuses with the fix (exit 2); its
+    ``--smoke`` run times every switch in the interpreter, each checked against the reference, JSON under --out."""
+    script = str(ROOT / "benchmarks" / "hopper_options.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    import torch
+
+    if not torch.cuda.is_available():
+        res = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert res.returncode == 2 and "compute capability 9.0+" in res.stderr and "--smoke" in res.stderr
+    res = subprocess.run([sys.executable, script, "--smoke", "--out", "res"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "res" / "hopper_options-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(_variants())
+    assert all(r["status"] == "ok" and r["rel_err"] < 1e-3 for r in rows), rows
+    assert "warp specialisation on" in next(r["path"] for r in rows if r["variant"] == "warp_specialize")
+
+
+def _variants():
+    from benchmarks.hopper_options import VARIANTS
+
+    return VARIANTS
