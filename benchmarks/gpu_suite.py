@@ -191,15 +191,28 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the stage's process, before exec: SIGKILL it when the suite dies (Linux ``PR_SET_PDEATHSIG``), so that a
+    suite killed outright (SIGKILL: nothing to catch) leaves no stage holding the GPU. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+
+
 def run_command(cmd: list[str], env: dict, timeout: float, log_path: Path) -> tuple[int | None, str]:
     """Run ``cmd`` in its own process group (``start_new_session``) with stdout and stderr streamed into
     ``log_path`` as they come (a cut run keeps them). Returns ``(exit code, its output)``; on timeout the whole
     group is killed and the exit code is None. Whatever the outcome, no process of the group outlives the call
-    (a leftover holds the GPU). :class:`Stopped` raised while waiting kills the group too."""
+    (a leftover holds the GPU). :class:`Stopped` raised while waiting kills the group too; a suite killed outright
+    takes the command's own process with it (``_die_with_parent``)."""
     with open(log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
 
     def output() -> str:
         with open(log_path, "rb") as log:

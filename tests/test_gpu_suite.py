@@ -84,6 +84,7 @@ def test_killed_suite_keeps_the_finished_stage(tmp_path):
         assert [(s["stage"], s["status"]) for s in payload["stages"]] == [("op", "ok"), ("breakdown", "running")]
         suite.kill()
         suite.wait()
+        _wait_for(lambda: _gone(child), "the stage's command to die with the suite")  # PR_SET_PDEATHSIG
         assert (out / "raw" / "op" / "attention-cpu.json").is_file()
         payload = _payload(out)
         assert payload["stages"][0]["result"] == "1 passed"
