@@ -2,27 +2,36 @@
 
 Stages (each under its own time limit; a failing or timed-out stage is recorded and the suite goes on):
 
-1. ``tests``      — compiled (``TRITON_INTERPRET=0``; ``-n 4`` with pytest-xdist): first every ``gpu`` test
-   (tests/engine/kernels and any other file that has one): real shapes of both Triton kernels, every registered
-   backend against the fp32 reference (``test_backends_gpu.py``), the CUDA-graph capture of a sparse call for every
-   backend that can run it (``test_cuda_graph.py``; both parametrized over ``dit_sparse.backends.BACKENDS``),
-   flash-attn-4 against the reference; then, with the time left, the small kernel cases of tests/engine/kernels;
+1. ``tests``      — compiled (``TRITON_INTERPRET=0``), serially (``-p no:xdist``: workers would each compile the
+   same kernels again) with ``DIT_SPARSE_AUTOTUNE=quick`` (one tile config per autotune key: one compile, no
+   benchmarking): first every ``gpu`` test (tests/engine/kernels and any other file that has one): real shapes of
+   both Triton kernels, every registered backend against the fp32 reference (``test_backends_gpu.py``), the
+   CUDA-graph capture of a sparse call for every backend that can run it (``test_cuda_graph.py``; both
+   parametrized over ``dit_sparse.backends.BACKENDS``), flash-attn-4 against the reference; then, with the time
+   left, the small kernel cases of tests/engine/kernels;
 2. ``op``         — ``benchmarks/attention.py``: every registered backend of ours (checked against the fp32
    reference first; a backend that cannot run says why), automatic dispatch and whether it took the fastest, the
    row mode's pooled segment, and the peers: cuDNN / flash / efficient SDPA, xformers, flex on the same mask,
    flash-attn-4 dense and block-sparse, Sol-Attn (each where installed); packed, then tiled layouts, HunyuanVideo
    720p first, rows started only inside a time budget;
-3. ``breakdown``  — ``benchmarks/layer_breakdown.py``: one sparse layer call split into plan / permute / kernel /
+3. ``hopper_options`` — ``benchmarks/hopper_options.py``: the ``hopper`` backend with each ``HopperOptions``
+   switch flipped against the default (warp specialisation on, the full/partial split off, rescaling at every
+   step, pointer loads instead of TMA), each checked against the reference, at one tile config;
+4. ``breakdown``  — ``benchmarks/layer_breakdown.py``: one sparse layer call split into plan / permute / kernel /
    epilogue / unpermute with CUDA events, and the share of the call outside the kernel;
-4. ``end_to_end`` — ``benchmarks/end_to_end.py``: denoising-step speedup per preset against diffusers' masked
+5. ``end_to_end`` — ``benchmarks/end_to_end.py``: denoising-step speedup per preset against diffusers' masked
    dense step and against the best unmasked SDPA, and the share of the Amdahl limit;
-5. ``pooled_cost`` — ``benchmarks/pooled_cost.py``: plain sparse vs block rectification vs the fused row segment
+6. ``pooled_cost`` — ``benchmarks/pooled_cost.py``: plain sparse vs block rectification vs the fused row segment
    (``row_keys`` mean / outlier) at density 0.1, HunyuanVideo 720p and Wan 480p (target: <= 5% over plain sparse).
 
-Stages 2-5 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
-shapes, the later stages reuse it. Writes into OUT (3 files, so that all come back from a device run):
-``gpu_suite.json`` (every stage's status, log tail and the benchmarks' full JSON), ``summary.md`` (tables and the
-issue's targets, each marked measured or not) and ``suite.log`` (all output).
+Stages 2, 4-6 share Triton's autotuning results (``TRITON_CACHE_AUTOTUNING=1``): the op stage tunes at model
+shapes, the later stages reuse it. Writes into OUT as each stage starts and ends (so a run cut at the device's
+time limit returns what it measured; everything under OUT comes back from a device run): ``gpu_suite.json``
+(``state``, every stage's status, log tail and the benchmarks' full JSON), ``summary.md`` (tables and the issue's
+targets, each marked measured or not), ``suite.log`` (all output, streamed as it comes) and ``raw/<stage>/`` (each
+benchmark's own JSON, written by the benchmark after every row). Each command runs in its own process group: a
+timeout kills the group (pytest and anything it started); SIGTERM, SIGHUP or Ctrl-C kill the stage in progress,
+record it as ``killed`` and write the results so far before the suite exits (128 + the signal).
 
     python benchmarks/gpu_suite.py OUT                  # on a CUDA machine
     python benchmarks/gpu_suite.py OUT --dry-run        # print the stage commands, run nothing
@@ -57,23 +66,23 @@ repository), and prints the two device commands:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the op stage's shapes and densities, most important first (the issue's targets are HunyuanVideo 720p at 0.10
 #: and all-dense; the Triton autotuner tunes at the first call of a kind, here a 0.10 call at about 55 ms)
 OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--packing", "both"]
-#: stage -> (seconds allowed, commands). ``{raw}`` is the folder the benchmarks write their JSON into,
-#: ``{gpu_files}`` every test file outside tests/engine/kernels with a ``gpu`` mark, ``{xdist}`` ``-n 4`` where
-#: pytest-xdist is installed (the kernel tests' compiles then run on 4 processes)
+#: stage -> ``Stage(seconds allowed, commands, extra environment)``. ``{raw}`` is the folder the stage's benchmark
+#: writes its JSON into (``OUT/raw/<stage>``, so that a run cut at its time limit still returns it), ``{gpu_files}``
+#: every test file outside tests/engine/kernels with a ``gpu`` mark
 #:
 #: The limits are estimates: nothing has timed the suite on a GPU yet. From the H100 results
 #: (benchmarks/results/*H100*.json) and ``bench`` (a call >= 40 ms costs about 5 calls, plus one reference check):
@@ -83,31 +92,55 @@ OP_ARGS = ["--shapes", "hunyuan-720p,wan2.1-480p", "--densities", "0.1,1.0", "--
 #: 8-16 pruned configs (guessed 20-40 s), flex ~20-30 s per shape, FA4 at its first call; so the packed rows come
 #: first and the tiled ones are likely cut by --budget. end_to_end (4 layers): a HunyuanVideo step ~2.2 s dense,
 #: x 3 dense variants and 4 presets at ~5 calls each, plus the SDPA op timings: ~90 s with Wan.
-PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+#: The tests run serially (no pytest-xdist: 4 workers would each compile every kernel config and FA4 kernel again)
+#: with ``DIT_SPARSE_AUTOTUNE=quick`` (one tile config per autotune key: one compile, nothing benchmarked); a
+#: timeout kills the stage's whole process group.
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist"]
+
+
+class Stage(NamedTuple):
+    limit: int  #: seconds for all of the stage's commands
+    commands: list  #: argv lists, run in turn
+    env: dict = {}  #: extra environment of the stage's processes
+
+
+#: the test stage's environment: one autotune config per key (the kernels' prune reads it)
+TEST_ENV = {"DIT_SPARSE_AUTOTUNE": "quick"}
 STAGES = {
     # first every ``gpu`` test (real shapes, each backend vs the reference, CUDA graphs, flash-attn-4), then the
     # small interpreter-sized kernel cases compiled, with the time left
-    "tests": (100, [[*PYTEST, "{xdist}", "-m", "gpu", "tests/engine/kernels", "{gpu_files}"],
-                    [*PYTEST, "{xdist}", "-m", "not gpu", "tests/engine/kernels"]]),
+    "tests": Stage(100, [[*PYTEST, "-m", "gpu", "tests/engine/kernels", "{gpu_files}"],
+                         [*PYTEST, "-m", "not gpu", "tests/engine/kernels"]], TEST_ENV),
     # the op script starts no new row after --budget s, so that the stage ends inside its limit with rows
-    "op": (185, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "130", "--out", "{raw}"]]),
-    "breakdown": (60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out", "{raw}"]]),
-    "end_to_end": (100, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
+    "op": Stage(170, [[sys.executable, "benchmarks/attention.py", *OP_ARGS, "--budget", "115", "--out", "{raw}"]]),
+    # the Hopper kernel's switches (warp specialisation, split, rescaling, TMA) each against the default, at one
+    # tile config each (``quick``: the comparison is of the switch, and one compile per variant)
+    "hopper_options": Stage(30, [[sys.executable, "benchmarks/hopper_options.py", "--out", "{raw}"]],
+                            {"DIT_SPARSE_AUTOTUNE": "quick"}),
+    "breakdown": Stage(60, [[sys.executable, "benchmarks/layer_breakdown.py", "--packing", "packed", "--out",
+                             "{raw}"]]),
+    "end_to_end": Stage(85, [[sys.executable, "benchmarks/end_to_end.py", "--layers", "4", "--out", "{raw}"]]),
     # the segment's cost: plain sparse vs block and the fused row segment at density 0.1 (two op shapes)
-    "pooled_cost": (35, [[sys.executable, "benchmarks/pooled_cost.py", "{raw}"]]),
+    "pooled_cost": Stage(35, [[sys.executable, "benchmarks/pooled_cost.py", "{raw}"]]),
 }
 SMOKE = {
-    "tests": (0, []),
-    "op": (300, [[sys.executable, "benchmarks/attention.py", "--smoke", "--densities", "1.0,0.25",
-                  "--out", "{raw}"]]),
-    "breakdown": (300, [[sys.executable, "benchmarks/layer_breakdown.py", "--smoke", "--out", "{raw}"]]),
-    "end_to_end": (300, [[sys.executable, "benchmarks/end_to_end.py", "--smoke", "--out", "{raw}"]]),
-    "pooled_cost": (300, [[sys.executable, "benchmarks/pooled_cost.py", "--smoke"]]),
+    "tests": Stage(0, []),
+    "op": Stage(300, [[sys.executable, "benchmarks/attention.py", "--smoke", "--densities", "1.0,0.25",
+                       "--out", "{raw}"]]),
+    "hopper_options": Stage(300, [[sys.executable, "benchmarks/hopper_options.py", "--smoke", "--out", "{raw}"]]),
+    "breakdown": Stage(300, [[sys.executable, "benchmarks/layer_breakdown.py", "--smoke", "--out", "{raw}"]]),
+    "end_to_end": Stage(300, [[sys.executable, "benchmarks/end_to_end.py", "--smoke", "--out", "{raw}"]]),
+    "pooled_cost": Stage(300, [[sys.executable, "benchmarks/pooled_cost.py", "--smoke"]]),
 }
+#: each stage's benchmark JSON: ``OUT/raw/<stage>/<prefix>-<gpu>.json``
+RESULT_PREFIX = {"op": "attention", "hopper_options": "hopper_options", "breakdown": "layer_breakdown",
+                 "end_to_end": "end_to_end", "pooled_cost": "pooled-cost"}
 #: stages whose processes share Triton's autotuning results through its on-disk cache (the op stage tunes at
 #: model shapes, the later stages reuse its choice instead of tuning again). Not the tests: they must not leave
 #: a choice tuned on small test shapes for the benchmarks.
 AUTOTUNE_CACHE_STAGES = ("op", "breakdown", "end_to_end", "pooled_cost")
+#: the suite's own files in OUT (next to ``raw/``)
+SUITE_FILES = ("gpu_suite.json", "summary.md", "suite.log")
 #: the issue's targets: (label, how it is read from the results, threshold, direction)
 TARGETS = [
     ("All-dense plan, vs cuDNN SDPA", "dense_vs_cudnn", 0.85),
@@ -128,63 +161,155 @@ def gpu_test_files() -> list[str]:
     return files
 
 
-def expand(cmd: list[str], raw: Path | str) -> list[str] | None:
-    """``cmd`` with its placeholders filled in (None: nothing to run)."""
+def expand(cmd: list[str], raw: Path | str) -> list[str]:
+    """``cmd`` with its placeholders filled in."""
     out = []
     for c in cmd:
         if c == "{gpu_files}":
             out += gpu_test_files()
-        elif c == "{xdist}":
-            out += ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
         else:
             out.append(c.replace("{raw}", str(raw)))
     return out
 
 
-def run_stage(name: str, limit: int, commands: list[list[str]], raw: Path, log, env: dict) -> dict:
-    """Run a stage's commands in turn inside its time limit. A failing command is recorded and the next one still
-    runs (the tests stage's second command after its first); a timeout ends the stage."""
+class Stopped(Exception):
+    """The suite got a termination signal (the device's time limit): the stage in progress is killed and
+    recorded, the results so far written, the suite exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole process group (pytest and any worker it started, a benchmark and its compile
+    workers), then reap ``proc``. A group already gone is fine."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before exec: SIGKILL it when the suite dies (Linux ``PR_SET_PDEATHSIG``), so that a
+    suite killed outright (SIGKILL: nothing to catch) leaves no stage holding the GPU. Elsewhere: nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+            pass
+
+
+def run_command(cmd: list[str], env: dict, timeout: float, log_path: Path) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group (``start_new_session``) with stdout and stderr streamed into
+    ``log_path`` as they come (a cut run keeps them). Returns ``(exit code, its output)``; on timeout the whole
+    group is killed and the exit code is None. Whatever the outcome, no process of the group outlives the call
+    (a leftover holds the GPU). :class:`Stopped` raised while waiting kills the group too; a suite killed outright
+    takes the command's own process with it (``_die_with_parent``)."""
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def output() -> str:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    except Stopped as e:
+        kill_group(proc)
+        e.output = output()
+        raise
+    finally:
+        kill_group(proc)  # the leader is done or killed: its workers go with it
+    return rc, output()
+
+
+def _log(log_path: Path, text: str) -> None:
+    with open(log_path, "a") as log:
+        log.write(text)
+
+
+def run_stage(name: str, stage: Stage, raw: Path, log_path: Path, env: dict) -> dict:
+    """Run a stage's commands in turn inside its time limit, their output streamed into ``log_path``. A failing
+    command is recorded and the next one still runs (the tests stage's second command after its first); a timeout
+    ends the stage. On :class:`Stopped` the record says ``killed`` and travels with the exception (``e.record``)."""
     started = time.perf_counter()
     status, outputs, results = "ok", [], []
-    if not commands:
+    if not stage.commands:
         return {"stage": name, "status": "skipped (needs CUDA)", "seconds": 0.0, "result": "", "tail": ""}
-    for cmd in commands:
+    raw.mkdir(parents=True, exist_ok=True)
+    stage_env = {**env, **stage.env, **({"TRITON_CACHE_AUTOTUNING": "1"} if name in AUTOTUNE_CACHE_STAGES else {})}
+
+    def record():
+        return {"stage": name, "status": status, "seconds": round(time.perf_counter() - started, 1),
+                "result": "; ".join(r for r in results if r), "tail": "".join(outputs)[-3000:]}
+
+    for cmd in stage.commands:
         cmd = expand(cmd, raw)
-        if cmd is None:
-            continue
-        left = limit - (time.perf_counter() - started)
-        log.write(f"\n===== {name}: {' '.join(cmd)} (limit {left:.0f} s)\n")
-        log.flush()
-        timed_out = False
+        left = stage.limit - (time.perf_counter() - started)
+        extra = "".join(f"{k}={v} " for k, v in stage.env.items())
+        _log(log_path, f"\n===== {name}: {extra}{' '.join(cmd)} (limit {left:.0f} s)\n")
         try:
-            stage_env = {**env, **({"TRITON_CACHE_AUTOTUNING": "1"} if name in AUTOTUNE_CACHE_STAGES else {})}
-            res = subprocess.run(cmd, cwd=ROOT, env=stage_env, capture_output=True, text=True,
-                                 timeout=max(left, 1))
-            text = res.stdout + res.stderr
-            if res.returncode == 5 and "pytest" in cmd:
-                this = "failed (pytest collected no test)"
-            else:
-                this = "ok" if res.returncode == 0 else f"failed (exit {res.returncode})"
-        except subprocess.TimeoutExpired as e:
-            text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                           for x in (e.stdout, e.stderr))
-            this, timed_out = f"timed out after {limit} s", True
+            rc, text = run_command(cmd, stage_env, max(left, 1), log_path)
+        except Stopped as e:
+            outputs.append(getattr(e, "output", ""))
+            status = f"killed ({e}) after {time.perf_counter() - started:.0f} s"
+            e.record = record()
+            raise
         outputs.append(text)
-        log.write(text)
-        log.flush()
+        if rc is None:
+            this = f"timed out after {stage.limit} s"
+        elif rc == 5 and "pytest" in cmd:
+            this = "failed (pytest collected no test)"
+        else:
+            this = "ok" if rc == 0 else f"failed (exit {rc})"
         counts = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
         results.append(counts[-1] if counts else ("" if this == "ok" else this))
         if status == "ok" and this != "ok":
             status = this
-        if timed_out:
+        if rc is None:
             break
-    return {"stage": name, "status": status, "seconds": round(time.perf_counter() - started, 1),
-            "result": "; ".join(r for r in results if r), "tail": "".join(outputs)[-3000:]}
+    return record()
 
 
 def _load(raw: Path, prefix: str) -> dict | None:
     files = sorted(raw.glob(f"{prefix}-*.json"))
     return json.loads(files[0].read_text()) if files else None
+
+
+def load_results(raw_root: Path) -> dict:
+    """Every stage's benchmark JSON found under ``raw_root`` (``raw/<stage>/``), by stage."""
+    loaded = {st: _load(raw_root / st, prefix) for st, prefix in RESULT_PREFIX.items()}
+    return {k: v for k, v in loaded.items() if v is not None}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, *, environment: dict, smoke: bool, started: float, stages: list[dict],
+                  state: str) -> dict:
+    """``gpu_suite.json`` and ``summary.md`` from the stages so far and the JSON under ``out/raw`` (atomic: a run
+    cut at any moment leaves the last complete pair). ``state``: ``running <stage>``, ``finished`` or
+    ``killed (<signal>)``."""
+    payload = {"environment": environment, "smoke": smoke, "state": state,
+               "seconds": round(time.perf_counter() - started, 1), "stages": stages,
+               "results": load_results(out / "raw")}
+    payload["targets"] = {} if smoke else targets(payload["results"])  # smoke numbers measure nothing
+    summary = render_summary(payload)
+    _write_atomic(out / "gpu_suite.json", json.dumps(payload, indent=2, default=str))
+    _write_atomic(out / "summary.md", summary)
+    return payload
 
 
 def _best_of_ours(row: dict) -> tuple[str | None, float | None]:
@@ -287,6 +412,12 @@ def render_summary(payload: dict) -> str:
             out += [f"**The op run stopped early**: {res['op']['stopped']}", ""]
         if res["op"].get("skipped"):
             out += ["Rows not started (time budget, or the stop above): " + ", ".join(res["op"]["skipped"]), ""]
+    if res.get("hopper_options"):
+        ho = res["hopper_options"]
+        out += ["## Hopper kernel switches (ms; `vs_default` > 1: the switch helps)", "",
+                f"`hopper` backend, each `HopperOptions` switch flipped against the default; autotune "
+                f"`{ho.get('autotune')}` (`quick`: one tile config for every variant).", "",
+                _md_table(ho["rows"], ["shape", "density", "variant", "status", "ms", "vs_default", "rel_err"]), ""]
     if res.get("breakdown"):
         out += ["## Sparse layer call, stage by stage (ms)", "", _md_table(res["breakdown"]["rows"], [
             "shape", "preset", "packing", "padding", "density", "permute_ms", "select_ms", "plan_ms", "epilogue_ms",
@@ -319,26 +450,27 @@ def render_summary(payload: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
+def main(argv=None, table: dict[str, Stage] | None = None) -> int:
+    """The suite. ``table`` replaces the stage table (tests of the machinery: cheap stand-in stages)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="output folder (gpu_suite.json, summary.md, suite.log)")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    ap.add_argument("out", type=Path, help="output folder (gpu_suite.json, summary.md, suite.log, raw/<stage>/)")
+    ap.add_argument("--stages", default=None, help="comma list of " + ", ".join(STAGES))
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands and limits, run nothing")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: the benchmarks' --smoke modes, no tests")
     args = ap.parse_args(argv)
-    stages = args.stages.split(",")
-    unknown = [s for s in stages if s not in STAGES]
+    if table is None:
+        table = SMOKE if args.smoke else STAGES
+    stages = args.stages.split(",") if args.stages else list(table)
+    unknown = [s for s in stages if s not in table]
     if unknown:
-        ap.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    table = SMOKE if args.smoke else STAGES
+        ap.error(f"unknown stage(s) {unknown}; choose from {list(table)}")
     if args.dry_run:
         for s in stages:
-            limit, cmds = table[s]
-            for cmd in cmds:
-                full = expand(cmd, "<raw>")
-                shown = "(no file: skipped) " + " ".join(cmd) if full is None else " ".join(full)
-                print(f"[{s}, <= {limit} s] {shown}")
-        print(f"total limit {sum(table[s][0] for s in stages)} s")
+            stage = table[s]
+            extra = "".join(f"{k}={v} " for k, v in stage.env.items())
+            for cmd in stage.commands:
+                print(f"[{s}, <= {stage.limit} s] {extra}{' '.join(expand(cmd, '<raw>'))}")
+        print(f"total limit {sum(table[s].limit for s in stages)} s")
         return 0
     import torch
 
@@ -346,23 +478,51 @@ def main(argv=None) -> int:
         print("benchmarks/gpu_suite.py needs a CUDA GPU; pass --smoke for a CPU dry run of the pipeline.",
               file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    stale = [p.name for p in (out.iterdir() if out.is_dir() else []) if p.name in (*SUITE_FILES, "raw")]
+    if stale:
+        print(f"benchmarks/gpu_suite.py: {out} already holds an earlier run ({', '.join(sorted(stale))}); pass a new "
+              "or empty folder (the stage JSON would mix).", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRITON_INTERPRET": "1" if args.smoke else "0", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     started = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     from benchmarks._common import environment
 
-    with tempfile.TemporaryDirectory() as tmp, open(args.out / "suite.log", "w") as log:
-        raw = Path(tmp)
-        results = [run_stage(s, *table[s], raw, log, env) for s in stages]
-        loaded = {"op": _load(raw, "attention"), "breakdown": _load(raw, "layer_breakdown"),
-                  "end_to_end": _load(raw, "end_to_end"), "pooled_cost": _load(raw, "pooled-cost")}
-    payload = {"environment": environment(), "smoke": args.smoke, "seconds": round(time.perf_counter() - started, 1),
-               "stages": results, "results": {k: v for k, v in loaded.items() if v is not None}}
-    payload["targets"] = {} if args.smoke else targets(payload["results"])  # smoke numbers measure nothing
-    (args.out / "gpu_suite.json").write_text(json.dumps(payload, indent=2, default=str))
-    (args.out / "summary.md").write_text(render_summary(payload))
+    machine = environment()
+    log_path = out / "suite.log"
+    log_path.touch()
+    results: list[dict] = []
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    # the device's time limit sends SIGTERM to the suite's process group (the stage's own group is ours to kill)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    state = "finished"
+    try:
+        for s in stages:
+            write_outputs(out, environment=machine, smoke=args.smoke, started=started, state=f"running {s}",
+                          stages=results + [{"stage": s, "status": "running", "seconds": None, "result": "",
+                                             "tail": ""}])
+            results.append(run_stage(s, table[s], out / "raw" / s, log_path, env))
+            write_outputs(out, environment=machine, smoke=args.smoke, started=started, stages=results,
+                          state=f"{s} done")
+    except Stopped as e:
+        results.append(getattr(e, "record", None) or {"stage": "-", "status": f"killed ({e})", "seconds": None,
+                                                      "result": "", "tail": ""})
+        state = f"killed ({e})"
+        write_outputs(out, environment=machine, smoke=args.smoke, started=started, stages=results, state=state)
+        _log(log_path, f"\n===== suite killed ({e}); results so far in gpu_suite.json\n")
+        print(f"benchmarks/gpu_suite.py: killed ({e}); results so far in {out / 'gpu_suite.json'}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    payload = write_outputs(out, environment=machine, smoke=args.smoke, started=started, stages=results,
+                            state=state)
     print(render_summary(payload))
     return 0 if all(r["status"] in ("ok", "skipped (needs CUDA)") for r in results) else 1
 

@@ -6,7 +6,8 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["has_triton", "triton_interpret", "has_flex_attention", "has_xformers", "env_backend", "checks_enabled"]
+__all__ = ["has_triton", "triton_interpret", "has_flex_attention", "has_xformers", "env_backend", "checks_enabled",
+           "autotune_mode"]
 
 
 @functools.cache
@@ -48,3 +49,17 @@ def env_backend() -> str | None:
 def checks_enabled() -> bool:
     """``DIT_SPARSE_CHECKS=1`` turns on expensive plan content checks on every call."""
     return os.environ.get("DIT_SPARSE_CHECKS", "0") == "1"
+
+
+#: values of ``DIT_SPARSE_AUTOTUNE``
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def autotune_mode() -> str:
+    """``DIT_SPARSE_AUTOTUNE``: ``full`` (default; the Triton kernels benchmark every pruned tile config) or
+    ``quick`` (one config per autotune key, nothing benchmarked: tests, where compiles dominate)."""
+    mode = os.environ.get("DIT_SPARSE_AUTOTUNE", "full").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"DIT_SPARSE_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {mode!r}; unset it for the "
+                         "full autotune space.")
+    return mode

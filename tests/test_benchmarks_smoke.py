@@ -43,7 +43,7 @@ def test_help(script):
 def test_gpu_suite_dry_run_lists_every_stage_within_8_minutes():
     res = run("benchmarks/gpu_suite.py", "unused_out", "--dry-run")
     assert res.returncode == 0, res.stderr[-2000:]
-    for stage in ("tests", "op", "breakdown", "end_to_end", "pooled_cost"):
+    for stage in ("tests", "op", "hopper_options", "breakdown", "end_to_end", "pooled_cost"):
         assert f"[{stage}," in res.stdout
     tests_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("[tests,"))
     # the compiled kernel tests, the per-backend reference test and the CUDA-graph test, skip reasons shown
@@ -63,11 +63,19 @@ def test_gpu_suite_smoke_writes_json_and_summary(tmp_path):
 
     res = run("benchmarks/gpu_suite.py", str(tmp_path), "--smoke")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "suite.log", "summary.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "raw", "suite.log", "summary.md"]
+    # every stage's JSON under OUT (raw/<stage>/), as the benchmark wrote it
+    assert sorted(p.relative_to(tmp_path / "raw").as_posix() for p in (tmp_path / "raw").rglob("*.json")) == [
+        "breakdown/layer_breakdown-cpu.json", "end_to_end/end_to_end-cpu.json",
+        "hopper_options/hopper_options-cpu.json", "op/attention-cpu.json"]
     payload = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert payload["state"] == "finished"
     assert [(s["stage"], s["status"]) for s in payload["stages"]] == [
-        ("tests", "skipped (needs CUDA)"), ("op", "ok"), ("breakdown", "ok"), ("end_to_end", "ok"),
-        ("pooled_cost", "ok")]
+        ("tests", "skipped (needs CUDA)"), ("op", "ok"), ("hopper_options", "ok"), ("breakdown", "ok"),
+        ("end_to_end", "ok"), ("pooled_cost", "ok")]
+    variants = [r["variant"] for r in payload["results"]["hopper_options"]["rows"]]
+    assert "warp_specialize" in variants and all(r["status"] == "ok" for r in
+                                                 payload["results"]["hopper_options"]["rows"])
     op = payload["results"]["op"]["rows"]
     from dit_sparse.backends import BACKENDS
 
@@ -85,6 +93,7 @@ def test_gpu_suite_smoke_writes_json_and_summary(tmp_path):
     assert payload["results"]["end_to_end"]["rows"]
     summary = (tmp_path / "summary.md").read_text()
     assert "Op benchmark" in summary and "Sparse layer call" in summary and "Denoising step" in summary
+    assert "Hopper kernel switches" in summary
     assert "| yes |" not in summary and "not measured" in summary
     assert (tmp_path / "suite.log").read_text().count("\n----") >= 3  # each benchmark printed its table
 

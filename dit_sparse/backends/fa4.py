@@ -12,6 +12,8 @@ plan has ``kv_block_valid``, partial blocks also run a CuTe ``mask_mod`` that re
 FA4 aux tensor), so padding slots are masked exactly. The
 epilogue (``out_scale``, ``out_bias``) runs in torch after the call; the log-sum-exp comes from FA4 (natural log,
 ``-inf`` on rows that read no key). Building the tensors is tensor ops only (no device sync).
+No pooled key segment (``pooled=``, the ``combine="row"`` presets): :meth:`FA4Backend.segment_reasons` says why
+and which backends run it.
 
 Tiles (FA4 4.0.0b36, ``interface._get_fwd_config`` / ``block_sparsity.normalize_block_sparse_config``): a sparse
 key block must equal FA4's key tile (Hopper) or be a multiple of it (Blackwell), and a sparse query block a
@@ -165,6 +167,20 @@ class FA4Backend(Backend):
             reasons += tile_reasons(torch.cuda.get_device_capability(q.device), plan.block_q, plan.block_k,
                                     plan.seq_q)
         return reasons
+
+    def segment_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """FA4 cannot read a pooled key segment, so no ``combine="row"`` preset runs on it: its forward takes one
+        k/v tensor in the input dtype (``q.dtype == k.dtype == v.dtype``), so pooled keys appended as extra key
+        blocks would be rounded from fp32 to bf16/fp16 (a logit of 30 moves by up to 0.12 in bf16: the segment's
+        contract keeps them fp32), the per-row gate (``|q . k_mean| > |q . gate|``) is a second dot that neither
+        its ``score_mod`` nor its ``mask_mod`` can form, and the append would copy k and v on every call."""
+        if inputs.pooled is None:
+            return []
+        return ["backend 'fa4' does not read a pooled key segment (pooled=..., the row mode of "
+                "combine='row' presets): FA4 takes keys only in the input dtype (the segment's pooled keys are "
+                "fp32) and cannot form its per-row gate; run it with backend='triton' or backend='hopper' on CUDA, "
+                "backend='torch' on any device, or backend=None (automatic choice), or use a combine='block' "
+                "preset on fa4"]
 
     def forward(self, inputs: AttentionInputs):
         plan = inputs.plan

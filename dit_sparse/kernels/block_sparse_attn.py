@@ -85,33 +85,80 @@ _AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm in _TILE_SIZES for bn in _TILE_SIZES for w in (4, 8) for s in (2, 3)
 ]
-# shared memory budget the prune keeps configs under (H100: 227 KiB per block; leave room for layout conversions)
-_SMEM_BUDGET = 200 * 1024
+#: shared memory one program may use on an H100 / H200 (227 KiB, the sm90 opt-in limit per block); a CUDA device
+#: with its own limit (``shared_memory_per_block_optin``) is pruned against that instead
+H100_SMEM_BYTES = 227 * 1024
 
 
-def _prune_tiles(configs, args, *, m_sizes=(64, 128), n_sizes=(64, 128), m_first: bool = False):
+def smem_budget(device: torch.device | None) -> int:
+    """The shared memory a program may use on ``device`` (its opt-in limit per block; H100's off CUDA)."""
+    if device is not None and device.type == "cuda":
+        limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        if limit:
+            return int(limit)
+    return H100_SMEM_BYTES
+
+
+def config_smem_bytes(block_m: int, block_n: int, num_stages: int, *, block_d: int, elsize: int,
+                      has_pooled: bool = False, has_gate: bool = False) -> int:
+    """Shared memory one program of either kernel needs under a tile config (an upper estimate, bytes).
+
+    The q tile (``block_m x block_d``, input dtype), the key loop's pipelined k and v tiles (``num_stages`` buffers
+    each of ``block_n x block_d``), and the ``p`` tile's layout conversion for ``p @ v`` (``block_m x block_n``);
+    with the pooled segment, its loop's pipelined fp32 key and value tiles (and gate keys), which are live after
+    the key loop, not beside it: the larger loop counts."""
+    kv_loop = 2 * num_stages * block_n * block_d * elsize
+    pooled_loop = (3 if has_gate else 2) * num_stages * block_n * block_d * 4 if has_pooled else 0
+    return block_m * block_d * elsize + block_m * block_n * elsize + max(kv_loop, pooled_loop)
+
+
+def _prune_tiles(configs, args, *, m_sizes=(64, 128), n_sizes=(64, 128), m_first: bool = False, budget=None):
     """Keep tiles that divide the plan blocks: BLOCK_M in ``m_sizes`` dividing block_q (only the first that divides
     with ``m_first``; else the largest power of two dividing it), the same for BLOCK_N in ``n_sizes`` and block_k;
-    no 8 warps on tiles under 64; drop configs whose q tile + pipelined k/v tiles overflow shared memory (keeping
-    the smallest if none fits)."""
+    no 8 warps on tiles under 64; only configs whose shared memory (:func:`config_smem_bytes`) fits ``budget``
+    (default: :func:`smem_budget` of the q tensor's device). When no preferred tile fits (fp32 at head dim 256),
+    the largest smaller power-of-two tiles that divide the blocks and fit; none at all raises, with the need.
+    ``DIT_SPARSE_AUTOTUNE=quick`` keeps only the first config kept (largest tiles, fewest warps and stages):
+    nothing to benchmark, one compile per autotune key (the GPU suite's test stage)."""
+    from .._env import autotune_mode
+
     block_q, block_k = args["PLAN_BLOCK_Q"], args["PLAN_BLOCK_K"]
     block_d = args["BLOCK_D"]
-    elsize = args["Q"].element_size()
+    q = args["Q"]
+    elsize = q.element_size()
+    budget = smem_budget(q.device) if budget is None else budget
+
+    def smem(c):
+        return config_smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d=block_d,
+                                 elsize=elsize, has_pooled=bool(args.get("HAS_POOLED", False)),
+                                 has_gate=bool(args.get("HAS_GATE", False)))
 
     def sizes(block, pref, first):
         big = [t for t in pref if block % t == 0]
         return (big[:1] if first else big) or [_largest_pow2_divisor(block, 128)]
 
+    def allowed(c, ms, ns):
+        small = min(ms) < 64 or min(ns) < 64
+        return (c.kwargs["BLOCK_M"] in ms and c.kwargs["BLOCK_N"] in ns and not (small and c.num_warps == 8)
+                and smem(c) <= budget)
+
     ms, ns = sizes(block_q, m_sizes, m_first), sizes(block_k, n_sizes, False)
-    small = min(ms) < 64 or min(ns) < 64
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] in ms and c.kwargs["BLOCK_N"] in ns
-            and not (small and c.num_warps == 8)]
-
-    def smem(c):
-        return (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * block_d * elsize
-
-    fits = [c for c in keep if smem(c) <= _SMEM_BUDGET]
-    return fits or [min(keep, key=smem)]
+    keep = [c for c in configs if allowed(c, ms, ns)]
+    if not keep:  # the preferred tiles overflow shared memory: the largest smaller tiles that fit
+        fit = [c for c in configs if block_q % c.kwargs["BLOCK_M"] == 0 and block_k % c.kwargs["BLOCK_N"] == 0
+               and smem(c) <= budget and not (min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) < 64
+                                              and c.num_warps == 8)]
+        if not fit:
+            need = min(smem(c) for c in configs)
+            raise ValueError(f"no tile config of this kernel fits shared memory: blocks ({block_q}, {block_k}), "
+                             f"head dim {block_d} (padded), {elsize}-byte elements need at least {need} bytes, "
+                             f"the device allows {budget}; use bf16/fp16 inputs or a smaller head dim.")
+        area = max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in fit)
+        keep = [c for c in fit if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == area]
+    if autotune_mode() == "quick":
+        keep = [min(keep, key=lambda c: (-c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -c.kwargs["BLOCK_M"],
+                                          c.num_warps, c.num_stages))]
+    return keep
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -139,9 +186,10 @@ def _online_softmax(s, m_i, l_i, acc, RESCALE_THRESHOLD: tl.constexpr):
 
     ``RESCALE_THRESHOLD == 0``: the running max follows every increase (FlashAttention-2). ``> 0`` (conditional
     rescaling, FlashAttention-4): ``acc`` and ``l_i`` are rescaled only when some row's max grows by more than the
-    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (no overflow in fp32) and the
-    result is exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per
-    tile (a max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
+    threshold (log2 units); otherwise the stale max stays, so ``p <= 2**threshold`` (the Hopper kernel's
+    ``MAX_RESCALE_THRESHOLD`` of 15 keeps ``p`` finite when rounded to fp16 for ``p @ v``) and the result is
+    exact, since ``acc``, ``l_i`` and the lse all refer to the same ``m_i``. The test is one scalar per tile (a
+    max over every row): a scalar ``if`` is uniform over the whole program, so it never diverges inside a
     warp, and a skipped rescale skips the ``[BLOCK_M, BLOCK_D]`` multiply for all warps. FA4 decides per row
     group inside its softmax warps; Triton gives no per-warp control, so a tile-wide test is the closest form.
     """

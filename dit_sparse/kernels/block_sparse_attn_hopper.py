@@ -56,8 +56,14 @@ from .block_sparse_attn import (
     _store_rows,
 )
 
-__all__ = ["HopperOptions", "block_sparse_attn_hopper_fwd", "has_tensor_descriptors", "has_warp_specialize",
-           "kernel_path", "tma_reasons"]
+__all__ = ["MAX_RESCALE_THRESHOLD", "HopperOptions", "block_sparse_attn_hopper_fwd", "has_tensor_descriptors",
+           "has_warp_specialize", "kernel_path", "tma_reasons"]
+
+
+#: the largest conditional-rescaling threshold (log2 units): with a stale running max a probability reaches
+#: ``2**threshold``, and ``p`` is rounded to the input dtype for ``p @ v`` (the exact keys and the pooled segment
+#: alike); fp16's largest finite value is 65504 < 2**16, so 16 overflows to inf on a jump of exactly 16
+MAX_RESCALE_THRESHOLD = 15.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,9 @@ class HopperOptions:
     Args:
         split_full (`bool`, defaults to True): unmasked loop over full key blocks, masked loop over partial ones.
         rescale_threshold (`float`, defaults to 8.0): conditional rescaling threshold in log2 units (0 = always
-            rescale). At most ``2**threshold`` of fp32 headroom is used, so keep it <= 16.
+            rescale), at most :data:`MAX_RESCALE_THRESHOLD` (15): a stale max lets a probability reach
+            ``2**threshold`` and ``p`` is rounded to the input dtype for ``p @ v``, where fp16's largest finite
+            value is 65504 < 2**16.
         tma (`bool` or None, defaults to None): tensor-descriptor loads; None = wherever the inputs qualify.
             True on inputs that do not qualify raises (the reasons listed).
         warp_specialize (`bool`, defaults to False): compiler warp specialisation of the key loops (sm90+,
@@ -81,9 +89,10 @@ class HopperOptions:
 
     def __post_init__(self) -> None:
         t = self.rescale_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 16.0:
-            raise ValueError(f"HopperOptions.rescale_threshold must be a number in [0, 16] (log2 units; 0 = always "
-                             f"rescale), got {t!r}.")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= MAX_RESCALE_THRESHOLD:
+            raise ValueError(f"HopperOptions.rescale_threshold must be a number in [0, {MAX_RESCALE_THRESHOLD:g}] "
+                             f"(log2 units; 0 = always rescale; above {MAX_RESCALE_THRESHOLD:g} a probability "
+                             f"p <= 2**threshold overflows fp16's 65504 when rounded for p @ v), got {t!r}.")
         for name in ("split_full", "warp_specialize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HopperOptions.{name} must be a bool, got {getattr(self, name)!r}.")

@@ -185,6 +185,16 @@ def test_fa4_refuses_a_pooled_segment(monkeypatch):
     seg = PooledSegment(keys=torch.randn(1, 2, 3, 64), values=torch.randn(1, 2, 3, 64),
                         log_count=torch.zeros(3), read=torch.ones(1, 2, 2, 3, dtype=torch.bool))
     assert any("pooled key segment" in r for r in available_backends(_inputs(pooled=seg))["fa4"])
+    # named, the refusal says why and names the backends that run the segment (what to type instead)
+    inputs = _inputs(pooled=seg)
+    with pytest.raises(NotImplementedError) as err:
+        choose_backend(inputs, "fa4")
+    msg = str(err.value)
+    assert "backend 'fa4' does not read a pooled key segment" in msg and "combine='row'" in msg
+    assert "fp32" in msg and "gate" in msg
+    for fix in ("backend='triton'", "backend='hopper'", "backend='torch'", "combine='block'"):
+        assert fix in msg, fix
+    assert BACKENDS["fa4"].segment_reasons(_inputs()) == []  # no segment: nothing about it
 
 
 def test_fa4_is_registered_after_sdpa_and_opt_in():

@@ -17,6 +17,7 @@ import dit_sparse  # noqa: E402
 from dit_sparse.backends import BACKENDS, AttentionInputs, choose_backend  # noqa: E402
 from dit_sparse.backends.hopper import HopperBackend  # noqa: E402
 from dit_sparse.kernels.block_sparse_attn_hopper import (  # noqa: E402
+    MAX_RESCALE_THRESHOLD,
     HopperOptions,
     block_sparse_attn_hopper_fwd,
     kernel_path,
@@ -24,6 +25,7 @@ from dit_sparse.kernels.block_sparse_attn_hopper import (  # noqa: E402
 )
 from dit_sparse.plan import SparsePlan  # noqa: E402
 from dit_sparse.reference.attention import block_sparse_attention_reference  # noqa: E402
+from dit_sparse.segment import PooledSegment  # noqa: E402
 from tests.sync_guard import no_host_sync  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -128,7 +130,7 @@ def _growth_inputs(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("threshold", [0.0, 8.0, 16.0], ids=lambda t: f"T{t:g}")
+@pytest.mark.parametrize("threshold", [0.0, 8.0, MAX_RESCALE_THRESHOLD], ids=lambda t: f"T{t:g}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_conditional_rescaling_is_exact(threshold, dtype):
     (q, k, v), blk = _growth_inputs(dtype)
@@ -137,7 +139,7 @@ def test_conditional_rescaling_is_exact(threshold, dtype):
     logits = torch.einsum("qd,kd->qk", q[0, :, 0].double(), k[0, :, 0].double()) * math.log2(math.e)
     block_max = logits.view(2, blk, -1, blk).amax(-1)             # [tile, row, key block]
     growth = (block_max[..., 1:] - block_max[..., :-1].cummax(-1).values).clamp(min=0).amax(1)  # [tile, step]
-    assert bool((growth[0] < 8).all()) and bool((growth[1] > 16).any()) and bool((growth[1] < 16).any())
+    assert bool((growth[0] < 8).all()) and bool((growth[1] > 15).any()) and bool((growth[1] < 15).any())
     assert float(logits.max()) > 150  # exp of these overflows fp32 without the max
     out, lse = _run(q, k, v, plan, 1.0, HopperOptions(rescale_threshold=threshold))
     want, want_lse = _oracle(q, k, v, plan, 1.0)
@@ -145,6 +147,50 @@ def test_conditional_rescaling_is_exact(threshold, dtype):
     # 1e-4 in fp32; a normalisation on the wrong max or a missed rescale is off by orders of magnitude
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     _assert_matches(out, lse, want, want_lse, tol=tol)
+
+
+def _jump_inputs(jump: float, pooled: bool):
+    """fp16 inputs whose base-2 logits (scale ln 2: ``qk_scale`` is exactly 1) are exactly 0 on the first key
+    block and jump by exactly ``jump`` on one key of the second (``pooled``: on one pooled key, log count 0),
+    the largest jump that conditional rescaling at ``threshold = jump`` lets through on a stale max: that key's
+    probability is ``2**jump`` when rounded to fp16 for ``p @ v`` (inf at 16). Small integers: every dot is exact."""
+    blk, d = 16, 16
+    q = torch.zeros(1, blk, 1, d)
+    q[0, :, 0, 0] = 1.0
+    k = torch.zeros(1, 2 * blk, 1, d)
+    v = torch.randn(1, 2 * blk, 1, d, generator=torch.Generator().manual_seed(4))
+    segment = None
+    if pooled:
+        keys = torch.zeros(1, 1, 3, d)
+        keys[0, 0, 1, 0] = jump
+        segment = PooledSegment(keys=keys, values=torch.randn(1, 1, 3, d, generator=torch.Generator().manual_seed(5)),
+                                log_count=torch.zeros(3), read=torch.ones(1, 1, 1, 3, dtype=torch.bool))
+    else:
+        k[0, blk + 3, 0, 0] = jump
+    return q.half(), k.half(), v.half(), segment, blk
+
+
+@needs_kernel
+@pytest.mark.parametrize("pooled", [False, True], ids=["exact_key", "pooled_key"])
+def test_largest_threshold_keeps_fp16_probabilities_finite(pooled):
+    """At the largest threshold HopperOptions accepts, a logit jump of exactly the threshold (no rescale: the test
+    is ``>``) gives ``p = 2**threshold``, rounded to fp16 for ``p @ v``: finite only while the threshold is < 16
+    (65504 is fp16's largest value). Against the float64 oracle."""
+    q, k, v, segment, blk = _jump_inputs(MAX_RESCALE_THRESHOLD, pooled)
+    scale = math.log(2.0)  # base-2 logits = q . k
+    plan = SparsePlan.dense(seq_q=q.shape[1], seq_k=k.shape[1], block_q=blk, block_k=blk, device=DEV)
+    b, h = 1, 1
+    tables = tuple(t.expand(b, h, *t.shape[2:]) for t in plan.full_split)
+    seg = {} if segment is None else dict(pooled_keys=segment.keys, pooled_values=segment.values,
+                                         pooled_log_count=segment.log_count, pooled_read=segment.read)
+    out, lse = block_sparse_attn_hopper_fwd(q, k, v, *tables, block_q=blk, block_k=blk, scale=scale,
+                                            options=HopperOptions(rescale_threshold=MAX_RESCALE_THRESHOLD), **seg)
+    want, want_lse = block_sparse_attention_reference(q.double(), k.double(), v.double(), plan, scale=scale,
+                                                      return_lse=True, pooled=segment)
+    assert bool(torch.isfinite(out).all()), "p overflowed fp16"
+    _assert_matches(out, lse, want, want_lse, tol=2e-3)
+    with pytest.raises(ValueError, match=r"\[0, 15\].*65504"):
+        HopperOptions(rescale_threshold=16.0)
 
 
 # ------------------------------------------------------------------------------------------ TMA or pointer loads

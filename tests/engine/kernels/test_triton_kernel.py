@@ -372,6 +372,58 @@ def test_autotune_prune_keeps_dividing_tiles():
             assert all(c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_N"] >= 64 for c in kept)
 
 
+@pytest.mark.parametrize("kernel_module", ["block_sparse_attn", "block_sparse_attn_hopper"])
+def test_autotune_prune_fits_h100_shared_memory(kernel_module, monkeypatch):
+    """Every config either kernel's prune keeps fits the H100's 227 KiB of shared memory by the need computed from
+    its tiles, stages, dtype and head dim; the Hopper kernel's fp32 / head-dim-256 space (whose preferred 128-row
+    tiles need 384 KiB and more) falls back to smaller tiles that fit instead of keeping one that cannot launch.
+    ``DIT_SPARSE_AUTOTUNE=quick`` keeps one config; a budget nothing fits raises with the need."""
+    import importlib
+
+    from dit_sparse.kernels.block_sparse_attn import H100_SMEM_BYTES, config_smem_bytes
+
+    mod = importlib.import_module(f"dit_sparse.kernels.{kernel_module}")
+    # by hand: bf16, D 128, 128 x 64 tiles, 3 stages: q 32 KiB + p 16 KiB + k and v 3 x 16 KiB each
+    assert config_smem_bytes(128, 64, 3, block_d=128, elsize=2) == (32 + 16 + 96) * 1024
+    # the pooled loop's fp32 tiles (keys, values, gate keys) outgrow the bf16 key loop
+    assert config_smem_bytes(128, 64, 3, block_d=128, elsize=2, has_pooled=True, has_gate=True) == (
+        32 + 16 + 3 * 3 * 32) * 1024
+    assert H100_SMEM_BYTES == 232448
+
+    def need(c, args):
+        return config_smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, block_d=args["BLOCK_D"],
+                                 elsize=args["Q"].element_size(), has_pooled=args.get("HAS_POOLED", False),
+                                 has_gate=args.get("HAS_GATE", False))
+
+    cases = [(128, 128, 256, torch.float32, False), (128, 128, 128, torch.float32, False),
+             (128, 128, 128, torch.bfloat16, True), (128, 128, 256, torch.bfloat16, True),
+             (64, 128, 64, torch.float16, False), (48, 80, 256, torch.float32, True)]
+    for block_q, block_k, block_d, dtype, pooled in cases:
+        args = {"PLAN_BLOCK_Q": block_q, "PLAN_BLOCK_K": block_k, "BLOCK_D": block_d, "Q": torch.empty(0, dtype=dtype),
+                "HAS_POOLED": pooled, "HAS_GATE": pooled}
+        kept = mod._prune_configs(mod._AUTOTUNE_CONFIGS, args)
+        case = (block_q, block_k, block_d, dtype, pooled)
+        assert kept, case
+        for c in kept:
+            assert need(c, args) <= H100_SMEM_BYTES, (case, c)
+            assert block_q % c.kwargs["BLOCK_M"] == 0 and block_k % c.kwargs["BLOCK_N"] == 0, (case, c)
+        monkeypatch.setenv("DIT_SPARSE_AUTOTUNE", "quick")
+        quick = mod._prune_configs(mod._AUTOTUNE_CONFIGS, args)
+        monkeypatch.delenv("DIT_SPARSE_AUTOTUNE")
+        assert len(quick) == 1 and quick[0] in kept, case
+    # the case the review found: no preferred tile of the Hopper space fits fp32 at head dim 256
+    if kernel_module == "block_sparse_attn_hopper":
+        big = [c for c in mod._AUTOTUNE_CONFIGS if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] in (64, 128)]
+        args = {"PLAN_BLOCK_Q": 128, "PLAN_BLOCK_K": 128, "BLOCK_D": 256, "Q": torch.empty(0, dtype=torch.float32)}
+        assert min(need(c, args) for c in big) > H100_SMEM_BYTES
+    args = {"PLAN_BLOCK_Q": 128, "PLAN_BLOCK_K": 128, "BLOCK_D": 256, "Q": torch.empty(0, dtype=torch.float32)}
+    with pytest.raises(ValueError, match="fits shared memory.*need at least"):
+        mod._prune_tiles(mod._AUTOTUNE_CONFIGS, args, budget=1024)
+    monkeypatch.setenv("DIT_SPARSE_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="DIT_SPARSE_AUTOTUNE must be one of"):
+        mod._prune_configs(mod._AUTOTUNE_CONFIGS, args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU cases
 # ----------------------------------------------------------------------------------------------------------------
