@@ -95,3 +95,44 @@ def test_render_speed_smoke_writes_the_json(tmp_path):
     assert rows["default"]["padded_tokens"] >= rows["default"]["tokens"]
     assert rows["default"]["speedup_vs_stock"] == pytest.approx(
         rows["none"]["denoise_and_decode_s"] / rows["default"]["denoise_and_decode_s"])
+
+
+def test_attention_cpu_smoke_from_another_folder(tmp_path):
+    """The op table's script as a user types it: rows checked against the reference, ratios from one run."""
+    res = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/attention_cpu.py"), "--shapes",
+                          "smoke", "--densities", "0.1", "--rep", "1", "--out", str(tmp_path)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "attention-cpu.json").read_text())
+    (row,) = data["rows"]
+    assert row["status"] == "ok" and row["ours_err"] <= 1e-4 and row["ours_segment_err"] <= 1e-4
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["ours_ms"])
+    assert row["padded_tokens"] >= row["tokens"] and row["segment_keys"] > 0
+    assert data["environment"]["torch"] == torch.__version__ and data["compile_s"]
+
+
+def test_break_even_finds_the_first_winning_length_and_stores_it(tmp_path):
+    from benchmarks.break_even import break_even, store
+
+    rows = [dict(tokens=t, speedup_vs_dense=s) for t, s in ((512, 0.5), (1024, 1.4), (2048, 0.9), (4096, 3.0),
+                                                              (8192, 5.0))]
+    assert break_even(rows) == 4096  # 1024 wins, but 2048 loses again: from 4096 on it always wins
+    assert break_even([dict(tokens=512, speedup_vs_dense=0.5)]) is None
+    path = tmp_path / "break_even.json"
+    path.write_text(json.dumps({"devices": {"xpu": {"tokens": 7}}}))
+    store("cpu", 4096, dict(density=0.1, block=128, dtype="float32", environment={"torch": "x"}), path)
+    data = json.loads(path.read_text())["devices"]
+    assert data["cpu"]["tokens"] == 4096 and data["xpu"] == {"tokens": 7}
+
+
+def test_break_even_script_runs_without_touching_the_package(tmp_path):
+    from dit_sparse.backends.break_even import BREAK_EVEN_FILE
+
+    before = BREAK_EVEN_FILE.read_text()
+    res = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/break_even.py"), "--sizes", "256",
+                          "--heads", "1", "--head-dim", "16", "--block", "64", "--rep", "1", "--no-store", "--out",
+                          str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "break-even-cpu.json").read_text())["rows"]
+    assert row["tokens"] == 256 and row["dense_sdpa_ms"] > 0 and row["compiled_ms"] > 0
+    assert BREAK_EVEN_FILE.read_text() == before

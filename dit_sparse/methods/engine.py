@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .._cache import tensor_cache
 from ..backends import BACKENDS
+from ..backends.break_even import sparse_break_even
 from ..layout import PACKINGS, TokenLayout
 from ..ops import block_sparse_attention
 from ..plan import SparsePlan
@@ -82,7 +83,10 @@ class DensePolicy:
             (needs ``num_steps`` at call time; the larger of the two rules wins).
         dense_layers (`frozenset[int]`): layer indices (per transformer) that always run dense.
         dense_heads (`frozenset[int]`): heads whose plan rows are all on (they still run in the sparse op).
-        min_tokens (`int`, defaults to 0): calls with fewer video tokens run dense.
+        min_tokens (`int` or ``"auto"``, defaults to 0): calls with fewer video tokens run dense. ``"auto"``: the
+            break-even measured for the call's device (:func:`~dit_sparse.backends.break_even.sparse_break_even`:
+            below it dense SDPA is faster than the sparse op); 0 on a device with no measurement. The presets use
+            ``"auto"``.
         force_dense (`bool`, defaults to False): everything dense: must equal stock attention.
     """
 
@@ -90,7 +94,7 @@ class DensePolicy:
     dense_fraction: float = 0.0
     dense_layers: frozenset[int] = field(default_factory=frozenset)
     dense_heads: frozenset[int] = field(default_factory=frozenset)
-    min_tokens: int = 0
+    min_tokens: int | str = 0
     force_dense: bool = False
 
     def __post_init__(self) -> None:
@@ -101,9 +105,10 @@ class DensePolicy:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ValueError(f"DensePolicy.dense_fraction: got {f!r}, expected a float in [0, 1] (share of leading "
                              "steps run dense); fix: e.g. dense_fraction=0.2.")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"DensePolicy.min_tokens: got {self.min_tokens!r}, expected an int >= 0 (calls with "
-                             "fewer video tokens run dense); fix: e.g. min_tokens=4096, or 0 for none.")
+        if self.min_tokens != "auto" and (not _is_int(self.min_tokens) or self.min_tokens < 0):
+            raise ValueError(f"DensePolicy.min_tokens: got {self.min_tokens!r}, expected an int >= 0 or \"auto\" "
+                             "(calls with fewer video tokens run dense; auto: the device's measured break-even); "
+                             "fix: e.g. min_tokens=4096, \"auto\", or 0 for none.")
         if not isinstance(self.force_dense, bool):
             raise ValueError(f"DensePolicy.force_dense: got {self.force_dense!r}, expected a bool; fix: "
                              "force_dense=True or False.")
@@ -115,9 +120,20 @@ class DensePolicy:
         frac = 0 if num_steps is None else math.ceil(round(self.dense_fraction * num_steps, 9))
         return max(self.dense_steps, frac)
 
-    def is_dense(self, *, step: int | None, num_steps: int | None, layer: int | None, video_tokens: int) -> bool:
-        """True when this call runs dense."""
-        if self.force_dense or video_tokens < self.min_tokens:
+    def token_floor(self, device_type: str | None) -> int:
+        """The ``min_tokens`` in force on ``device_type`` (``"auto"`` resolved; 0 where nothing was measured)."""
+        if self.min_tokens != "auto":
+            return self.min_tokens
+        if device_type is None:
+            raise ValueError("DensePolicy(min_tokens=\"auto\") needs the call's device to look up its break-even; "
+                             "pass device_type= (e.g. query.device.type), or set min_tokens to an int.")
+        measured = sparse_break_even(device_type)
+        return 0 if measured is None else measured
+
+    def is_dense(self, *, step: int | None, num_steps: int | None, layer: int | None, video_tokens: int,
+                 device_type: str | None = None) -> bool:
+        """True when this call runs dense (``device_type``: the call's device, for ``min_tokens="auto"``)."""
+        if self.force_dense or video_tokens < self.token_floor(device_type):
             return True
         if layer is not None and layer in self.dense_layers:
             return True
@@ -335,7 +351,8 @@ class SparseAttention:
         return epilogue
 
     # ------------------------------------------------------------------ call
-    def runs_dense(self, *, step: int | None, num_steps: int | None, layer: Hashable, video_tokens: int) -> bool:
+    def runs_dense(self, *, step: int | None, num_steps: int | None, layer: Hashable, video_tokens: int,
+                   device_type: str | None = None) -> bool:
         """True when a call at ``step`` of ``num_steps`` in ``layer`` over ``video_tokens`` video tokens runs dense
         under the config's :class:`DensePolicy` (warm-up steps, dense layers, too few tokens, ``force_dense``).
 
@@ -345,7 +362,7 @@ class SparseAttention:
         """
         layer_index = layer if isinstance(layer, int) else None
         return self.config.dense.is_dense(step=step, num_steps=num_steps, layer=layer_index,
-                                          video_tokens=video_tokens)
+                                          video_tokens=video_tokens, device_type=device_type)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, layout: TokenLayout,
                  step: int | None = None, num_steps: int | None = None, layer: Hashable = None,
@@ -359,7 +376,8 @@ class SparseAttention:
         ``H`` heads), so per-head settings (``DensePolicy.dense_heads``, per-head neighbourhood windows) apply to
         the global heads.
         """
-        if self.runs_dense(step=step, num_steps=num_steps, layer=layer, video_tokens=layout.num_video_tokens):
+        if self.runs_dense(step=step, num_steps=num_steps, layer=layer, video_tokens=layout.num_video_tokens,
+                           device_type=query.device.type):
             _check_heads(query.shape[2], head_offset, total_heads)
             self._densities[layer] = 1.0
             return dense_attention(query, key, value, scale)

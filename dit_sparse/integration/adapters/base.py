@@ -292,7 +292,7 @@ class SparseProcessorBase:
                       "call dense. Report this with the model and resolution.", key=f"mismatch-{self.name}")
             return None
         if rt.engine.runs_dense(step=max(ctx.step, 0), num_steps=self._num_steps(), layer=self.layer,
-                                video_tokens=n_video):
+                                video_tokens=n_video, device_type=query.device.type):
             return None
         return rt.layout(grid, text_tokens, rt.adapter.text_position or "after")
 

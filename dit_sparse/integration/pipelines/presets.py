@@ -45,15 +45,21 @@ class Preset:
         return FAMILIES[self.family].transformer
 
 
+def _dense(**rules):
+    """Every preset's dense policy: its own rules, and calls below the device's measured break-even run dense
+    (``min_tokens="auto"``: on a CPU a sparse call over fewer tokens is slower than dense SDPA)."""
+    return DensePolicy(min_tokens="auto", **rules)
+
+
 def _draft(sparsity, sink=True, **dense):
-    return SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=sparsity, sink=sink), dense=DensePolicy(**dense))
+    return SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=sparsity, sink=sink), dense=_dense(**dense))
 
 
 def _rectified(sparsity, combine="row", **dense):
     """Rectified SpaAttn's own selection; ``combine="row"`` (the real-model presets' default: lower error than
     ``"block"`` on every input family measured, ``python benchmarks/pooled_peers.py --presets``)."""
     return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity, combine=combine),
-                                 dense=DensePolicy(**dense))
+                                 dense=_dense(**dense))
 
 
 _TINY = dict(tile=(1, 4, 4), block_size=16)
@@ -72,26 +78,26 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "20% steps dense (the CLI default); measured density 0.20 on the embedded model",
          SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
                                rectification=PooledRectificationConfig(combine="row"),
-                               dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+                               dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:draft-75", "embedded",
          "Embedded model: DraftAttention 75%, first 20% steps dense; measured density 0.25",
          SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.75, sink=False),
-                               dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+                               dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:rectified-80", "embedded",
          "Embedded model: Rectified SpaAttn 80% (own selection) + per-row rectification (combine='row'), first 20% "
          "steps dense; measured density 0.57 (the 3-D tile neighbours cover most of a 5x2x2-tile grid)",
          SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8, combine="row"),
-                               dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+                               dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:neighborhood", "embedded",
          "Embedded model: 3x1x1-tile window (time), 20% dense steps; measured density 0.15",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(3, 1, 1)),
-                               dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+                               dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:retention", "embedded",
          "Embedded model: draft 80% reused across steps with Re-ttention (cache step every 4), 20% dense steps; "
          "measured density 0.20",
          SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.8, sink=False),
                                reuse=TemporalReuseConfig(refresh_period=4, retention=True),
-                               dense=DensePolicy(dense_fraction=0.2), **_TINY)),
+                               dense=_dense(dense_fraction=0.2), **_TINY)),
         # Wan2.1 (DraftAttention code: 0.75, first 25-30% steps and block 0 dense; Rectified: blocks 0-1, 5 steps)
         ("wan2.1-t2v-1.3b:draft-75", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
          "DraftAttention 75% (paper default), first 25% steps and block 0 dense"
@@ -112,7 +118,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "; measured density 0.10 at 21x30x52 (Wan2.1 480p, 81 frames)",
          SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.9, sink=False),
                                rectification=PooledRectificationConfig(combine="row"),
-                               dense=DensePolicy(dense_fraction=0.2, dense_layers=(0,)))),
+                               dense=_dense(dense_fraction=0.2, dense_layers=(0,)))),
         ("wan2.1-t2v-14b:rectified-75", "Wan-AI/Wan2.1-T2V-14B-Diffusers",
          "Rectified SpaAttn 75% selection + per-row rectification, blocks 0-1 and first 5 steps dense"
          "; measured density 0.25 on structured inputs at 21x45x80 (Wan2.1 720p, 81 frames)",
@@ -147,7 +153,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "Sliding-tile window 3x3x5 tiles, first 20% steps dense"
          "; measured density 0.05 at 33x45x80 (HunyuanVideo 720p, 129 frames, 256 text tokens)",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(3, 3, 5)),
-                               dense=DensePolicy(dense_fraction=0.2))),
+                               dense=_dense(dense_fraction=0.2))),
     ],
     # CogVideoX (Rectified 1.5: 5 dense steps; Re-ttention 2B: 15 full steps then a cache step every 5)
     "cogvideox": [
@@ -161,7 +167,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "; measured density 0.07 at 13x30x45 (CogVideoX 480x720, 49 frames, 226 text tokens)",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
                                reuse=TemporalReuseConfig(refresh_period=5, retention=True),
-                               dense=DensePolicy(dense_steps=15))),
+                               dense=_dense(dense_steps=15))),
     ],
     # LTX-Video
     "ltx": [
@@ -175,7 +181,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "2-D window of 3x3 tiles, first 20% steps dense"
          "; measured density 0.28 at 1x64x64 (FLUX.1 1024x1024, 512 text tokens)",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
-                               dense=DensePolicy(dense_fraction=0.2))),
+                               dense=_dense(dense_fraction=0.2))),
         ("flux:rectified-90", "black-forest-labs/FLUX.1-dev",
          "Rectified SpaAttn 90% selection + per-row rectification, last 20 single-stream blocks dense (FLUX.1-dev "
          "layout)"
@@ -229,7 +235,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "2-D window of 3x3 tiles (as FLUX), first 20% steps dense"
          "; measured density 0.28 at 1x64x64 (Qwen-Image 1024x1024, no text)",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
-                               dense=DensePolicy(dense_fraction=0.2))),
+                               dense=_dense(dense_fraction=0.2))),
         ("qwenimage:draft-50", "Qwen/Qwen-Image",
          "DraftAttention 50% (as SD3), first 25% steps dense"
          "; measured density 0.50 at 1x64x64 (Qwen-Image 1024x1024, no text)", _draft(0.5, dense_fraction=0.25)),
@@ -279,7 +285,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          "2-D window of 3x3 tiles, first 20% steps dense (as FLUX.1)"
          "; measured density 0.28 at 1x64x64 (FLUX.2 1024x1024, 512 text tokens)",
          SparseAttentionConfig(neighborhood=NeighborhoodConfig(window=(1, 3, 3)),
-                               dense=DensePolicy(dense_fraction=0.2))),
+                               dense=_dense(dense_fraction=0.2))),
     ],
     "kandinsky6": [
         ("kandinsky6:draft-75", "kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers",
