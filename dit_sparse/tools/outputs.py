@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -164,6 +165,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _compile_times() -> dict[str, float]:
+    """First-call seconds of the compiled backend's compilations in this process (``{signature: s}``), read only
+    when the engine is loaded already (this module stays torch-free)."""
+    mod = sys.modules.get("dit_sparse.backends.compiled")
+    return {} if mod is None else {k: round(v, 3) for k, v in mod.compile_times().items()}
+
+
 def _write_json(path: Path, payload: dict) -> None:
     write_atomic(path, lambda p: p.write_text(json.dumps(payload, indent=2, default=str) + "\n"))
 
@@ -250,6 +258,9 @@ class RunLog:
                    "started": self.started, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "jobs": len(self.jobs), **count, "current": current,
                    "pending": [j.name for j in self.jobs if j.name not in names], "results": list(results)}
+        compiles = _compile_times()
+        if compiles:
+            summary["compile_s"] = compiles
         if error is not None:
             summary["error"] = error
         for path in (self.own, self.out_dir / SUMMARY if self.writes_shared else None):

@@ -74,3 +74,26 @@ def test_valid_configs_still_build():
     assert cfg.tile == (1, 4, 4) and cfg.dense.dense_layers == frozenset({0, 2})
     assert cfg.dense.dense_heads == frozenset({0, 1})
     assert TokenLayout(frames=2, height=8, width=8, tile=(1, 4, 4)).block_size == 16
+
+
+def test_min_tokens_auto_is_the_devices_measured_break_even(monkeypatch):
+    from dit_sparse.backends.break_even import sparse_break_even
+    from dit_sparse.methods import engine
+
+    policy = DensePolicy(min_tokens="auto")
+    floor = sparse_break_even("cpu")
+    assert floor and policy.token_floor("cpu") == floor
+    assert policy.is_dense(step=0, num_steps=10, layer=0, video_tokens=floor - 1, device_type="cpu")
+    assert not policy.is_dense(step=0, num_steps=10, layer=0, video_tokens=floor, device_type="cpu")
+    monkeypatch.setattr(engine, "sparse_break_even", lambda device: None)
+    assert policy.token_floor("cuda") == 0  # nothing measured there: nothing decided from a guess
+    with pytest.raises(ValueError, match="needs the call's device"):
+        policy.is_dense(step=0, num_steps=10, layer=0, video_tokens=10)
+    with pytest.raises(ValueError, match='"auto"'):
+        DensePolicy(min_tokens="fast")
+
+
+def test_every_preset_runs_dense_below_the_break_even():
+    from dit_sparse.integration.pipelines.presets import PRESETS
+
+    assert PRESETS and all(p.config.dense.min_tokens == "auto" for p in PRESETS.values())
