@@ -1,6 +1,7 @@
 """The Sol-Attn peer comparison (benchmarks/pooled_peers.py): our tiles fed to comfy-kitchen's eager reference.
 
-comfy-kitchen is optional (not a dependency, not in CI): its tests skip with the reason when it is missing.
+comfy-kitchen is optional for users (the `[peers]` extra, which CI installs): its tests skip with the reason where it
+is missing, and tests/test_peer_claims.py fails in CI if it is.
 """
 
 from __future__ import annotations
