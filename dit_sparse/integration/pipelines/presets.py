@@ -49,10 +49,19 @@ def _draft(sparsity, sink=True, **dense):
     return SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=sparsity, sink=sink), dense=DensePolicy(**dense))
 
 
+#: Rectified SpaAttn's forced 3-D neighbours, capped to the nearest fifth of its top-k budget: no preset forces more
+#: than a quarter of its row budget (tests/integration/pipelines/test_preset_forced.py, ``python
+#: benchmarks/preset_forced.py``), with room for the blocks unrelated inputs share by chance. The draft sink takes
+#: its default eighth of the budget (``DraftAttentionConfig.sink_share``: frame-0 blocks chosen by the map).
+NEIGHBOUR_SHARE = 0.2
+
+
 def _rectified(sparsity, combine="row", **dense):
     """Rectified SpaAttn's own selection; ``combine="row"`` (the real-model presets' default: lower error than
-    ``"block"`` on every input family measured, ``python benchmarks/pooled_peers.py --presets``)."""
-    return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity, combine=combine),
+    ``"block"`` on every input family measured, ``python benchmarks/pooled_peers.py --presets``); its forced
+    neighbours capped to the nearest ``NEIGHBOUR_SHARE`` of its top-k budget."""
+    return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity, combine=combine,
+                                                                         neighbour_share=NEIGHBOUR_SHARE),
                                  dense=DensePolicy(**dense))
 
 
@@ -80,7 +89,8 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
         ("tiny-wan:rectified-80", "embedded",
          "Embedded model: Rectified SpaAttn 80% (own selection) + per-row rectification (combine='row'), first 20% "
          "steps dense; measured density 0.57 (the 3-D tile neighbours cover most of a 5x2x2-tile grid)",
-         SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8, combine="row"),
+         SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8, combine="row",
+                                                                       neighbour_share=NEIGHBOUR_SHARE),
                                dense=DensePolicy(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:neighborhood", "embedded",
          "Embedded model: 3x1x1-tile window (time), 20% dense steps; measured density 0.15",
