@@ -119,9 +119,14 @@ def forced_blocks(config: SparseAttentionConfig, layout: TokenLayout) -> ForcedB
     nv = layout.num_video_blocks
     counts = forced_video_mask(config, layout).sum(-1).float()
     reserved = sink_blocks(layout, config.draft) if config.draft is not None else 0
-    return ForcedBlocks(method=_method(config), video_blocks=nv, budget=selection_budget(config, layout),
-                        forced_max=int(counts.max()) if nv else 0,
-                        forced_mean=float(counts.mean()) if nv else 0.0, reserved=reserved)
+    return ForcedBlocks(
+        method=_method(config),
+        video_blocks=nv,
+        budget=selection_budget(config, layout),
+        forced_max=int(counts.max()) if nv else 0,
+        forced_mean=float(counts.mean()) if nv else 0.0,
+        reserved=reserved,
+    )
 
 
 @torch.no_grad()
@@ -141,6 +146,11 @@ def measured_forced(config: SparseAttentionConfig, layout: TokenLayout, inputs) 
     if common is None:
         raise ValueError("measured_forced: no inputs given; pass at least two unrelated (q, k) pairs.")
     counts = common.sum(-1).float()
-    return ForcedBlocks(method=_method(config), video_blocks=nv, budget=selection_budget(config, layout),
-                        forced_max=int(counts.max()) if nv else 0, forced_mean=float(counts.mean()) if nv else 0.0,
-                        density=sum(densities) / len(densities))
+    return ForcedBlocks(
+        method=_method(config),
+        video_blocks=nv,
+        budget=selection_budget(config, layout),
+        forced_max=int(counts.max()) if nv else 0,
+        forced_mean=float(counts.mean()) if nv else 0.0,
+        density=sum(densities) / len(densities),
+    )
