@@ -153,6 +153,31 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def quality_table(rows: list[dict]) -> str:
+    """The README's quality tables from the ``--quality`` rows: the structured families (error per family, the
+    local family's density) and the embedded model."""
+    fams = ("diffuse", "local", "sharp_sparse")
+    out = [
+        "| selection | variant | forced share | error diffuse | error local | error sharp-sparse | density (local) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = list(dict.fromkeys((r["group"], r["variant"]) for r in rows if r["input"].startswith("structured")))
+    for group, variant in keys:
+        by = {r["input"].split()[1]: r for r in rows if (r["group"], r["variant"]) == (group, variant)}
+        errs = " | ".join(f"{by[f]['error']:.4f}" for f in fams)
+        out.append(
+            f"| {group} | {variant} | {_pct(by['local']['forced_share'])} | {errs} | {by['local']['density']:.3f} |"
+        )
+    out += ["", "| embedded model | variant | forced share | density | error |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["input"] == "embedded model":
+            out.append(
+                f"| `{r['group']}` | {r['variant']} | {_pct(r['forced_share'])} | {r['density']:.3f} | "
+                f"{r['error']:.3f} |"
+            )
+    return "\n".join(out)
+
+
 def run(only=None) -> list[dict]:
     rows, cache = [], {}
     for preset in list_presets():
@@ -314,7 +339,8 @@ def main(argv=None) -> int:
             "preset-forced-quality",
             {"environment": environment(), "grid": QUALITY_GRID, "tile": QUALITY_TILE, "rows": rows},
         )
-        print(f"\nwrote {path}")
+        print(f"\nwrote {path}\n")
+        print(quality_table(rows))
         return 0
     only = [n for n in args.only.split(",") if n]
     unknown = [n for n in only if n not in {p.name for p in list_presets()}]

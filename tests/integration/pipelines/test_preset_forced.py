@@ -17,6 +17,7 @@ from benchmarks.preset_forced import (
     MAX_SHARE,
     preset_layout,
     preset_row,
+    quality_table,
     readme_table,
     uncapped,
 )
@@ -98,4 +99,12 @@ def test_readme_table_is_generated_from_the_record():
         "README's forced-share table differs from "
         "benchmarks/results/preset-forced-cpu.json; paste the table "
         "`python benchmarks/preset_forced.py` prints"
+    )
+
+
+def test_readme_quality_tables_are_generated_from_the_record():
+    rows = json.loads((ROOT / "benchmarks/results/preset-forced-quality-cpu.json").read_text())["rows"]
+    assert quality_table(rows) in (ROOT / "README.md").read_text(), (
+        "README's forced-share quality tables differ from benchmarks/results/preset-forced-quality-cpu.json; paste "
+        "the tables `python benchmarks/preset_forced.py --quality` prints"
     )
