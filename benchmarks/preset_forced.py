@@ -168,7 +168,13 @@ def quality_table(rows: list[dict]) -> str:
         out.append(
             f"| {group} | {variant} | {_pct(by['local']['forced_share'])} | {errs} | {by['local']['density']:.3f} |"
         )
-    out += ["", "| embedded model | variant | forced share | density | error |", "|---|---|---|---|---|"]
+    out += [
+        "",
+        "(from benchmarks/results/preset-forced-quality-cpu.json, written by benchmarks/preset_forced.py --quality)",
+        "",
+        "| embedded model | variant | forced share | density | error |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["input"] == "embedded model":
             out.append(
