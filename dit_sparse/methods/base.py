@@ -19,7 +19,8 @@ from ..layout import TokenLayout
 from ..plan import SparsePlan
 
 __all__ = ["pool_blocks", "forced_mask", "plan_from_mask", "check_permuted", "frame0_blocks", "has_temporal_sink",
-           "frame_overlap_mask", "adjacent_blocks", "keep_blocks"]
+           "frame_overlap_mask", "adjacent_blocks", "nearest_adjacent_blocks", "keep_blocks", "share_blocks",
+           "check_share"]
 
 
 def keep_blocks(num_blocks: int, sparsity: float) -> int:
@@ -28,6 +29,24 @@ def keep_blocks(num_blocks: int, sparsity: float) -> int:
     (``(1 - 0.7) * 10 = 3.0000000000000004`` keeps 3; ``(1 - 0.8) * 900 = 179.99999999999997`` keeps 180).
     Sparsity 0.9 on 64 blocks keeps 7 in draft and rectification alike (density never below the target)."""
     return min(num_blocks, max(0, math.ceil(round((1.0 - sparsity) * num_blocks, 9))))
+
+
+def share_blocks(budget: int, share: float) -> int:
+    """Blocks a rule capped to ``share`` of a row's ``budget`` may take: ``floor(share * budget)``, the product
+    rounded to 9 decimals first (as :func:`keep_blocks`), so a share never takes more than it says (0 on a budget
+    too small for one block)."""
+    return max(0, math.floor(round(share * budget, 9)))
+
+
+def check_share(value, owner: str, name: str, fix: str) -> float | None:
+    """``value`` as a float share in ``(0, 1]`` (or None); else a ValueError naming ``owner.name`` and ``fix``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 < value <= 1.0:
+        raise ValueError(f"{owner}.{name}: got {value!r}, expected a float in (0, 1] (share of a row's block "
+                         f"budget) or None; fix: {fix}.")
+    return float(value)
 
 
 def check_permuted(x: torch.Tensor, layout: TokenLayout, name: str = "query") -> None:
@@ -91,6 +110,37 @@ def adjacent_blocks(layout: TokenLayout, device: torch.device | str = "cpu") -> 
     tile side. For two tiles this is "tile coordinates differ by <= 1 on every axis". Cached per (layout, device).
     """
     return _adjacent(layout, str(torch.device(device)))
+
+
+@tensor_cache(maxsize=32)
+def _nearest_adjacent(layout: TokenLayout, count: int, device: str) -> torch.Tensor:
+    adj = _adjacent(layout, "cpu")
+    nv = adj.shape[0]
+    box = layout.block_bbox("cpu").to(torch.float64)
+    tile = torch.tensor(layout.tile, dtype=torch.float64)
+    centre = (box[:, 0] + box[:, 1]) / 2 / tile  # [Nv, 3] in tiles
+    d = (centre.unsqueeze(1) - centre.unsqueeze(0)).abs()  # [Nv, Nv, 3]
+    eye = torch.eye(nv, dtype=torch.bool)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    keys = [d[..., 0], d.sum(-1), torch.where(adj, d.amax(-1), inf)]  # least significant first (stable sorts)
+    order = torch.arange(nv).expand(nv, nv).clone()
+    for key in keys:
+        key = torch.where(eye, torch.full_like(key, -1.0), key)  # the block itself first
+        order = order.gather(1, key.gather(1, order).sort(dim=1, stable=True).indices)
+    take = torch.zeros(nv, nv, dtype=torch.bool)
+    take.scatter_(1, order[:, :count], True)
+    return (take & adj).to(device)
+
+
+def nearest_adjacent_blocks(layout: TokenLayout, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool ``[Nv, Nv]``: per row the ``count`` nearest of its :func:`adjacent_blocks` (fewer where it has fewer),
+    the block itself first, then by the distance of the box centres in tiles: Chebyshev (the larger axis),
+    then the sum over axes, then the time axis (same-frame neighbours before earlier or later ones), then the
+    lower block index. Data-independent, cached per (layout, count, device). ``count >= 27`` (or the adjacency's
+    widest row) is :func:`adjacent_blocks` itself; 0 is no block."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"nearest_adjacent_blocks: count must be an int >= 0, got {count!r}.")
+    return _nearest_adjacent(layout, count, str(torch.device(device)))
 
 
 def forced_mask(layout: TokenLayout, *, diagonal: bool = True, sink: bool = False,

@@ -38,9 +38,21 @@ from dataclasses import dataclass
 
 import torch
 
+from .._cache import tensor_cache
 from ..layout import TokenLayout
 from ..plan import SparsePlan
-from .base import check_permuted, forced_mask, frame_overlap_mask, keep_blocks, plan_from_mask, pool_blocks
+from .base import (
+    check_permuted,
+    check_share,
+    forced_mask,
+    frame0_blocks,
+    frame_overlap_mask,
+    has_temporal_sink,
+    keep_blocks,
+    plan_from_mask,
+    pool_blocks,
+    share_blocks,
+)
 
 __all__ = [
     "DRAFT_POOLINGS",
@@ -52,6 +64,7 @@ __all__ = [
     "forced_draft_mask",
     "register_draft_pooling",
     "row_budget",
+    "sink_blocks",
 ]
 
 SELECTIONS = ("row_topk", "row_topp", "head_global")
@@ -99,9 +112,15 @@ class DraftAttentionConfig:
         top_p (`float`, defaults to 0.9): draft mass to reach per row for ``"row_topp"``, in ``(0, 1]``. Ours.
         k_min (`int`, defaults to 2): least video blocks per video query row (``row_topk`` / ``row_topp``), >= 1.
             Ours: the reference has no floor.
-        sink (`bool`, defaults to True): every video query row reads the tiles of the first temporal tile row
-            (latent frame 0), when the layout has more than one temporal tile (with a single one the sink would
-            be every block). Ours. Forced, counted inside the budget.
+        sink (`bool`, defaults to True): every video query row reads blocks holding latent frame 0, when some
+            block holds none (with a single temporal tile row the sink would be every block). Ours. How many and
+            which: ``sink_share``.
+        sink_share (`float` or None, defaults to 0.125): the sink's share of the row's budget: each video query
+            row keeps its ``floor(sink_share * budget)`` best frame-0 blocks by the draft map (the frame-0 blocks
+            it already keeps count), inside the budget, so the sink costs at most that share and the map still
+            chooses which frame-0 blocks (a budget under ``1 / sink_share`` blocks has no sink). ``None``: the
+            former sink, every frame-0 block forced (at Wan 480p, tile 4x4x8, 50 of the 52 blocks of an 80%
+            budget: a static mask; kept for comparisons). In ``(0, 1]``.
         same_frame (`bool`, defaults to False): every video query row reads all blocks of its own temporal tile
             row (its latent frame(s)); LightX2V's "per-frame diagonal", about one frame of blocks per row.
             Forced, counted inside the budget like the diagonal and the sink.
@@ -120,6 +139,7 @@ class DraftAttentionConfig:
     top_p: float = 0.9
     k_min: int = 2
     sink: bool = True
+    sink_share: float | None = 0.125
     same_frame: bool = False
     pooling: str = "mean"
 
@@ -140,6 +160,9 @@ class DraftAttentionConfig:
         for name in ("sink", "same_frame"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DraftAttentionConfig.{name}: got {getattr(self, name)!r}, expected a bool.")
+        object.__setattr__(self, "sink_share", check_share(
+            self.sink_share, "DraftAttentionConfig", "sink_share",
+            "e.g. sink_share=0.125 (an eighth of the budget), or None for every frame-0 block forced"))
         if not isinstance(self.pooling, str) or self.pooling not in DRAFT_POOLINGS:
             raise ValueError(f"DraftAttentionConfig.pooling: got {self.pooling!r}, expected one of "
                              f"{sorted(DRAFT_POOLINGS)}; add new ones with register_draft_pooling.")
@@ -149,6 +172,57 @@ def row_budget(num_video_blocks: int, sparsity: float, k_min: int) -> int:
     """Video blocks per video query row: ``min(Nv, max(k_min, keep_blocks(Nv, sparsity)))`` (the shared rule,
     :func:`~dit_sparse.methods.base.keep_blocks`)."""
     return min(num_video_blocks, max(k_min, keep_blocks(num_video_blocks, sparsity)))
+
+
+def sink_blocks(layout: TokenLayout, config: DraftAttentionConfig) -> int:
+    """Frame-0 blocks each video query row keeps under a ``sink_share`` sink: ``floor(sink_share * budget)``
+    (:func:`~dit_sparse.methods.base.share_blocks`), at most the frame-0 block count; 0 without a sink (``sink``
+    off, ``sink_share=None``: the forced sink instead, ``head_global``, or no block without frame 0). The map
+    chooses which; the frame-0 blocks a row keeps anyway (its diagonal) count. Host-side, from the config and
+    the layout alone."""
+    if not config.sink or config.sink_share is None or config.selection == "head_global" \
+            or not has_temporal_sink(layout):
+        return 0
+    nv = layout.num_video_blocks
+    budget = row_budget(nv, config.sparsity, config.k_min)
+    return min(share_blocks(budget, config.sink_share), _frame0_count(layout))
+
+
+@tensor_cache(maxsize=64)
+def _frame0_count(layout: TokenLayout) -> int:
+    return int(frame0_blocks(layout, "cpu").sum())
+
+
+@tensor_cache(maxsize=64)
+def forced_row_max(layout: TokenLayout, config: DraftAttentionConfig) -> int:
+    """Most forced video blocks of any video query row (:func:`forced_draft_mask`), on the host once per
+    (layout, config)."""
+    nv = layout.num_video_blocks
+    return int(forced_draft_mask(layout, config, "cpu")[:nv, :nv].sum(-1).max()) if nv else 0
+
+
+def check_forced_fits(layout: TokenLayout, config: DraftAttentionConfig) -> None:
+    """Refuse a config whose forced blocks (diagonal, a ``sink_share=None`` sink, ``same_frame``) exceed the row
+    budget on ``layout``: the map would choose nothing, and the "draft" selection would be a static mask. The
+    message names the fix. ``head_global`` forces no video block."""
+    if config.selection == "head_global":
+        return
+    nv = layout.num_video_blocks
+    budget = row_budget(nv, config.sparsity, config.k_min)
+    forced = forced_row_max(layout, config)
+    if forced > budget:
+        whole_sink = config.sink and config.sink_share is None and has_temporal_sink(layout)
+        causes = [("the whole frame-0 sink (sink_share=None)", "sink_share=0.125 (an eighth of the budget, frame-0 "
+                   "blocks chosen by the map) or sink=False")] if whole_sink else []
+        if config.same_frame:
+            causes.append(("same_frame=True", "same_frame=False"))
+        what = " and ".join(c for c, _ in causes) or "the diagonal"
+        fixes = ", ".join(f for _, f in causes)
+        raise ValueError(
+            f"DraftAttentionConfig(sparsity={config.sparsity}, k_min={config.k_min}) on {layout!r}: {forced} forced "
+            f"video blocks per row ({what}) exceed the row budget of {budget} blocks, so the draft map would "
+            f"choose nothing (a static mask); fix: {fixes + ', or ' if fixes else ''}a lower sparsity or a higher "
+            f"k_min (a budget of at least {forced} blocks).")
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> None:
@@ -197,15 +271,16 @@ def forced_draft_mask(layout: TokenLayout, config: DraftAttentionConfig,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Blocks the selection always keeps, bool ``[N, N]`` (independent of the data).
 
-    Text rows and text columns always. For ``row_topk`` / ``row_topp`` also the diagonal, the sink (blocks
-    holding latent frame 0, i.e. the tiles of temporal tile index 0, when some block holds none and
-    ``config.sink``) and, with ``config.same_frame``, every block whose frame range overlaps the query block's
+    Text rows and text columns always. For ``row_topk`` / ``row_topp`` also the diagonal, with
+    ``sink_share=None`` the whole sink (blocks holding latent frame 0, i.e. the tiles of temporal tile index 0,
+    when some block holds none and ``config.sink``; a ``sink_share`` sink is chosen by the map, not forced:
+    :func:`sink_blocks`) and, with ``config.same_frame``, every block whose frame range overlaps the query block's
     (its temporal tile row, for tiles; packed edge blocks by their bounding boxes). ``head_global`` reproduces the
     reference, which forces no video block: only text.
     """
     if config.selection == "head_global":
         return forced_mask(layout, diagonal=False, sink=False, device=device)
-    m = forced_mask(layout, diagonal=True, sink=config.sink, device=device)
+    m = forced_mask(layout, diagonal=True, sink=config.sink and config.sink_share is None, device=device)
     if config.same_frame:
         nv = layout.num_video_blocks
         m[:nv, :nv] |= frame_overlap_mask(layout, device)
@@ -282,11 +357,16 @@ def draft_select(draft: torch.Tensor, layout: TokenLayout, config: DraftAttentio
     (:func:`forced_draft_mask`) and ``budget = row_budget(Nv, sparsity, k_min)``:
 
     * ``row_topk``: keep ``F`` plus the ``budget - |F|`` non-forced blocks with the largest ``A[b, h, i, :]``
-      (none if ``|F| >= budget``).
+      (none if ``|F| >= budget``). With a ``sink_share`` sink (:func:`sink_blocks` = ``s > 0``) the first
+      ``s - |F ∩ frame0|`` of them are the row's largest non-forced frame-0 entries, the rest the largest of
+      all other blocks.
     * ``row_topp``: the forced mass ``m_F = Σ_{j∈F} A[i, j]`` counts first; non-forced blocks are then taken by
       decreasing ``A`` while the mass kept before each is ``< top_p``; the total count ``|F| + taken`` is
       clamped to ``[k_min, budget]`` and filled as in ``row_topk`` (forced blocks are never dropped: if
-      ``|F| >= budget`` only ``F`` is kept). Masses are summed in float64. ``top_p = 1`` gives the budget.
+      ``|F| >= budget`` only ``F`` is kept). Masses are summed in float64. ``top_p = 1`` gives the budget. The
+      sink takes its frame-0 blocks out of that count, as in ``row_topk``.
+
+    A config whose forced blocks exceed the budget is refused (:func:`check_forced_fits`).
     * ``head_global``: the reference (see :func:`_head_global`); no forced video blocks, no floor.
 
     Ties: among equal draft values the lower key block index wins, so the selection is deterministic.
@@ -296,6 +376,7 @@ def draft_select(draft: torch.Tensor, layout: TokenLayout, config: DraftAttentio
                          f"{tuple(draft.shape)}.")
     b, h, nv, _ = draft.shape
     n = layout.num_blocks
+    check_forced_fits(layout, config)
     forced = forced_draft_mask(layout, config, draft.device)
     forced_v = forced[:nv, :nv]
     if config.selection == "head_global":
@@ -308,7 +389,20 @@ def draft_select(draft: torch.Tensor, layout: TokenLayout, config: DraftAttentio
         else:
             count = _topp_counts(draft, forced_v, config.top_p, config.k_min, budget)
         need = (count - nf).clamp(min=0)
-        video = _keep_top(draft, ~forced_v, need, budget) | forced_v
+        eligible = ~forced_v
+        video = forced_v
+        quota = sink_blocks(layout, config)
+        if quota:  # the sink: the row's best frame-0 blocks first, inside its count
+            f0 = frame0_blocks(layout, draft.device)
+            f0_free = eligible & f0.view(1, nv)
+            have = (forced_v & f0.view(1, nv)).sum(-1)
+            need_sink = torch.minimum((quota - have).clamp(min=0), f0_free.sum(-1))
+            need_sink = torch.minimum(need_sink, need)
+            sink = _keep_top(draft, f0_free, need_sink, quota)
+            video = video | sink
+            eligible = eligible & ~sink
+            need = need - need_sink
+        video = _keep_top(draft, eligible, need, budget) | video
     mask = forced.expand(b, h, n, n).clone()
     mask[..., :nv, :nv] |= video
     return mask

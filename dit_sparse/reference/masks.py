@@ -56,7 +56,7 @@ def _forced_video(layout: TokenLayout, config, i: int) -> set[int]:
     fr = _frame_ranges(layout)
     nv = len(fr)
     forced = {i}
-    if config.sink and any(f0 > 0 for f0, _ in fr):
+    if config.sink and config.sink_share is None and any(f0 > 0 for f0, _ in fr):
         forced |= {j for j in range(nv) if fr[j][0] == 0}
     if config.same_frame:
         forced |= {j for j in range(nv) if fr[j][0] <= fr[i][1] and fr[i][0] <= fr[j][1]}
@@ -65,6 +65,16 @@ def _forced_video(layout: TokenLayout, config, i: int) -> set[int]:
 
 def _budget(nv: int, sparsity: float, k_min: int) -> int:
     return min(nv, max(k_min, math.ceil(round((1.0 - sparsity) * nv, 9))))
+
+
+def _sink_quota(layout: TokenLayout, config, budget: int) -> tuple[int, set[int]]:
+    """``(floor(sink_share * budget) capped at the frame-0 block count, the frame-0 blocks)`` of a
+    ``sink_share`` sink, or ``(0, ...)`` without one."""
+    fr = _frame_ranges(layout)
+    frame0 = {j for j, (f0, _) in enumerate(fr) if f0 == 0}
+    if not config.sink or config.sink_share is None or not any(f0 > 0 for f0, _ in fr):
+        return 0, frame0
+    return min(int(math.floor(round(config.sink_share * budget, 9))), len(frame0)), frame0
 
 
 def draft_mask_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: TokenLayout, config,
@@ -83,7 +93,9 @@ def draft_mask_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: Tok
     Rules (written as plainly as possible; ties: lower key block index first):
 
     * text rows dense, text columns on;
-    * ``row_topk``: forced ∪ the first ``budget - |forced|`` non-forced blocks sorted by (-A, index);
+    * ``row_topk``: forced ∪ the first ``budget - |forced|`` non-forced blocks sorted by (-A, index); a
+      ``sink_share`` sink of ``s`` blocks takes the first ``s - |forced ∩ frame 0|`` of them from the frame-0
+      blocks in that order (never more than the count);
     * ``row_topp``: forced mass counted first (index order), then non-forced blocks in that order while the
       mass kept so far is ``< top_p``; count ``|forced| + taken`` clamped to ``[k_min, budget]`` (``budget``
       when ``top_p >= 1``); then as ``row_topk`` with that count;
@@ -94,6 +106,10 @@ def draft_mask_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: Tok
     a = draft.detach().cpu().double().tolist()  # nested lists [B][H][Nv][Nv] of Python floats
     bsz, heads, nv, n = len(a), len(a[0]), layout.num_video_blocks, layout.num_blocks
     budget = _budget(nv, config.sparsity, config.k_min)
+    quota, frame0 = _sink_quota(layout, config, budget) if config.selection != "head_global" else (0, set())
+    forced_max = max((len(_forced_video(layout, config, i)) for i in range(nv)), default=0)
+    if config.selection != "head_global" and forced_max > budget:
+        raise ValueError(f"forced video blocks per row ({forced_max}) exceed the row budget ({budget})")
     # text rows dense, text columns on; video x video filled below
     mask = [[[[i >= nv or j >= nv for j in range(n)] for i in range(n)] for _ in range(heads)] for _ in range(bsz)]
     for b in range(bsz):
@@ -128,6 +144,10 @@ def draft_mask_reference(q_perm: torch.Tensor, k_perm: torch.Tensor, layout: Tok
                         mass += row[j]
                         taken += 1
                     count = min(max(len(forced) + taken, config.k_min), budget)
-                for j in set(forced) | set(rest[: max(count - len(forced), 0)]):
+                take = max(count - len(forced), 0)
+                if quota:
+                    sink = [j for j in rest if j in frame0][: min(max(quota - len(forced & frame0), 0), take)]
+                    rest = sink + [j for j in rest if j not in sink]
+                for j in set(forced) | set(rest[:take]):
                     mask[b][h][i][j] = True
     return torch.tensor(mask, dtype=torch.bool).reshape(bsz, heads, n, n)

@@ -43,6 +43,20 @@ def _neighbours(box_i, box_j, tile) -> bool:
     return all(max(lo_j[a] - hi_i[a], lo_i[a] - hi_j[a]) - 1 < tile[a] for a in range(3))
 
 
+def _nearest_neighbours(boxes, tile, i: int, count: int) -> set[int]:
+    """The ``count`` nearest neighbours of block ``i`` (itself first; then box-centre distance in tiles: the
+    largest axis, the sum over axes, the time axis, the index), written as a plain sort."""
+    def centre(box, a):
+        return (box[0][a] + box[1][a]) / 2 / tile[a]
+
+    def key(j):
+        d = [abs(centre(boxes[i], a) - centre(boxes[j], a)) for a in range(3)]
+        return (j != i, max(d), sum(d), d[0], j)
+
+    cands = [j for j in range(len(boxes)) if _neighbours(boxes[i], boxes[j], tile)]
+    return set(sorted(cands, key=key)[:count])
+
+
 def top_k_reference(sparsity: float, num_video_blocks: int) -> int:
     """``ceil((1 - sparsity) * Nv)`` (the one budget rule of every method; the paper's code floors) in exact
     decimal arithmetic on the literal value of ``sparsity``."""
@@ -72,8 +86,12 @@ def select_reference(p_tilde: torch.Tensor, layout, config) -> torch.Tensor:
                 n_video = max(sum(1 for j in order[:n_need] if j < nv), top_k)
                 for j in video_order[:n_video]:
                     mask[b, h, i, j] = True
+                share = getattr(config, "neighbour_share", None)
+                near = None if share is None else _nearest_neighbours(
+                    boxes, layout.tile, i, int(math.floor(round(share * top_k, 9))))
                 for j in range(nv):
-                    if config.neighbours and _neighbours(boxes[i], boxes[j], layout.tile):
+                    if config.neighbours and _neighbours(boxes[i], boxes[j], layout.tile) and (
+                            near is None or j in near):
                         mask[b, h, i, j] = True
                     if (config.first_frame_dense and layout.frames > 1 and boxes[i][0][0] == 0
                             and boxes[j][0][0] == 0):

@@ -55,18 +55,27 @@ def _draft(sparsity, sink=True, **dense):
     return SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=sparsity, sink=sink), dense=_dense(**dense))
 
 
+#: Rectified SpaAttn's forced 3-D neighbours, capped to the nearest fifth of its top-k budget: no preset forces more
+#: than a quarter of its row budget (tests/integration/pipelines/test_preset_forced.py, ``python
+#: benchmarks/preset_forced.py``), with room for the blocks unrelated inputs share by chance. The draft sink takes
+#: its default eighth of the budget (``DraftAttentionConfig.sink_share``: frame-0 blocks chosen by the map).
+NEIGHBOUR_SHARE = 0.2
+
+
 def _rectified(sparsity, combine="row", **dense):
     """Rectified SpaAttn's own selection; ``combine="row"`` (the real-model presets' default: lower error than
-    ``"block"`` on every input family measured, ``python benchmarks/pooled_peers.py --presets``)."""
-    return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity, combine=combine),
+    ``"block"`` on every input family measured, ``python benchmarks/pooled_peers.py --presets``); its forced
+    neighbours capped to the nearest ``NEIGHBOUR_SHARE`` of its top-k budget."""
+    return SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=sparsity, combine=combine,
+                                                                         neighbour_share=NEIGHBOUR_SHARE),
                                  dense=_dense(**dense))
 
 
 _TINY = dict(tile=(1, 4, 4), block_size=16)
-# The tiny draft presets turn the first-frame sink off: at 20 blocks per row (4 per latent frame) the sink (4 blocks)
-# plus the diagonal (1) already exceed the 80% budget (4), so the draft map would select nothing and the "draft"
-# preset would be one static mask (tests/integration/pipelines/test_default_preset.py checks that masks follow the
-# prompt).
+# The tiny draft presets turn the first-frame sink off: at 20 blocks per row (4 per latent frame) a budget of 4-5
+# blocks leaves a sink_share sink floor(0.125 * 4) = 0 blocks, and every frame-0 block (4) plus the diagonal (1) would
+# exceed it (refused at plan time: the "draft" preset would be one static mask;
+# tests/integration/pipelines/test_default_preset.py checks that masks follow the prompt).
 
 #: the presets of each model family (:data:`~dit_sparse.integration.adapters.registry.FAMILIES`), as
 #: ``(name, model_id, description, config)``, in the order :func:`list_presets` gives them
@@ -85,8 +94,9 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
                                dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:rectified-80", "embedded",
          "Embedded model: Rectified SpaAttn 80% (own selection) + per-row rectification (combine='row'), first 20% "
-         "steps dense; measured density 0.57 (the 3-D tile neighbours cover most of a 5x2x2-tile grid)",
-         SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8, combine="row"),
+         "steps dense; measured density 0.20 (no forced neighbours: a fifth of its 4-block top-k is none)",
+         SparseAttentionConfig(rectification=PooledRectificationConfig(sparsity=0.8, combine="row",
+                                                                       neighbour_share=NEIGHBOUR_SHARE),
                                dense=_dense(dense_fraction=0.2), **_TINY)),
         ("tiny-wan:neighborhood", "embedded",
          "Embedded model: 3x1x1-tile window (time), 20% dense steps; measured density 0.15",
@@ -110,10 +120,10 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
         ("wan2.1-t2v-1.3b:rectified-80", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
          "Rectified SpaAttn 80% selection (IPAR top-p) + per-row rectification (combine='row'), blocks 0-1 and "
          "first 5 steps dense"
-         "; measured density 0.21 on structured inputs at 21x30x52 (Wan2.1 480p, 81 frames)",
+         "; measured density 0.20 on structured inputs at 21x30x52 (Wan2.1 480p, 81 frames)",
          _rectified(0.8, dense_steps=5, dense_layers=(0, 1))),
         ("wan2.1-t2v-1.3b:draft-90-rect", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-         "Composite: draft selection 90% (no frame-0 sink: at 480p it filled the budget) + per-row pooled "
+         "Composite: draft selection 90% (no frame-0 sink) + per-row pooled "
          "rectification (combine='row', fused into the kernel), 20% dense steps, block 0 dense"
          "; measured density 0.10 at 21x30x52 (Wan2.1 480p, 81 frames)",
          SparseAttentionConfig(draft=DraftAttentionConfig(sparsity=0.9, sink=False),
@@ -132,7 +142,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
     # HunyuanVideo (Draft code: 0.9, double blocks 0-1; Rectified: nothing dense)
     "hunyuanvideo": [
         ("hunyuanvideo:draft-90", "hunyuanvideo-community/HunyuanVideo",
-         "DraftAttention 90% (no frame-0 sink: at 720p it filled the budget), first 25% steps and blocks 0-1 dense"
+         "DraftAttention 90% (no frame-0 sink), first 25% steps and blocks 0-1 dense"
          "; measured density 0.10 at 33x45x80 (HunyuanVideo 720p, 129 frames, 256 text tokens)",
          _draft(0.9, sink=False, dense_fraction=0.25, dense_layers=(0, 1))),
         ("hunyuanvideo:rectified-90", "hunyuanvideo-community/HunyuanVideo",
@@ -159,7 +169,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
     "cogvideox": [
         ("cogvideox:rectified-85", "THUDM/CogVideoX1.5-5B",
          "Rectified SpaAttn 85% selection + per-row rectification, first 5 steps dense"
-         "; measured density 0.17 on structured inputs "
+         "; measured density 0.16 on structured inputs "
          "at 11x48x80 (CogVideoX1.5 768x1280, 81 frames, 226 text tokens)",
          _rectified(0.85, dense_steps=5)),
         ("cogvideox-2b:retention", "THUDM/CogVideoX-2b",
@@ -185,7 +195,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
         ("flux:rectified-90", "black-forest-labs/FLUX.1-dev",
          "Rectified SpaAttn 90% selection + per-row rectification, last 20 single-stream blocks dense (FLUX.1-dev "
          "layout)"
-         "; measured density 0.22 on structured inputs at 1x64x64 (FLUX.1 1024x1024, 512 text tokens)",
+         "; measured density 0.12 on structured inputs at 1x64x64 (FLUX.1 1024x1024, 512 text tokens)",
          _rectified(0.9, dense_layers=tuple(range(37, 57)))),
     ],
     # SD3
@@ -252,7 +262,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
          _draft(0.9, dense_fraction=0.25, dense_layers=(0, 1))),
         ("hunyuanvideo15:rectified-90-warmup", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
          "Rectified SpaAttn 90% selection + per-row rectification, first 20% steps dense (as HunyuanVideo)"
-         "; measured density 0.12 on structured inputs at 31x30x53 (HunyuanVideo 1.5 480x848, 121 frames, no text)",
+         "; measured density 0.10 on structured inputs at 31x30x53 (HunyuanVideo 1.5 480x848, 121 frames, no text)",
          _rectified(0.9, dense_fraction=0.2)),
     ],
     "ltx2": [
@@ -279,7 +289,7 @@ _FAMILY_PRESETS: dict[str, list[tuple[str, str, str, SparseAttentionConfig]]] = 
         ("flux2:rectified-90", "black-forest-labs/FLUX.2-dev",
          "Rectified SpaAttn 90% selection + per-row rectification, last 20 single-stream blocks dense (FLUX.2-dev "
          "layout: 8 double + 48 single)"
-         "; measured density 0.22 on structured inputs at 1x64x64 (FLUX.2 1024x1024, 512 text tokens)",
+         "; measured density 0.12 on structured inputs at 1x64x64 (FLUX.2 1024x1024, 512 text tokens)",
          _rectified(0.9, dense_layers=tuple(range(36, 56)))),
         ("flux2:neighborhood", "black-forest-labs/FLUX.2-dev",
          "2-D window of 3x3 tiles, first 20% steps dense (as FLUX.1)"

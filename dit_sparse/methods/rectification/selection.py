@@ -9,7 +9,7 @@ import torch
 
 from ..._env import checks_enabled
 from ...layout import TokenLayout
-from ..base import adjacent_blocks, forced_mask, frame0_blocks
+from ..base import adjacent_blocks, forced_mask, frame0_blocks, nearest_adjacent_blocks
 from .config import PooledRectificationConfig, _check_config, _check_scale, _normalise_mask
 from .statistics import block_statistics, ipar_probabilities, row_outlier_count
 
@@ -66,7 +66,8 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     **video** blocks, the highest-ranked ones. The kept video blocks are therefore the first
     ``max(#video entries among the n_need leading entries, top_k)`` video entries of the ranking. The text column
     is always on, so unlike the reference it never takes a video block's place under the floor (otherwise
-    ``sparsity=0`` would not be dense). Then OR in the tile neighbours (``config.neighbours``), the first-frame
+    ``sparsity=0`` would not be dense). Then OR in the tile neighbours (``config.neighbours``; the nearest
+    ``config.neighbour_count(Nv)`` of them under ``neighbour_share``), the first-frame
     rule (``config.first_frame_dense``), all text columns and dense text rows. The diagonal is not forced beyond
     that.
 
@@ -116,7 +117,8 @@ def select_critical_blocks(p_tilde: torch.Tensor, layout: TokenLayout,
     mask[:, :, :nv, :nv] |= picked[..., :nv]
     extra = None
     if config.neighbours:
-        extra = neighbour_mask(layout, dev)
+        cap = config.neighbour_count(nv)
+        extra = neighbour_mask(layout, dev) if cap is None else nearest_adjacent_blocks(layout, cap, dev)
     if config.first_frame_dense and layout.frames > 1:
         ff = _first_frame_mask(layout, dev)
         extra = ff if extra is None else extra | ff

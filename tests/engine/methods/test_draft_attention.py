@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from utils import TOLERANCES, rel_error, structured_qkv
 
 from dit_sparse import SparsePlan, TokenLayout, block_sparse_attention
-from dit_sparse.methods.base import plan_from_mask
+from dit_sparse.methods.base import frame0_blocks, plan_from_mask
 from dit_sparse.methods.draft_attention import (
     DRAFT_POOLINGS,
     DraftAttentionConfig,
@@ -28,6 +28,7 @@ from dit_sparse.methods.draft_attention import (
     forced_draft_mask,
     register_draft_pooling,
     row_budget,
+    sink_blocks,
 )
 from dit_sparse.reference.masks import draft_map_reference, draft_mask_reference
 
@@ -102,9 +103,19 @@ def test_selection_matches_oracle_exactly(name, selection):
     layout = LAYOUTS[name]
     qp, kp, _ = _permuted(layout, seed=1)
     draft = draft_map(qp, kp, layout)
-    for sparsity, same_frame, k_min, top_p in ((0.5, False, 2, 0.9), (0.75, True, 3, 0.6), (0.9, False, 1, 0.3)):
+    nv = layout.num_video_blocks
+    for sparsity, same_frame, k_min, top_p, sink_share in ((0.5, False, 2, 0.9, 0.125), (0.75, True, 3, 0.6, 0.5),
+                                                           (0.9, False, 1, 0.3, 1.0), (0.5, False, 2, 0.6, None),
+                                                           (0.3, True, 2, 0.6, 0.125)):
         cfg = DraftAttentionConfig(sparsity=sparsity, selection=selection, same_frame=same_frame, k_min=k_min,
-                                   top_p=top_p)
+                                   top_p=top_p, sink_share=sink_share)
+        if selection != "head_global" and int(forced_draft_mask(layout, cfg)[:nv, :nv].sum(-1).max()) > row_budget(
+                nv, sparsity, k_min):  # forced beyond the budget: both refuse
+            with pytest.raises(ValueError, match="exceed the row budget"):
+                draft_mask(qp, kp, layout, cfg)
+            with pytest.raises(ValueError, match="exceed the row budget"):
+                draft_mask_reference(qp, kp, layout, cfg, draft=draft)
+            continue
         got = draft_mask(qp, kp, layout, cfg)
         ref = draft_mask_reference(qp, kp, layout, cfg, draft=draft)
         assert got.shape == ref.shape == (2, 3, layout.num_blocks, layout.num_blocks)
@@ -174,22 +185,32 @@ def test_row_topp_boundaries_on_a_crafted_map():
     selection=st.sampled_from(SELECTIONS),
     top_p=st.sampled_from([0.2, 0.5, 0.9, 1.0]),
     flags=st.tuples(st.booleans(), st.booleans()),
+    sink_share=st.sampled_from([None, 0.125, 0.3, 0.5, 1.0]),
     batch=st.integers(1, 2),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_selection_vs_oracle_with_ties(grid, tile, text, sparsity, k_min, selection, top_p, flags, batch, seed):
+def test_fuzz_selection_vs_oracle_with_ties(grid, tile, text, sparsity, k_min, selection, top_p, flags, sink_share,
+                                            batch, seed):
     layout = TokenLayout(frames=grid[0], height=grid[1], width=grid[2], tile=tile, text_tokens=text[0],
                          text_position=text[1])
     cfg = DraftAttentionConfig(sparsity=sparsity, selection=selection, top_p=top_p, k_min=k_min, sink=flags[0],
-                               same_frame=flags[1])
+                               sink_share=sink_share, same_frame=flags[1])
     g = torch.Generator().manual_seed(seed)
     # small-integer tokens: many exact ties in the draft map exercise the tie rule
     q, k = (torch.randint(-1, 2, (batch, layout.seq_len, 2, 4), generator=g).float() for _ in range(2))
     qp, kp = layout.permute(q), layout.permute(k)
     draft = draft_map(qp, kp, layout)
+    nv, n = layout.num_video_blocks, layout.num_blocks
+    over = selection != "head_global" and int(forced_draft_mask(layout, cfg)[:nv, :nv].sum(-1).max()) > row_budget(
+        nv, sparsity, k_min)
+    if over:  # forced blocks beyond the budget: refused by both
+        with pytest.raises(ValueError, match="exceed the row budget"):
+            draft_mask(qp, kp, layout, cfg)
+        with pytest.raises(ValueError, match="exceed the row budget"):
+            draft_mask_reference(qp, kp, layout, cfg, draft=draft)
+        return
     got = draft_mask(qp, kp, layout, cfg)
     assert torch.equal(got, draft_mask_reference(qp, kp, layout, cfg, draft=draft))
-    nv, n = layout.num_video_blocks, layout.num_blocks
     assert bool(got[..., nv:, :].all()) and bool(got[..., :, nv:].all()), "text rows/columns must be on"
     if selection != "head_global":
         forced = forced_draft_mask(layout, cfg)[:nv, :nv]
@@ -198,6 +219,12 @@ def test_fuzz_selection_vs_oracle_with_ties(grid, tile, text, sparsity, k_min, s
         assert int(rows.min()) >= min(k_min, nv), "a video row fell under k_min"
         budget = row_budget(nv, sparsity, k_min)
         assert int(rows.max()) <= max(budget, int(forced.sum(-1).max()))
+        quota = sink_blocks(layout, cfg)
+        if quota and selection == "row_topk":  # every row reads its sink quota of frame-0 blocks (room allowing)
+            f0 = frame0_blocks(layout)
+            have = (forced & f0).sum(-1)
+            room = have + (budget - forced.sum(-1)).clamp(min=0)
+            assert bool(((_video(got, layout) & f0).sum(-1) >= torch.clamp(room, max=quota)).all())
         if selection == "row_topk":
             assert torch.equal(rows, torch.clamp(forced.sum(-1), min=budget).expand_as(rows))
     plan = draft_plan(qp, kp, layout, cfg)
@@ -227,14 +254,19 @@ def test_zero_sparsity_is_dense_and_equals_dense_attention(selection):
 
 @pytest.mark.parametrize("selection", ["row_topk", "row_topp"])
 def test_full_sparsity_keeps_forced_blocks_with_k_min_floor(selection):
-    layout = LAYOUTS["3x10x13_t148_tiled"]  # 3 frames: sink = 6 tiles of frame 0
+    layout = LAYOUTS["3x10x13_t148_tiled"]  # 3 frames: the whole sink (sink_share=None) = 6 tiles of frame 0
     nv = layout.num_video_blocks
     qp, kp, _ = _permuted(layout)
-    cfg = DraftAttentionConfig(sparsity=1.0, selection=selection, k_min=1)
+    cfg = DraftAttentionConfig(sparsity=1.0, selection=selection, k_min=1)  # a sink_share sink: 0 of 1 block
     forced = forced_draft_mask(layout, cfg)
+    assert torch.equal(forced[:nv, :nv], torch.eye(nv, dtype=torch.bool))
     assert torch.equal(draft_mask(qp, kp, layout, cfg), forced.expand(2, 3, -1, -1))
+    # the whole sink forced beyond a budget of 1: refused, naming the fix
+    with pytest.raises(ValueError, match=r"7 forced video blocks per row .*budget of 1 .*fix: sink_share=0.125"):
+        draft_mask(qp, kp, layout, dataclasses.replace(cfg, sink_share=None))
     # a floor above some rows' forced count: those rows get exactly k_min blocks, the others keep forced only
-    cfg = dataclasses.replace(cfg, k_min=7)
+    cfg = dataclasses.replace(cfg, k_min=7, sink_share=None)
+    forced = forced_draft_mask(layout, cfg)
     mask = draft_mask(qp, kp, layout, cfg)
     nf = forced[:nv, :nv].sum(-1)
     assert set(nf.tolist()) == {6, 7}  # frame-0 rows: sink only; others: sink + diagonal
@@ -272,12 +304,16 @@ def test_grid_smaller_than_one_tile():
     for selection in SELECTIONS:
         plan = draft_plan(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, selection=selection))
         assert plan.is_dense
-    # two frames, each smaller than one tile: 2 blocks; block 1 reads the sink (block 0) and itself, block 0
-    # (its own sink) has budget 1 and keeps only itself
+    # two frames, each smaller than one tile: 2 blocks, budget 1: each keeps itself (a sink_share sink takes
+    # floor(0.125 * 1) = 0 blocks); with k_min=2 block 1 reads the sink (block 0) and itself
     layout = TokenLayout(frames=2, height=3, width=3, tile=(1, 4, 8), packing="tiled")
     qp, kp, _ = _permuted(layout, batch=1)
     mask = draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, k_min=1))
-    assert torch.equal(mask, torch.tensor([[True, False], [True, True]]).expand(1, 3, 2, 2))
+    assert torch.equal(mask, torch.eye(2, dtype=torch.bool).expand(1, 3, 2, 2))
+    mask = draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, k_min=2, sink_share=0.5))
+    assert torch.equal(mask, torch.ones(2, 2, dtype=torch.bool).expand(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="exceed the row budget of 1 blocks"):  # the whole sink: 2 > 1
+        draft_mask(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, k_min=1, sink_share=None))
     # packed, both frames share one block: no block without frame 0, so no sink, and the plan is dense
     packed = TokenLayout(frames=2, height=3, width=3, tile=(1, 4, 8))
     assert packed.num_video_blocks == 1
@@ -304,13 +340,45 @@ def test_one_frame_has_no_sink_and_same_frame_forces_the_frame():
     frames = [sorted({int(i) // 130 for i in row if i >= 0}) for row in
               packed.indices().perm.view(-1, packed.block_size)[: packed.num_video_blocks].tolist()]
     nvp = packed.num_video_blocks
-    fp = forced_draft_mask(packed, DraftAttentionConfig(sink=True, same_frame=True))[:nvp, :nvp]
+    fp = forced_draft_mask(packed, DraftAttentionConfig(sink=True, sink_share=None, same_frame=True))[:nvp, :nvp]
     expect = torch.tensor([[i == j or 0 in frames[j] or bool(set(frames[i]) & set(frames[j])) for j in range(nvp)]
                            for i in range(nvp)])
     assert torch.equal(fp, expect) and any(len(f) > 1 for f in frames)
     # head_global forces nothing in video (reference behaviour), whatever sink says
     f4 = forced_draft_mask(layout3, DraftAttentionConfig(selection="head_global", same_frame=True))
     assert not bool(f4[:18, :18].any())
+
+
+@pytest.mark.parametrize("selection", ["row_topk", "row_topp"])
+def test_sink_share_takes_the_rows_best_frame0_blocks_inside_the_budget(selection):
+    """The sink costs a share of the budget, not a whole temporal tile row: each row keeps its best
+    floor(sink_share * budget) frame-0 blocks by the draft map, the rest of the budget as without a sink."""
+    layout = TokenLayout(frames=12, height=16, width=32, tile=(4, 4, 8))  # 3 temporal tile rows of 16 tiles
+    nv = layout.num_video_blocks
+    qp, kp, _ = _permuted(layout)
+    cfg = DraftAttentionConfig(sparsity=0.5, selection=selection, sink_share=0.25, top_p=0.5)
+    budget = row_budget(nv, 0.5, 2)
+    assert (nv, budget, sink_blocks(layout, cfg)) == (48, 24, 6)
+    f0 = frame0_blocks(layout)
+    assert int(f0.sum()) == 16 and torch.equal(forced_draft_mask(layout, cfg)[:nv, :nv], torch.eye(nv).bool())
+    draft = draft_map(qp, kp, layout)
+    mask = _video(draft_mask(qp, kp, layout, cfg), layout)
+    assert torch.equal(draft_mask(qp, kp, layout, cfg), draft_mask_reference(qp, kp, layout, cfg, draft=draft))
+    eye = torch.eye(nv, dtype=torch.bool)
+    best = draft.masked_fill(~f0 | eye, -1.0).topk(6, dim=-1).indices  # best non-forced frame-0 entries
+    count = mask.sum(-1)  # row_topp: the top-p count, the sink taken out of it
+    assert bool(((mask & f0).sum(-1) >= torch.clamp(count - 1 + f0.long(), max=6)).all())
+    if selection == "row_topk":
+        for r in range(nv):
+            quota = 6 - int(f0[r])  # a frame-0 row's diagonal counts
+            assert bool(mask[..., r, :].gather(-1, best[..., r, :quota]).all())
+        assert bool((mask.sum(-1) == budget).all())
+        # without the sink the same budget goes to the map's top blocks: the quota changes at most 6 per row
+        plain = _video(draft_mask(qp, kp, layout, dataclasses.replace(cfg, sink=False)), layout)
+        assert int((mask & ~plain).sum(-1).max()) <= 6
+    # the former sink forces all 16 frame-0 blocks (+ the diagonal): 17 of the 24-block budget
+    whole = dataclasses.replace(cfg, sink_share=None)
+    assert int(forced_draft_mask(layout, whole)[:nv, :nv].sum(-1).max()) == 17
 
 
 def test_row_budget_rounding():
@@ -395,7 +463,8 @@ def test_row_topk_never_starves_a_row_while_head_global_does():
 @pytest.mark.parametrize("field, value", [
     ("sparsity", -0.1), ("sparsity", 1.5), ("sparsity", "0.5"), ("sparsity", True),
     ("selection", "global"), ("top_p", 0.0), ("top_p", 1.1), ("k_min", 0), ("k_min", 2.0), ("k_min", True),
-    ("sink", 1), ("same_frame", "yes"), ("pooling", "max"),
+    ("sink", 1), ("same_frame", "yes"), ("pooling", "max"), ("sink_share", 0.0), ("sink_share", 1.5),
+    ("sink_share", True), ("sink_share", "0.1"), ("sink_share", float("nan")),
 ])
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"DraftAttentionConfig\.{field}: got"):
@@ -404,8 +473,8 @@ def test_bad_config_raises_naming_the_field(field, value):
 
 def test_config_is_frozen_keyword_only_with_documented_defaults():
     cfg = DraftAttentionConfig()
-    assert (cfg.sparsity, cfg.selection, cfg.top_p, cfg.k_min, cfg.sink, cfg.same_frame, cfg.pooling) == (
-        0.75, "row_topk", 0.9, 2, True, False, "mean")
+    assert (cfg.sparsity, cfg.selection, cfg.top_p, cfg.k_min, cfg.sink, cfg.sink_share, cfg.same_frame,
+            cfg.pooling) == (0.75, "row_topk", 0.9, 2, True, 0.125, False, "mean")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.sparsity = 0.5
     with pytest.raises(TypeError):
@@ -457,6 +526,6 @@ def test_achieved_density_is_reported():
     # 9 of 18 video blocks per row, weighted by real tokens (edge tiles hold fewer): near, not exactly, 0.5
     assert 0.4 < plan.density < 0.6 and plan.density != pytest.approx(0.5)
     assert math.isclose(plan.sparsity(), 1 - plan.density)
-    # forced blocks raise the achieved density above the requested one
-    heavy = draft_plan(qp, kp, layout, DraftAttentionConfig(sparsity=0.9))
+    # the k_min floor raises the achieved density above the requested one (forced blocks fit in the budget)
+    heavy = draft_plan(qp, kp, layout, DraftAttentionConfig(sparsity=0.9, k_min=4))
     assert heavy.density > 0.2

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dit_sparse import TokenLayout
 from dit_sparse.methods import engine
-from dit_sparse.methods.draft_attention import DraftAttentionConfig
+from dit_sparse.methods.draft_attention import DraftAttentionConfig, forced_row_max, row_budget
 from dit_sparse.methods.engine import DensePolicy, SparseAttention, SparseAttentionConfig, plan_row_bound
 from dit_sparse.methods.neighborhood import NeighborhoodConfig
 from dit_sparse.methods.pooled_rectification import PooledRectificationConfig
@@ -38,6 +38,11 @@ def test_bound_covers_every_row(frames, height, width, sparsity, selection, k_mi
                                    same_frame=same_frame),
         neighborhood=None if window is None else NeighborhoodConfig(window=window), **TINY)
     q, k, _ = (layout.permute(t) for t in _qkv(layout, seed))
+    nv = layout.num_video_blocks
+    if forced_row_max(layout, cfg.draft) > row_budget(nv, sparsity, k_min):  # refused at plan time
+        with pytest.raises(ValueError, match="exceed the row budget"):
+            SparseAttention(cfg).build_mask(q, k, layout)
+        return
     mask = SparseAttention(cfg).build_mask(q, k, layout)
     assert int(mask.sum(-1).max()) <= plan_row_bound(cfg, layout, ())
 

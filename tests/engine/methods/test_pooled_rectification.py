@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import dit_sparse
 from dit_sparse import TokenLayout
-from dit_sparse.methods.base import forced_mask
+from dit_sparse.methods.base import forced_mask, nearest_adjacent_blocks
 from dit_sparse.methods.pooled_rectification import (
     PooledRectificationConfig,
     block_statistics,
@@ -301,6 +301,39 @@ def test_neighbours_and_first_frame():
                                                                         dtype=torch.bool))
 
 
+def test_neighbour_share_keeps_the_nearest_neighbours():
+    """neighbour_share caps the forced neighbours at floor(share * top_k) per row, nearest first (itself, the 6
+    faces, then the edges of its own frame, ...), never beyond the 3-D neighbours; the oracle agrees."""
+    layout = TokenLayout(frames=6, height=6, width=6, tile=(2, 2, 2), packing="tiled")  # 3x3x3 tiles
+    coords = layout.tile_coords()
+    centre = 13
+    near = nearest_adjacent_blocks(layout, 7)
+    faces = {j for j in range(27) if int((coords[j] - coords[centre]).abs().sum()) == 1}
+    assert set(near[centre].nonzero().flatten().tolist()) == faces | {centre}
+    near11 = set(nearest_adjacent_blocks(layout, 11)[centre].nonzero().flatten().tolist())
+    same_frame_edges = {j for j in range(27) if coords[j][0] == coords[centre][0]
+                        and int((coords[j] - coords[centre]).abs().sum()) == 2}
+    assert near11 == faces | {centre} | same_frame_edges  # spatial edges before temporal ones
+    assert int(nearest_adjacent_blocks(layout, 7)[0].sum()) == 7  # a corner: 7 of its 8 neighbours
+    assert not bool(nearest_adjacent_blocks(layout, 7)[0, 13])  # ... the far corner left out
+    assert torch.equal(nearest_adjacent_blocks(layout, 27), neighbour_mask(layout))
+    assert not bool(nearest_adjacent_blocks(layout, 0).any())
+    cfg = PooledRectificationConfig(sparsity=0.5, top_p=0.0, neighbour_share=0.5)  # top_k 14: 7 neighbours
+    assert cfg.neighbour_count(27) == 7 and PooledRectificationConfig().neighbour_count(27) is None
+    pt = torch.softmax(torch.randn(1, 2, 27, 28, generator=torch.Generator().manual_seed(0)), -1)
+    got = select_critical_blocks(pt, layout, cfg)
+    assert torch.equal(got, select_reference(pt, layout, cfg))
+    # packed edge blocks (wide boxes): capped too, where every 3-D neighbour can be dozens of blocks
+    packed = TokenLayout(frames=7, height=11, width=13, tile=(2, 2, 4))
+    nv = packed.num_video_blocks
+    assert int(neighbour_mask(packed).sum(-1).max()) > 20
+    capped = nearest_adjacent_blocks(packed, 9)
+    assert int(capped.sum(-1).max()) == 9 and bool((capped <= neighbour_mask(packed)).all())
+    pt = torch.softmax(torch.randn(1, 1, nv, nv + 1, generator=torch.Generator().manual_seed(1)), -1)
+    cfg = PooledRectificationConfig(sparsity=0.7, neighbour_share=0.3)
+    assert torch.equal(select_critical_blocks(pt, packed, cfg), select_reference(pt, packed, cfg))
+
+
 # ---------------------------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_row_sums_and_partition_of_unity(name):
@@ -420,13 +453,14 @@ def test_given_mask_composes_and_forces_text():
        tile=st.sampled_from([(1, 2, 2), (1, 2, 4), (2, 2, 2), (1, 1, 4)]), text=st.integers(0, 5),
        before=st.booleans(), batch=st.integers(1, 2), heads=st.integers(1, 2),
        sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]), top_p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
-       neighbours=st.booleans(), gapr=st.booleans(), ff=st.booleans(), seed=st.integers(0, 2**16))
+       neighbours=st.booleans(), share=st.sampled_from([None, 0.2, 0.5, 1.0]), gapr=st.booleans(),
+       ff=st.booleans(), seed=st.integers(0, 2**16))
 def test_fuzz_against_oracle(frames, height, width, tile, text, before, batch, heads, sparsity, top_p, neighbours,
-                             gapr, ff, seed):
+                             share, gapr, ff, seed):
     layout = TokenLayout(frames=frames, height=height, width=width, text_tokens=text,
                          text_position="before" if before else "after", tile=tile)
-    cfg = PooledRectificationConfig(sparsity=sparsity, top_p=top_p, neighbours=neighbours, gapr=gapr,
-                                    first_frame_dense=ff)
+    cfg = PooledRectificationConfig(sparsity=sparsity, top_p=top_p, neighbours=neighbours, neighbour_share=share,
+                                    gapr=gapr, first_frame_dense=ff)
     q, k, v = _random_qkv(layout, batch, heads, 4, seed)
     qp, kp, vp = _permuted(layout, q, k, v)
     plan = rectified_plan(qp, kp, vp, layout, cfg)
@@ -700,7 +734,9 @@ def test_row_never_worse_than_draft_alone_on_every_family(family, density, block
                                     dict(sparsity="0.5"), dict(sparsity=float("nan")), dict(top_p=-1e-3),
                                     dict(top_p=2), dict(neighbours=1), dict(gapr=None), dict(rectify="yes"),
                                     dict(first_frame_dense=0), dict(combine="rows"), dict(combine=None),
-                                    dict(row_outliers=0), dict(row_outliers=1.0), dict(row_outliers=True)])
+                                    dict(row_outliers=0), dict(row_outliers=1.0), dict(row_outliers=True),
+                                    dict(neighbour_share=0.0), dict(neighbour_share=1.01),
+                                    dict(neighbour_share=True), dict(neighbour_share="0.2")])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="PooledRectificationConfig"):
         PooledRectificationConfig(**kwargs)
