@@ -66,6 +66,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
     p.add_argument("--fps", type=int, default=8, help="frames per second of the mp4 (> 0, default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress or loading bars")
+    p.add_argument("--min-tokens", type=_min_tokens, default=None, metavar="N|auto",
+                   help="attention calls over fewer video tokens run dense (default: the preset's own, 'auto': "
+                        "this device's measured break-even, below which dense SDPA is faster); 0 = always sparse")
+
+
+def _min_tokens(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'auto', got {text!r} (e.g. --min-tokens 0)")
+    return value
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -352,7 +367,8 @@ def _renderer(args):
     _say(f"loading {'the embedded tiny model' if args.model == 'embedded' else args.model} on {device} "
          f"({args.dtype}) ...")
     try:
-        return Renderer(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+        return Renderer(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet,
+                        min_tokens=getattr(args, "min_tokens", None))
     except OSError as e:  # hub id not found / offline, unreadable weights
         from .jobs import SetupError
 
@@ -392,7 +408,7 @@ def _plan_outputs(args, rules, jobs, preset):
         return None
     return plan_outputs(jobs, args.out, suffix, lambda j: job_settings(
         j, job_preset(j, preset), rules=rules, model=args.model, dtype=args.dtype, fps=args.fps,
-        video=suffix == ".mp4"), force=args.force)
+        video=suffix == ".mp4", min_tokens=getattr(args, "min_tokens", None)), force=args.force)
 
 
 def _all_skipped(args, jobs, preset, run) -> dict:
@@ -409,6 +425,9 @@ def _all_skipped(args, jobs, preset, run) -> dict:
 def cmd_render(args) -> int:
     from .jobs import JobError
 
+    if getattr(args, "min_tokens", None) is not None and args.ray is not None:
+        raise JobError("--min-tokens is not passed to Ray actors yet; render without --ray, or set "
+                       "DensePolicy(min_tokens=...) in a config of your own")
     if args.ray_actors is not None and args.ray is None:
         raise JobError("--ray-actors needs --ray; add --ray (local Ray) or --ray auto (a cluster)")
     if args.ray_actors is not None and args.ray_actors < 1:

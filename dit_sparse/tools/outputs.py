@@ -94,10 +94,11 @@ def _canonical_model(model: str) -> str:
     return str(p.resolve()) if p.exists() else model
 
 
-def job_settings(job, preset, *, rules, model: str, dtype: str, fps: int, video: bool) -> dict:
+def job_settings(job, preset, *, rules, model: str, dtype: str, fps: int, video: bool, min_tokens=None) -> dict:
     """The settings that determine a job's output, as stored in its sidecar (``"settings"``) and compared on rerun:
     prompt, negative prompt, seed, steps, frames, size, guidance (the model's defaults filled in where ``rules`` know
-    them), preset, pipeline kwargs, model, dtype and (video) fps. The device is not one of them."""
+    them), preset, pipeline kwargs, model, dtype, (video) fps and a ``--min-tokens`` override. The device is not one
+    of them."""
     keys = ("steps", "frames", "height", "width", "guidance_scale")
     v = rules.resolve(job) if rules is not None else {k: getattr(job, k) for k in keys}
     s = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
@@ -106,6 +107,8 @@ def job_settings(job, preset, *, rules, model: str, dtype: str, fps: int, video:
          "dtype": str(dtype).removeprefix("torch.")}
     if video:
         s["fps"] = fps
+    if min_tokens is not None and preset is not None:  # --min-tokens: only when given (older sidecars match)
+        s["min_tokens"] = min_tokens
     return json.loads(json.dumps(s, default=str))
 
 

@@ -156,10 +156,13 @@ class Renderer:
         model (`str`): ``"embedded"`` (the shipped tiny model) or a diffusers pipeline folder / hub id.
         device, dtype: where and in what precision to run.
         progress (`bool`): show diffusers' per-step progress bars.
+        min_tokens (`int` or ``"auto"``, *optional*): overrides the presets' ``DensePolicy.min_tokens`` (they use
+            ``"auto"``: calls below the device's measured break-even run dense); ``0`` runs every call sparse.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 progress: bool = True):
+                 progress: bool = True, min_tokens: int | str | None = None):
+        self.min_tokens = min_tokens
         from ..integration.apply import apply, get_runtime, remove, transformers_of
 
         self._apply, self._remove, self._runtime, self._transformers = apply, remove, get_runtime, transformers_of
@@ -223,6 +226,29 @@ class Renderer:
         frames = (call_kwargs["num_frames"] - 1) // st + 1
         return (-(-frames // pt), call_kwargs["height"] // ss // ph, call_kwargs["width"] // ss // pw)
 
+    def _with_min_tokens(self, preset):
+        """``preset`` (a name or a config) with :attr:`min_tokens` in its dense policy, when one is set."""
+        if self.min_tokens is None:
+            return preset
+        import dataclasses
+
+        from ..integration.pipelines.presets import get_preset
+
+        cfg = get_preset(preset).config if isinstance(preset, str) else preset
+        return dataclasses.replace(cfg, dense=dataclasses.replace(cfg.dense, min_tokens=self.min_tokens))
+
+    def _say_all_dense(self, preset) -> None:
+        from .._logging import warn_once
+        from ..backends.break_even import sparse_break_even
+
+        name = preset if isinstance(preset, str) else "the config"
+        dev = torch.device(self.device).type
+        floor = sparse_break_even(dev)
+        why = (f"below this {dev}'s measured break-even of {floor} tokens, DensePolicy(min_tokens='auto'): dense SDPA "
+               "is faster there" if floor else "its dense policy (warm-up steps, dense layers, min_tokens)")
+        warn_once(f"dit-sparse: {name} ran every attention call dense ({why}); pass --min-tokens 0 to run the "
+                  "sparse path anyway", key=f"all-dense-{name}")
+
     def generate(self, job: Job, preset, *, record_masks: bool = False):
         """Run one job with ``preset`` (a preset name or a ``SparseAttentionConfig``; None = stock attention).
 
@@ -232,7 +258,7 @@ class Renderer:
         """
         self.rules.check(job)
         if preset is not None:
-            for rt in self._apply(self.pipe, preset):
+            for rt in self._apply(self.pipe, self._with_min_tokens(preset)):
                 rt.record_masks = record_masks
         try:
             kw = self._call_kwargs(job)
@@ -254,6 +280,8 @@ class Renderer:
                            "layer_density": runs[0]["layer_density"] if runs else {}}
                 if record_masks:
                     summary["masks"] = runtimes[0].last_masks
+                if summary["attention_calls"]["sparse"] == 0 and summary["attention_calls"]["dense"] > 0:
+                    self._say_all_dense(preset)
         finally:
             if preset is not None:
                 self._remove(self.pipe)
@@ -304,7 +332,8 @@ def job_preset(job: Job, default_preset: str | None):
 def renderer_settings(renderer: Renderer, fps: int):
     """``settings_of(job, preset)``: the settings a job renders with on ``renderer`` (stored in its sidecar)."""
     return lambda job, preset: job_settings(job, preset, rules=renderer.rules, model=renderer.model,
-                                            dtype=str(renderer.dtype), fps=fps, video=renderer.is_video)
+                                            dtype=str(renderer.dtype), fps=fps, video=renderer.is_video,
+                                            min_tokens=renderer.min_tokens)
 
 
 def is_rendered(job: Job, out_dir: Path, suffix: str) -> bool:

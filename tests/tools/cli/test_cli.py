@@ -16,7 +16,8 @@ import pytest
 from dit_sparse.tools.cli import main
 from dit_sparse.tools.render import write_atomic
 
-FAST = ["--steps", "3", "--quiet"]
+#: --min-tokens 0: the embedded model's 320 tokens are below the CPU's break-even, where presets run dense
+FAST = ["--steps", "3", "--quiet", "--min-tokens", "0"]
 
 
 def frames_of(path: Path) -> int:
@@ -224,3 +225,28 @@ def test_compare_with_a_model_folder_and_prompt(tmp_path, capsys):
                  "--quiet", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "a-green-circle-moving-up-s0-compare.json").read_text())
     assert report["prompt"] == "a green circle moving up" and report["frames"] == 17
+
+
+def test_default_render_runs_dense_below_the_break_even_and_says_so(tmp_path):
+    """The embedded model's 320 tokens are below the CPU's measured break-even: the default preset's
+    DensePolicy(min_tokens="auto") runs every call dense (stock speed), says so once, and --min-tokens 0 runs it
+    sparse. As a user types it, from another folder."""
+    from dit_sparse.backends.break_even import sparse_break_even
+
+    assert sparse_break_even("cpu") > 320
+    exe = str(Path(sys.executable).with_name("dit-sparse"))
+    run = subprocess.run([exe, "render", "--out", "out", "--steps", "2", "--quiet", "--name", "auto"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("ran every attention call dense") == 1 and "--min-tokens 0" in run.stderr
+    meta = json.loads((tmp_path / "out" / "auto.json").read_text())
+    assert meta["attention_calls"]["sparse"] == 0 and meta["attention_calls"]["dense"] > 0
+    run = subprocess.run([exe, "render", "--out", "out", "--steps", "2", "--quiet", "--name", "sparse",
+                          "--min-tokens", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ran every attention call dense" not in run.stderr
+    meta = json.loads((tmp_path / "out" / "sparse.json").read_text())
+    assert meta["attention_calls"]["sparse"] > 0 and meta["settings"]["min_tokens"] == 0
+    bad = subprocess.run([exe, "render", "--min-tokens", "-3"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "expected an int >= 0 or 'auto'" in bad.stderr and "Traceback" not in bad.stderr

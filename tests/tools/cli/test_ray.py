@@ -40,7 +40,7 @@ def counting_renderer(log: str, hang: str | None = None):
     """
     from dit_sparse.tools.render import Renderer
 
-    renderer = Renderer("embedded", progress=False)
+    renderer = Renderer("embedded", progress=False, min_tokens=0)  # sparse below the CPU break-even too
     generate = renderer.generate
 
     def logged(job, preset, **kw):
