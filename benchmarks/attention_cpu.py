@@ -26,6 +26,7 @@ Compilation happens in an untimed first call. JSON is written after every row to
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import SHAPES, Shape, bench, environment, print_table, write_json  # noqa: E402
+from benchmarks._common import RESULTS, SHAPES, Shape, bench, environment, print_table, write_json  # noqa: E402
 from benchmarks.attention import RowReference, random_plan, row_segment  # noqa: E402
 from dit_sparse import TokenLayout, block_sparse_attention  # noqa: E402
 from dit_sparse.backends import compiled  # noqa: E402
@@ -47,9 +48,18 @@ SMOKE = Shape("smoke", 2, 16, 24, 1, text=16, head_dim=32)
 
 
 def flex_peer():
+    """Compiled flex as a user would call it, under the recompile limit our backend uses (past dynamo's default of
+    8 entries flex runs uncompiled, which materialises S x S: 57 GB at HunyuanVideo 720p)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    fn = torch.compile(flex_attention, dynamic=False)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=compiled._recompile_limit(),
+                                        fail_on_recompile_limit_hit=True):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def run_shape(shape, heads: int, densities, rep: int, save) -> list[dict]:
@@ -102,10 +112,17 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--rep", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of other shapes already in the JSON "
+                    "(a rerun of some shapes replaces their rows)")
     args = ap.parse_args(argv)
     env = environment()
     env["threads"] = torch.get_num_threads()
     done: list[dict] = []
+    if args.append:
+        old = (args.out or RESULTS) / "attention-cpu.json"
+        if old.exists():
+            rerun = set(args.shapes.split(","))
+            done = [r for r in json.loads(old.read_text())["rows"] if r["shape"] not in rerun]
 
     def save(row):
         done.append(row)
