@@ -406,6 +406,33 @@ def _all_skipped(args, jobs, preset, run) -> dict:
         return run.write([skipped_entry(j, preset, suffix) for j in jobs], state="finished")
 
 
+def _run(args, rules, jobs, preset, skip, run) -> dict:
+    """The render itself, inside ``run`` (the run summary): skip all, over Ray, or here."""
+    if skip is not None and all(skip):
+        return _all_skipped(args, jobs, preset, run)
+    if args.ray is not None:
+        import torch
+
+        from .ray_batch import render_jobs_ray
+
+        ray_preset = args.preset if args.preset is not None else preset
+        try:
+            return render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset, address=args.ray or None,
+                                   actors=args.ray_actors, device=args.device, dtype=getattr(torch, args.dtype),
+                                   fps=args.fps, progress=not args.quiet, force=args.force, rules=rules,
+                                   run_log=run)
+        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
+            from .jobs import SetupError
+
+            raise SetupError(str(e).strip().replace("\n", " ")) from None
+    from .render import render_jobs
+
+    renderer = _renderer(args)
+    preset = _after_load(args, renderer, rules, jobs, preset)
+    return render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps, progress=not args.quiet,
+                       force=args.force, run=run)
+
+
 def cmd_render(args) -> int:
     from .jobs import JobError
 
@@ -417,35 +444,16 @@ def cmd_render(args) -> int:
         raise JobError("give --prompt or --jobs, not both")
     rules, jobs, preset = _prepare(args)
     skip = _plan_outputs(args, rules, jobs, preset)
+    import contextlib
+
+    from . import interrupts
     from .outputs import RunLog
 
-    run = RunLog(args.out, jobs, say=_say)
-    if skip is not None and all(skip):
-        summary = _all_skipped(args, jobs, preset, run)
-    elif args.ray is not None:
-        import torch
-
-        from .ray_batch import render_jobs_ray
-
-        ray_preset = args.preset if args.preset is not None else preset
-        with run:
-            try:
-                summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
-                                          address=args.ray or None, actors=args.ray_actors, device=args.device,
-                                          dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet,
-                                          force=args.force, rules=rules, run_log=run)
-            except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
-                from .jobs import SetupError
-
-                raise SetupError(str(e).strip().replace("\n", " ")) from None
-    else:
-        from .render import render_jobs
-
-        with run:
-            renderer = _renderer(args)
-            preset = _after_load(args, renderer, rules, jobs, preset)
-            summary = render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps,
-                                  progress=not args.quiet, force=args.force, run=run)
+    with contextlib.ExitStack() as stack:
+        with interrupts.deferred():  # a Ctrl-C from here on ends in this run's summary (state interrupted)
+            run = stack.enter_context(RunLog(args.out, jobs, say=_say))
+            args.run_log = run
+        summary = _run(args, rules, jobs, preset, skip, run)
     for r in summary["results"]:
         line = f"  {r['status']:<28} {r['output']}"
         if r["status"] == "failed":
@@ -510,22 +518,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _interrupted(args) -> int:
+    """The one line a Ctrl-C ends with (exit 130); the run's summary names the pending jobs."""
+    run = getattr(args, "run_log", None)
+    line = f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
+    if run is not None:
+        done = sum(r["status"] == "done" for r in run.results)
+        pending = len(run.jobs) - len(run.results)
+        line += (f"; {done} job(s) rendered in this run are kept, {pending} pending are listed in "
+                 f"{run.out_dir}/{run.own.parent.name}/{run.own.name}: rerun the same command to resume")
+    print(line, file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupts
+
     args = build_parser().parse_args(argv)
     handler = {"render": cmd_render, "compare": cmd_compare, "presets": cmd_presets, "demo": cmd_demo}
-    try:
-        return handler[args.command](args)
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        summary = Path(out) / "run_summary.json" if out and args.command == "render" else None
-        print(f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
-              + (f"; finished jobs are kept, {summary} lists the pending ones: rerun the same command to resume"
-                 if summary is not None and summary.exists() else ""), file=sys.stderr)
-        return 130
-    except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
-        msg = str(e).strip().splitlines()
-        print(f"dit-sparse {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 2
+    with interrupts.handling():  # a Ctrl-C at any point ends here (exit 130), none is lost
+        try:
+            try:
+                return handler[args.command](args)
+            finally:
+                interrupts.check()  # one that was recorded but not raised yet
+        except KeyboardInterrupt:
+            interrupts.finishing()
+            return _interrupted(args)
+        except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
+            msg = str(e).strip().splitlines()
+            print(f"dit-sparse {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

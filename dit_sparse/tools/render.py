@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import interrupts
 from .jobs import Job, load_jobs
 from .model_rules import ModelRules
 from .outputs import RunLog, job_outputs, job_settings, plan_outputs, write_atomic
@@ -55,6 +56,21 @@ def side_by_side(left, right, gap: int = 4) -> np.ndarray:
     return np.concatenate([a, np.ones(gap_shape, dtype=a.dtype), b], axis=-2)
 
 
+def _write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    """diffusers' ``export_to_video`` (the same encoder settings), but the writer is closed also when the writing
+    stops (Ctrl-C, an error): ``imageio`` leaves it open then, and its ffmpeg would write the file after
+    :func:`write_atomic` removed it (a stray temporary file). Closing waits for ffmpeg; a Ctrl-C meanwhile is held."""
+    import imageio
+
+    writer = imageio.get_writer(str(path), fps=fps, quality=5.0, bitrate=None, macro_block_size=1)
+    try:
+        for frame in frames:
+            writer.append_data((frame * 255).astype(np.uint8))
+    finally:
+        with interrupts.deferred():
+            writer.close()
+
+
 def save_media(frames, path: Path, fps: int = 8) -> None:
     """mp4 for ``[F, H, W, 3]`` frames (F > 1), png otherwise; atomic."""
     arr = np.clip(np.asarray(frames), 0.0, 1.0)
@@ -64,9 +80,7 @@ def save_media(frames, path: Path, fps: int = 8) -> None:
         img = arr[0] if arr.ndim == 4 else arr
         write_atomic(path, lambda p: Image.fromarray((img * 255).round().astype(np.uint8)).save(p, format="PNG"))
         return
-    from diffusers.utils import export_to_video
-
-    write_atomic(path, lambda p: export_to_video(list(arr), str(p), fps=fps, macro_block_size=1))
+    write_atomic(path, lambda p: _write_video(arr, p, fps))
 
 
 def _is_video(pipeline_class: str, vae_class: str | None) -> bool:
@@ -188,6 +202,9 @@ class Renderer:
                                   type(self.pipe.vae).__name__ if hasattr(self.pipe, "vae") else None)
         self.rules = rules_of_pipeline(self.pipe, {k: v for k, v in self.defaults.items()
                                                   if k in ("steps", "frames", "height", "width", "guidance_scale")})
+        for _, tr in self._transformers(self.pipe):  # every denoising step is a safe point for a held Ctrl-C
+            tr.register_forward_pre_hook(lambda module, args: interrupts.check())
+        interrupts.check()  # a Ctrl-C that a finaliser swallowed while the model loaded
 
     @property
     def suffix(self) -> str:
@@ -324,31 +341,42 @@ def skipped_entry(job: Job, default_preset: str | None, suffix: str) -> dict:
 
 
 def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_preset: str | None,
-               fps: int = 8) -> dict:
+               fps: int = 8, record=None) -> dict:
     """Render one job into ``out_dir`` (media, then sidecar, both atomic) and return its result entry.
 
     An older sidecar of the job is removed first, so until the new sidecar is in place the job counts as not done
     (the old media stays readable until the new one replaces it). The sidecar records the job's settings
     (:func:`~dit_sparse.tools.outputs.job_settings`), which a rerun compares. A job's own error does not propagate:
-    it is returned as a ``"failed"`` entry with the error and traceback. Used by :func:`render_jobs` and by the
-    Ray actors of :mod:`dit_sparse.tools.ray_batch`.
+    it is returned as a ``"failed"`` entry with the error and traceback; but an error during a Ctrl-C is the
+    interrupt (``KeyboardInterrupt``), not a failure. ``record(entry)`` (optional) is called with the entry in the
+    same critical section that writes the sidecar, so a Ctrl-C never leaves a finished job unrecorded. Used by
+    :func:`render_jobs` and by the Ray actors of :mod:`dit_sparse.tools.ray_batch`.
     """
     out_dir = Path(out_dir)
     preset = job_preset(job, default_preset)
     media, side = job_outputs(job, out_dir, renderer.suffix)
     entry = job_entry(job, default_preset, renderer.suffix)
+    record = record if record is not None else (lambda e: None)
     t0 = time.perf_counter()
     try:
         frames, seconds, stats, kw = renderer.generate(job, preset)
+        interrupts.check()
         side.unlink(missing_ok=True)
         save_media(frames, media, fps=fps)
         meta = renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0, frames)
         meta["settings"] = renderer_settings(renderer, fps)(job, preset)
-        _write_json(side, meta)
-        return {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
+        with interrupts.deferred():
+            _write_json(side, meta)
+            done = {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
+            record(done)
+        return done
     except Exception as e:  # one bad job must not stop the batch; the error is recorded
-        return {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=6)}
+        if interrupts.requested():  # e.g. a library that turned the Ctrl-C into its own error
+            raise KeyboardInterrupt from None
+        failed = {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=6)}
+        record(failed)
+        return failed
 
 
 def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, default_preset: str | None,
@@ -376,13 +404,15 @@ def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, def
         bar = tqdm(list(zip(jobs, skip)), desc="jobs", unit="job", disable=not progress)
         try:
             for job, skipped in bar:
+                interrupts.check()
                 bar.set_postfix_str(job.name[:40])
                 if skipped:
                     results.append(skipped_entry(job, default_preset, renderer.suffix))
                     continue
                 log.write(results, current=job.name)
-                results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
+                render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps, record=results.append)
                 log.write(results)
+            interrupts.check()
         except KeyboardInterrupt:
             bar.close()
             log.write(results, state="interrupted")

@@ -155,21 +155,73 @@ def test_dtype_is_honoured_on_the_embedded_model(tmp_path):
     assert a.shape == b.shape and np.abs(a - b).mean() > 0.01
 
 
-#: the console script's ``main`` with job-1's generation held until the Ctrl-C comes (a state to wait for, not a race
-#: against the machine's load); everything else runs as the user's command does
-_HOLD_JOB_1 = """
-import pathlib, sys, time
-from dit_sparse.tools import render
-started, real = pathlib.Path(sys.argv.pop(1)), render.Renderer.generate
-def generate(self, job, preset, **kw):
-    if job.name == "job-1":
-        started.touch()
-        while True:  # short sleeps: the main thread sees the SIGINT even when another thread received it
-            time.sleep(0.01)
-    return real(self, job, preset, **kw)
-render.Renderer.generate = generate
-from dit_sparse.tools.cli import main
-sys.exit(main(sys.argv[1:]))
+#: hooks the console script runs (a ``sitecustomize`` on ``PYTHONPATH``): at the point ``TEST_CTRL_C_AT`` names, the
+#: child prints ``TEST-STATE: <point>`` on stderr and waits there until the Ctrl-C comes; the test sends it only then.
+#: A state the process reports, never a time: on any load the signal lands at that point.
+_CTRL_C_HOOKS = """
+import os, sys, time
+
+_at = os.environ.get("TEST_CTRL_C_AT")
+
+
+def _requested():
+    try:
+        from dit_sparse.tools import interrupts
+    except ImportError:
+        return False
+    return interrupts.requested()
+
+
+def _hold(where):
+    print(f"TEST-STATE: {where}", file=sys.stderr, flush=True)
+    while not _requested():  # the Ctrl-C raises KeyboardInterrupt here, or (in a finaliser) is recorded
+        time.sleep(0.01)
+
+
+if _at:
+    import diffusers
+    from diffusers.models.transformers import transformer_wan
+    from imageio.plugins.ffmpeg import FfmpegFormat
+
+    from dit_sparse.tiny import model
+    from dit_sparse.tools import render
+
+    _build, _generate = model.build_pipeline, render.Renderer.generate
+    _block, _append = transformer_wan.WanTransformerBlock.forward, FfmpegFormat.Writer._append_data
+    _job, _blocks, _frames = [None], [0], [0]
+
+    class _Finaliser:
+        def __del__(self):
+            _hold("loading (in a finaliser)")
+
+    def build_pipeline(*args, **kwargs):
+        pipe = _build(*args, **kwargs)
+        if _at == "loading":
+            _hold("loading")
+        elif _at == "finaliser":  # as regex's Group.__del__ while a tokenizer loads
+            _Finaliser()
+        return pipe
+
+    def generate(self, job, preset, **kwargs):
+        _job[0], _blocks[0], _frames[0] = job.name, 0, 0
+        if _at == "between" and job.name == "job-1":  # job-0 is done and recorded, job-1 has not begun
+            _hold("between jobs")
+        return _generate(self, job, preset, **kwargs)
+
+    def block(self, *args, **kwargs):
+        _blocks[0] += 1  # 4 blocks x 2 CFG branches a step: call 11 is block 3 of step 2
+        if _at == "step" and _job[0] == "job-1" and _blocks[0] == 11:
+            _hold("inside a step")
+        return _block(self, *args, **kwargs)
+
+    def append(self, im, meta):
+        _frames[0] += 1  # 5 of the 17 frames are in the encoder, its temporary file is on disk
+        if _at == "writing" and _job[0] == "job-1" and _frames[0] == 5:
+            _hold("writing the video")
+        return _append(self, im, meta)
+
+    model.build_pipeline, render.Renderer.generate = build_pipeline, generate
+    transformer_wan.WanTransformerBlock.forward, FfmpegFormat.Writer._append_data = block, append
 """
 
 
@@ -181,31 +233,63 @@ def _terminal_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path):
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 6}) for i, p in
-                              enumerate(["a red circle moving right", "a blue square moving left",
-                                         "a yellow circle moving down"])) + "\n")
-    out, started = tmp_path / "out", tmp_path / "job-1-started"
-    cmd = [sys.executable, "-c", _HOLD_JOB_1, str(started), "render", "--jobs", str(jobs), "--out", str(out),
-           "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+EXE = Path(sys.executable).with_name("dit-sparse")
+
+
+@pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
+@pytest.mark.parametrize("point, done", [("loading", 0), ("finaliser", 0), ("between", 1), ("step", 1),
+                                         ("writing", 1)])
+def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path, point, done):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the model loads (also inside a
+    finaliser, where Python's own handler would lose it), between two jobs, inside a denoising step and while the
+    video is written: exit 130, one "interrupted" line, the run's summary interrupted with the pending jobs, no
+    half-written file."""
+    import queue
+    import threading
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_CTRL_C_HOOKS)
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 2})
+                                                 + "\n" for i, p in enumerate(["a red circle moving right",
+                                                                               "a blue square moving left",
+                                                                               "a yellow circle moving down"])))
+    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TEST_CTRL_C_AT": point}
+    proc = subprocess.Popen([str(EXE), "render", "--jobs", "jobs.jsonl", "--quiet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_terminal_sigint)
-    deadline = time.time() + 600  # only a guard against a hang: the test waits for the state, not for a time
-    while not started.exists():
-        assert proc.poll() is None, "the render ended before job-1 started: " + proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "job-1 never started"
-        time.sleep(0.05)
-    assert (out / "job-0.json").exists() and not (out / "job-1.json").exists()
-    proc.send_signal(signal.SIGINT)  # Ctrl-C while job-1 renders
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err
-    assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["interrupted"] is True and summary["done"] == 1
-    assert summary["pending"] == ["job-1", "job-2"]
-    assert not [f for f in out.iterdir() if ".partial" in f.name]
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr] + [lines.put(None)], daemon=True)
+    reader.start()
+    err = []
+    while True:  # the timeout only guards against a hang: the test waits for the state the child reports
+        line = lines.get(timeout=600)
+        assert line is not None, f"the render ended before {point!r}: rc {proc.wait()}\n{''.join(err)[-3000:]}"
+        err.append(line)
+        if line.startswith("TEST-STATE: "):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=300) == 130, f"{point}: rc {proc.returncode}\n{stdout}\n{''.join(err)}"
+    reader.join(timeout=60)
+    while (line := lines.get_nowait()) is not None:
+        err.append(line)
+    err = "".join(err)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    said = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0], err
+    out = tmp_path / "outputs"
+    (run,) = (out / "runs").glob("*.json")
+    assert f"runs/{run.name}" in said[0], said[0]  # the message names this run's summary
+    for summary in (json.loads(run.read_text()), json.loads((out / "run_summary.json").read_text())):
+        assert (summary["state"], summary["interrupted"], summary["done"]) == ("interrupted", True, done)
+        assert summary["pending"] == [f"job-{i}" for i in range(done, 3)] and summary["failed"] == 0
+    assert not [f for f in out.rglob("*") if ".partial" in f.name]
+    assert sorted(f.name for f in out.glob("job-*")) == [n for i in range(done) for n in (f"job-{i}.json",
+                                                                                         f"job-{i}.mp4")]
+    for i in range(done):
+        assert frames_of(out / f"job-{i}.mp4") == 17
 
 
 def test_compare_prints_faster_or_slower(tmp_path, capsys):
