@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -105,33 +104,6 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(target, dies_half_way)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_killed_run_resumes_without_half_written_outputs(tmp_path):
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 4}) for i, p in
-                              enumerate(["a red circle moving right", "a blue square moving left",
-                                         "a yellow circle moving down"])) + "\n")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dit_sparse.tools.cli", "render", "--jobs", str(jobs), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (out / "job-0.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the first job never finished"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: job-1 is being rendered or written
-    proc.wait()
-    for f in out.iterdir():  # whatever exists and is not a temporary file is complete
-        if f.suffix == ".mp4" and not f.name.startswith("."):
-            assert frames_of(f) > 1
-    assert not (out / "job-2.json").exists()
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["failed"] == 0 and summary["skipped"] >= 1 and summary["done"] + summary["skipped"] == 3
-    assert not [f for f in out.iterdir() if ".partial" in f.name]
-    for i in range(3):
-        assert frames_of(out / f"job-{i}.mp4") > 1 and (out / f"job-{i}.json").exists()
 
 
 def test_compare_reports_speed_and_fidelity(tmp_path, capsys):
@@ -236,6 +208,51 @@ def _terminal_sigint() -> None:
 EXE = Path(sys.executable).with_name("dit-sparse")
 
 
+class HeldRender:
+    """``dit-sparse render --jobs jobs.jsonl`` (3 two-step jobs) from ``cwd``, held at ``point`` by the hooks: the
+    constructor returns once the child has reported that state on stderr (the timeout only guards a hang)."""
+
+    def __init__(self, cwd: Path, point: str):
+        import queue
+        import threading
+
+        hooks = cwd / "hooks"
+        hooks.mkdir()
+        (hooks / "sitecustomize.py").write_text(_CTRL_C_HOOKS)
+        (cwd / "jobs.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 2}) + "\n" for i, p in
+            enumerate(["a red circle moving right", "a blue square moving left", "a yellow circle moving down"])))
+        pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TEST_CTRL_C_AT": point}
+        self.cmd = [str(EXE), "render", "--jobs", "jobs.jsonl", "--quiet"]
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True, preexec_fn=_terminal_sigint)
+        self.lines: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stderr]
+                                       + [self.lines.put(None)], daemon=True)
+        self.reader.start()
+        self.err = []
+        while True:
+            line = self.lines.get(timeout=600)
+            assert line is not None, f"the render ended before {point!r}: rc {self.proc.wait()}\n{self.stderr()}"
+            self.err.append(line)
+            if line.startswith("TEST-STATE: "):
+                break
+
+    def stderr(self) -> str:
+        return "".join(self.err)[-4000:]
+
+    def end(self, sig: int) -> tuple[int, str, str]:
+        """Send ``sig`` to the process group (as a terminal sends Ctrl-C); ``(rc, stdout, stderr)``."""
+        os.killpg(self.proc.pid, sig)
+        stdout = self.proc.stdout.read()
+        rc = self.proc.wait(timeout=300)
+        self.reader.join(timeout=60)
+        while (line := self.lines.get_nowait()) is not None:
+            self.err.append(line)
+        return rc, stdout, "".join(self.err)
+
+
 @pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
 @pytest.mark.parametrize("point, done", [("loading", 0), ("finaliser", 0), ("between", 1), ("step", 1),
                                          ("writing", 1)])
@@ -244,44 +261,15 @@ def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path, point, done):
     finaliser, where Python's own handler would lose it), between two jobs, inside a denoising step and while the
     video is written: exit 130, one "interrupted" line, the run's summary interrupted with the pending jobs, no
     half-written file."""
-    import queue
-    import threading
-
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(_CTRL_C_HOOKS)
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 2})
-                                                 + "\n" for i, p in enumerate(["a red circle moving right",
-                                                                               "a blue square moving left",
-                                                                               "a yellow circle moving down"])))
-    pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TEST_CTRL_C_AT": point}
-    proc = subprocess.Popen([str(EXE), "render", "--jobs", "jobs.jsonl", "--quiet"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_terminal_sigint)
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr] + [lines.put(None)], daemon=True)
-    reader.start()
-    err = []
-    while True:  # the timeout only guards against a hang: the test waits for the state the child reports
-        line = lines.get(timeout=600)
-        assert line is not None, f"the render ended before {point!r}: rc {proc.wait()}\n{''.join(err)[-3000:]}"
-        err.append(line)
-        if line.startswith("TEST-STATE: "):
-            break
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-    stdout = proc.stdout.read()
-    assert proc.wait(timeout=300) == 130, f"{point}: rc {proc.returncode}\n{stdout}\n{''.join(err)}"
-    reader.join(timeout=60)
-    while (line := lines.get_nowait()) is not None:
-        err.append(line)
-    err = "".join(err)
+    rc, stdout, err = HeldRender(tmp_path, point).end(signal.SIGINT)
+    assert rc == 130, f"{point}: rc {rc}\n{stdout}\n{err}"
     assert "Traceback" not in err and "Exception ignored" not in err, err
     said = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0], err
     out = tmp_path / "outputs"
     (run,) = (out / "runs").glob("*.json")
     assert f"runs/{run.name}" in said[0], said[0]  # the message names this run's summary
+    assert f"{done} job(s) rendered in this run are kept, {3 - done} pending" in said[0], said[0]
     for summary in (json.loads(run.read_text()), json.loads((out / "run_summary.json").read_text())):
         assert (summary["state"], summary["interrupted"], summary["done"]) == ("interrupted", True, done)
         assert summary["pending"] == [f"job-{i}" for i in range(done, 3)] and summary["failed"] == 0
@@ -290,6 +278,26 @@ def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path, point, done):
                                                                                          f"job-{i}.mp4")]
     for i in range(done):
         assert frames_of(out / f"job-{i}.mp4") == 17
+
+
+@pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
+def test_killed_run_resumes_without_half_written_outputs(tmp_path):
+    """kill -9 while job-1's video is half written (a state the child reports): what is left is whole or a
+    temporary file, and the same command finishes the rest."""
+    held = HeldRender(tmp_path, "writing")
+    rc, _, _ = held.end(signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = tmp_path / "outputs"
+    assert sorted(f.name for f in out.glob("job-*")) == ["job-0.json", "job-0.mp4"]  # job-1: temporary files only
+    assert frames_of(out / "job-0.mp4") == 17
+    rerun = subprocess.run(held.cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert (summary["failed"], summary["skipped"], summary["done"]) == (0, 1, 2)
+    assert not [f for f in out.rglob("*") if ".partial" in f.name]
+    for i in range(3):
+        assert frames_of(out / f"job-{i}.mp4") == 17 and (out / f"job-{i}.json").exists()
 
 
 def test_compare_prints_faster_or_slower(tmp_path, capsys):
