@@ -361,8 +361,23 @@ def _renderer(args):
                          "folder, or check the hub id and the network") from None
 
 
+def _warn_long_prompts(renderer, jobs) -> None:
+    """One warning when the text encoder would cut prompts (it keeps a fixed number of tokens)."""
+    cut = renderer.long_prompts(jobs)
+    if not cut:
+        return
+    job, which, n, kept = cut[0]
+    who = "--prompt" if job.where == "command line" and which == "prompt" else (
+        "--negative-prompt" if job.where == "command line" else f"{job.where}: {which}")
+    more = f"; {len(cut) - 1} other prompt(s) too" if len(cut) > 1 else ""
+    _say(f"warning: {who} is {n} tokens long but the text encoder keeps only the first {kept} (the rest is "
+         f"ignored){more}; shorten the prompt")
+
+
 def _after_load(args, renderer, rules, jobs, preset):
-    """Hub ids: the rules and the default preset are known only now."""
+    """Hub ids: the rules and the default preset are known only now. Prompts longer than the text encoder takes
+    are named."""
+    _warn_long_prompts(renderer, jobs)
     if rules is None:
         from .jobs import JobError
         from .render import model_default_preset

@@ -229,6 +229,35 @@ class Renderer:
         kw.update(job.extra.get("pipeline_kwargs", {}))
         return kw
 
+    def prompt_tokens(self, text: str, job: Job) -> tuple[int, int, int] | None:
+        """``(tokens, kept, limit)``: how many tokens the pipeline's tokenizer makes of ``text`` (special tokens
+        included), how many the text encoder is given, and the limit (the call's ``max_sequence_length``, else the
+        tokenizer's own maximum). None when the pipeline has no tokenizer or no limit is known."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None or not callable(tok):
+            return None
+        limit = self._call_kwargs(job).get("max_sequence_length")
+        if limit is None:
+            p = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+            limit = p.default if p is not None and isinstance(p.default, int) else None
+        if limit is None:
+            limit = getattr(tok, "model_max_length", None)
+        if not isinstance(limit, int) or limit > 1_000_000:
+            return None
+        n = len(tok(text, add_special_tokens=True)["input_ids"])
+        return n, min(n, limit), limit
+
+    def long_prompts(self, jobs: list[Job]) -> list[tuple[Job, str, int, int]]:
+        """The jobs whose prompt or negative prompt the text encoder would cut: ``(job, which, tokens, kept)``."""
+        out = []
+        for job in jobs:
+            neg = job.negative_prompt if job.negative_prompt is not None else self.defaults.get("negative_prompt")
+            for which, text in (("prompt", job.prompt), ("negative_prompt", neg)):
+                got = self.prompt_tokens(text, job) if text else None
+                if got is not None and got[0] > got[1]:
+                    out.append((job, which, got[0], got[1]))
+        return out
+
     def latent_grid(self, call_kwargs: dict) -> tuple[int, int, int]:
         """Latent grid in patch tokens that a call with ``call_kwargs`` produces (Wan-style video pipelines)."""
         pipe = self.pipe

@@ -1,0 +1,57 @@
+"""Issue 24's first-hour findings, each through the console script as a user types it (from another folder): long
+prompts, the demo's URL and its port/host errors, the long-run warning, pipeline_kwargs cross-checks, a copy of the
+embedded model's folder. One-step renders of the embedded model keep them short."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = Path(sys.executable).with_name("dit-sparse")
+pytestmark = pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
+LOADING = "dit-sparse: loading "
+LONG = "a red circle moving right and a blue square moving left and a yellow triangle moving down " * 2
+
+
+def dit(args: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **extra}
+    return subprocess.run([str(EXE), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def one_line_error(r: subprocess.CompletedProcess, rc: int = 2) -> str:
+    assert r.returncode == rc, f"rc {r.returncode}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def lines_with(text: str, r: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if text in ln]
+
+
+# -- 3: prompts longer than the text encoder takes -------------------------------------------------------------
+def test_long_prompts_warn_once_with_the_tokens_kept(tmp_path):
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in [
+        {"prompt": "a red circle moving right", "name": "short", "steps": 1},
+        {"prompt": LONG, "name": "long-1", "steps": 1},
+        {"prompt": "a blue square", "negative_prompt": LONG, "name": "long-2", "steps": 1}]))
+    r = ok(dit(["render", "--jobs", "jobs.jsonl", "--quiet"], tmp_path))
+    said = lines_with("text encoder", r)
+    assert len(said) == 1, r.stderr  # once, for the whole run
+    assert "jobs.jsonl:2: prompt is 39 tokens long but the text encoder keeps only the first 32" in said[0], said
+    assert "1 other prompt(s) too" in said[0] and "shorten the prompt" in said[0]
+    assert "3 done" in r.stdout
