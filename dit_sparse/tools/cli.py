@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--family", default=None)
     presets.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="launch the Gradio demo", epilog=DEMO_EXAMPLES, formatter_class=fmt)
-    demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--share-host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    demo.add_argument("--share-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                                                                "machine only; 0.0.0.0: every interface)")
     return parser
 
 
@@ -520,16 +521,68 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def _check_listen(host: str, port: int) -> str:
+    """The demo can listen on ``host:port`` (a bind, before gradio loads): a one-line error naming the fix if not.
+    Returns the URL to open."""
+    import errno
+    import socket
+
     from .jobs import SetupError
 
+    if not 1 <= port <= 65535:
+        raise SetupError(f"--port {port}: expected a port number 1 .. 65535; e.g. --port 7860")
+    fix_host = "use --share-host 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SetupError(f"--share-host {host!r} is not a host name or address of this machine "
+                         f"({getattr(e, 'strerror', None) or e}); {fix_host}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SetupError(f"--port {port} is in use on {host} (another program, or a demo already running "
+                                 f"there); pick a free port, e.g. --port {port + 1 if port < 65535 else 7860}"
+                                 ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise SetupError(f"--share-host {host!r} is not an address of this machine; {fix_host}") from None
+            if e.errno == errno.EACCES:
+                raise SetupError(f"--port {port}: this user may not listen on it (ports below 1024 need root); use "
+                                 "a port above 1023, e.g. --port 7860") from None
+            raise SetupError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or "
+                             f"--share-host") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from .jobs import SetupError
+
+    url = _check_listen(args.share_host, args.port)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SetupError("dit-sparse demo needs gradio: pip install 'dit_sparse[app]'") from None
     from .app.ui import launch
 
-    launch(host=args.share_host, port=args.port, block=True)
+    try:
+        demo = launch(host=args.share_host, port=args.port, block=False)
+    except OSError as e:  # the port was taken between the check and the start
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"the demo could not listen on {args.share_host}:{args.port} ({first}); pick another "
+                         "--port") from None
+    elsewhere = " (and from other machines at this machine's address)" if url.startswith("http://127.0.0.1") and \
+        args.share_host in ("0.0.0.0", "::") else ""
+    print(f"dit-sparse demo: running, open {url} in a browser{elsewhere}; Ctrl-C stops it", flush=True)
+    try:
+        while demo.is_running:
+            time.sleep(0.2)
+    finally:
+        demo.close()
     return 0
 
 

@@ -55,3 +55,59 @@ def test_long_prompts_warn_once_with_the_tokens_kept(tmp_path):
     assert "jobs.jsonl:2: prompt is 39 tokens long but the text encoder keeps only the first 32" in said[0], said
     assert "1 other prompt(s) too" in said[0] and "shorten the prompt" in said[0]
     assert "3 done" in r.stdout
+
+
+# -- 5: the demo says where to open it; a busy port or a bad host is one line ---------------------------------
+@pytest.fixture
+def busy_port():
+    """A port this test listens on (so `dit-sparse demo` cannot)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--share-host", "no-such-host.invalid"], "--share-host 'no-such-host.invalid' is not a host name or address"),
+    (["--share-host", "192.0.2.1"], "--share-host '192.0.2.1' is not an address of this machine; use --share-host "
+                                    "127.0.0.1 (this machine only) or 0.0.0.0"),
+    (["--port", "70000"], "--port 70000: expected a port number 1 .. 65535"),
+])
+def test_demo_bad_host_or_port_is_one_line(tmp_path, flags, expect):
+    line = one_line_error(dit(["demo", *flags], tmp_path))
+    assert expect in line, line
+
+
+def test_demo_busy_port_is_one_line_naming_a_free_one(tmp_path, busy_port):
+    line = one_line_error(dit(["demo", "--port", str(busy_port)], tmp_path))
+    assert f"--port {busy_port} is in use on 127.0.0.1" in line and f"e.g. --port {busy_port + 1}" in line, line
+
+
+def test_demo_prints_the_url_to_open(tmp_path):
+    import queue
+    import signal
+    import threading
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    proc = subprocess.Popen([str(EXE), "demo", "--port", str(port)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=300)  # the state it reports, printed once the server listens (timeout: a hang guard)
+        assert line.strip() == (f"dit-sparse demo: running, open http://127.0.0.1:{port}/ in a browser; Ctrl-C "
+                                "stops it"), (line, proc.poll())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=60) as r:
+            assert json.loads(r.read())["title"] == "dit_sparse demo"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
