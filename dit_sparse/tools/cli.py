@@ -261,13 +261,79 @@ def _throughput(device: str, dtype_name: str) -> float:
 
 
 def _fmt_seconds(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f} s"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def _fmt_flop(f: float) -> str:
+    return f"{f / 1e12:.0f} TFLOP" if f >= 1e12 else f"{f / 1e9:.1f} GFLOP"
+
+
+LONG_RUN_ENV = "DIT_SPARSE_LONG_RUN_S"
+
+
+def _long_run_limit() -> float:
+    """Seconds above which a run is warned about (``DIT_SPARSE_LONG_RUN_S``, default 600: ten minutes)."""
+    import math
+    import os
+
+    from .jobs import SetupError
+
+    raw = os.environ.get(LONG_RUN_ENV)
+    if raw is None:
+        return 600.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise SetupError(f"{LONG_RUN_ENV}={raw!r}: expected a number of seconds >= 0 (the run length above which "
+                         f"dit-sparse warns); e.g. {LONG_RUN_ENV}=600, or unset it")
+    return value
+
+
+class _LongRun:
+    """The warning for a long run from the speed of its first steps (the estimate before loading is a lower bound:
+    transformer matmuls at the device's peak, decoding left out, so a long run can pass under it). After step 2 of
+    the first job rendered, the steps still to come (scaled by each job's estimated cost per step where known) at
+    that step's time are projected; above the limit, one warning."""
+
+    def __init__(self, limit: float, rules, jobs):
+        self.limit, self.rules, self.jobs, self.done = limit, rules, list(jobs), False
+
+    def _per_step(self, job):
+        if self.rules is None:
+            return None
+        flops, steps = self.rules.flops(job), self.rules.resolve(job)["steps"]
+        return flops / steps if flops and steps else None
+
+    def on_step(self, job, index: int, seconds: float) -> None:
+        if self.done or index != 2 or job not in self.jobs:
+            return
+        self.done = True
+        at = self.jobs.index(job)
+        here = self._per_step(job)
+        steps = lambda j: (self.rules.resolve(j)["steps"] if self.rules is not None else None) or j.steps or 0
+        left = 0.0
+        for j in self.jobs[at:]:
+            n = steps(j) - (2 if j is job else 0)
+            cost = self._per_step(j)
+            left += max(n, 0) * (cost / here if cost and here else 1.0)
+        projected = left * seconds
+        if projected > self.limit:
+            _say(f"warning: this run will take about {_fmt_seconds(projected)} more: a denoising step takes "
+                 f"{seconds:.2f} s here and {left:.0f} step(s) of {len(self.jobs) - at} job(s) remain (decoding not "
+                 f"counted); Ctrl-C stops cleanly")
+
+
 def _warn_cost(args, rules, jobs) -> None:
-    """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts."""
+    """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts (above
+    :func:`_long_run_limit`); ``args.cost_warned`` says whether it did."""
     from .model_rules import is_embedded_folder
 
+    limit = _long_run_limit()
+    args.cost_warned = False
     device = args.device or "cpu"
     flops = [rules.flops(j) for j in jobs]
     known = [f for f in flops if f is not None]
@@ -281,15 +347,17 @@ def _warn_cost(args, rules, jobs) -> None:
             _say(f"{who}no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
                  + (f", {v['frames']} frames" if v["frames"] else "") + f", {v['steps']} steps")
             break
-    if total is None or (total < 5e12 and not real_on_cpu):
+    if total is None or (total < limit * 1e10 and not real_on_cpu):  # within the limit even at 10 GFLOP/s
         if real_on_cpu:
             _say(f"warning: {rules.describe()} on CPU will be very slow; use --device cuda")
+            args.cost_warned = True
         return
     rate = _throughput(device, args.dtype)
     secs = total / rate if rate else float("inf")
-    if real_on_cpu or secs > 600:
+    if real_on_cpu or secs > limit:
+        args.cost_warned = True
         where = "on CPU " if device == "cpu" else ""
-        _say(f"warning: {rules.describe()} {where}— estimated {total / 1e12:.0f} TFLOP in the transformer for "
+        _say(f"warning: {rules.describe()} {where}— estimated {_fmt_flop(total)} in the transformer for "
              f"{len(known)} job(s), about {_fmt_seconds(secs)} at the {rate / 1e9:.0f} GFLOP/s a {args.dtype} "
              f"matmul reaches on {device} here (a lower bound); Ctrl-C stops cleanly"
              + ("; use --device cuda" if device == "cpu" else ""))
@@ -445,6 +513,9 @@ def _run(args, rules, jobs, preset, skip, run) -> dict:
 
     renderer = _renderer(args)
     preset = _after_load(args, renderer, rules, jobs, preset)
+    if not getattr(args, "cost_warned", False):
+        pending = [j for j, skipped in zip(jobs, skip or [False] * len(jobs)) if not skipped]
+        renderer.on_step = _LongRun(_long_run_limit(), renderer.rules, pending).on_step
     return render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps, progress=not args.quiet,
                        force=args.force, run=run)
 

@@ -11,6 +11,7 @@ compares, the run summaries) is :mod:`dit_sparse.tools.outputs`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import platform
@@ -180,6 +181,9 @@ class Renderer:
         self.model = model
         self.device = device
         self.dtype = dtype
+        #: ``on_step(job, index, seconds)`` after each denoising step (1-based; step 1's time includes the text
+        #: encoder), or None
+        self.on_step = None
         from .model_rules import is_embedded_folder
 
         if model == DEFAULT_MODEL or is_embedded_folder(model):  # its own folder given as --model: same defaults
@@ -285,7 +289,7 @@ class Renderer:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), self._timed_steps(job):
                 out = self.pipe(**kw)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -305,6 +309,27 @@ class Renderer:
                 self._remove(self.pipe)
         frames = out.frames[0] if hasattr(out, "frames") else np.asarray(out.images[0])[None]
         return np.asarray(frames), seconds, summary, kw
+
+    @contextlib.contextmanager
+    def _timed_steps(self, job: Job):
+        """Calls :attr:`on_step` after every ``scheduler.step`` (once per denoising step in diffusers pipelines)."""
+        sched, observer = getattr(self.pipe, "scheduler", None), self.on_step
+        if observer is None or sched is None or "step" in vars(sched):
+            yield
+            return
+        real, marks = sched.step, [time.perf_counter()]
+
+        def step(*args, **kwargs):
+            out = real(*args, **kwargs)
+            marks.append(time.perf_counter())
+            observer(job, len(marks) - 1, marks[-1] - marks[-2])
+            return out
+
+        sched.step = step
+        try:
+            yield
+        finally:
+            del sched.step
 
     def sidecar(self, job: Job, preset, kw: dict, seconds: float, summary, wall: float, frames=None) -> dict:
         """The JSON sidecar: what was rendered (frames, size and steps of the output, dtype, device, preset)."""

@@ -111,3 +111,44 @@ def test_demo_prints_the_url_to_open(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# -- 8: a run longer than the limit (ten minutes; DIT_SPARSE_LONG_RUN_S) is warned about -------------------------
+ESTIMATE, MEASURED = "in the transformer for", "this run will take about"
+
+
+def test_long_run_warns_before_loading_from_the_estimate(tmp_path):
+    """Limit 0 s: every run is "long"; the estimate is printed once, before the model loads."""
+    r = ok(dit(["render", "--steps", "2", "--quiet", "--name", "a"], tmp_path, DIT_SPARSE_LONG_RUN_S="0"))
+    lines = r.stderr.splitlines()
+    said = [i for i, ln in enumerate(lines) if ESTIMATE in ln]
+    loading = [i for i, ln in enumerate(lines) if ln.startswith(LOADING)]
+    assert len(said) == 1 and said[0] < loading[0], r.stderr
+    assert "GFLOP in the transformer for 1 job(s), about" in lines[said[0]] and "a lower bound" in lines[said[0]]
+    assert not lines_with(MEASURED, r)  # one warning per run
+
+
+def test_long_run_warns_from_the_first_steps_when_the_estimate_missed(tmp_path):
+    """The estimate is a lower bound (an 18-minute run passed under it): made ~0 s here by a device said to be
+    10^18 FLOP/s fast, it stays silent; the first steps' speed then projects the run and warns, once."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("from dit_sparse.tools import cli\ncli._throughput = lambda *a: 1e18\n")
+    job = {"prompt": "a red circle moving right", "steps": 3}
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({**job, "seed": i, "name": f"job-{i}"}) + "\n"
+                                                 for i in range(2)))
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    r = ok(dit(["render", "--jobs", "jobs.jsonl", "--quiet"], tmp_path, DIT_SPARSE_LONG_RUN_S="0.000001",
+               PYTHONPATH=path))
+    assert not lines_with(ESTIMATE, r), r.stderr
+    (said,) = lines_with(MEASURED, r)
+    assert "more: a denoising step takes" in said and "4 step(s) of 2 job(s) remain" in said, said
+    assert "2 done" in r.stdout
+
+
+def test_a_short_run_is_not_warned_about_and_a_bad_limit_is_one_line(tmp_path):
+    r = ok(dit(["render", "--steps", "2", "--quiet", "--name", "a"], tmp_path))
+    assert not lines_with("warning", r), r.stderr
+    line = one_line_error(dit(["render", "--steps", "2", "--name", "b"], tmp_path, DIT_SPARSE_LONG_RUN_S="ten"))
+    assert "DIT_SPARSE_LONG_RUN_S='ten': expected a number of seconds >= 0" in line, line
+    assert LOADING.strip() not in line
