@@ -152,3 +152,35 @@ def test_a_short_run_is_not_warned_about_and_a_bad_limit_is_one_line(tmp_path):
     line = one_line_error(dit(["render", "--steps", "2", "--name", "b"], tmp_path, DIT_SPARSE_LONG_RUN_S="ten"))
     assert "DIT_SPARSE_LONG_RUN_S='ten': expected a number of seconds >= 0" in line, line
     assert LOADING.strip() not in line
+
+
+# -- 9: pipeline_kwargs cannot override a job's fields; a size the model cannot take fails before loading ------
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"num_inference_steps": 30}, "'num_inference_steps' is the job's 'steps' field, which pipeline_kwargs must not "
+                                  "override (it would bypass the checks and the sidecar); give \"steps\": 30 instead"),
+    ({"height": 72}, "'height' is the job's 'height' field, which pipeline_kwargs must not override (it would "
+                     "bypass the checks and the sidecar); give \"size\": \"WxH\" (or \"height\": 72) instead"),
+    ({"generator": 5}, "give \"seed\": 5 instead"),
+    ({"output_type": "pil"}, "'output_type' is set by dit-sparse (it writes the frames itself); drop it"),
+])
+def test_pipeline_kwargs_that_override_job_fields_are_refused(tmp_path, kwargs, expect):
+    job = {"prompt": "a red circle", "steps": 2, "pipeline_kwargs": kwargs}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
+    r = dit(["render", "--jobs", "jobs.jsonl"], tmp_path)
+    line = one_line_error(r)
+    assert "jobs.jsonl:1: pipeline_kwargs: " in line and expect in line, line
+    assert not lines_with(LOADING, r)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--size", "64x72"], "--size: got 72 (int), expected a height that is a multiple of 16 for this model; use 64 "
+                          "or 80"),
+    (["--jobs", "jobs.jsonl"], "jobs.jsonl:1: height: got 72 (int), expected a height that is a multiple of 16 for "
+                               "this model; use 64 or 80"),
+])
+def test_a_height_the_model_cannot_take_fails_before_loading(tmp_path, args, expect):
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a red circle", "steps": 2, "height": 72}) + "\n")
+    r = dit(["render", "--steps", "2", *args], tmp_path)
+    line = one_line_error(r)
+    assert expect in line, line
+    assert not lines_with(LOADING, r)
