@@ -327,6 +327,14 @@ class _LongRun:
                  f"counted); Ctrl-C stops cleanly")
 
 
+def _folder_defaults(model: str) -> dict:
+    from pathlib import Path
+
+    from .model_rules import read_render_defaults
+
+    return read_render_defaults(model) if Path(model).expanduser().is_dir() else {}
+
+
 def _warn_cost(args, rules, jobs) -> None:
     """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts (above
     :func:`_long_run_limit`); ``args.cost_warned`` says whether it did."""
@@ -340,8 +348,10 @@ def _warn_cost(args, rules, jobs) -> None:
     total = sum(known) if known else None
     real_on_cpu = device == "cpu" and rules.size_class in ("small", "large")
     embedded = args.model == "embedded" or is_embedded_folder(args.model)
+    own = {} if embedded else _folder_defaults(args.model)
     for job in jobs:
-        if not embedded and (job.frames is None or job.width is None) and rules.defaults:
+        if not embedded and not {"width", "height"} <= own.keys() and (job.frames is None or job.width is None) \
+                and rules.defaults:
             v = rules.resolve(job)
             who = "" if job.where == "command line" else f"{job.where}: "
             _say(f"{who}no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
@@ -379,20 +389,11 @@ def _quiet_loading() -> None:
 def _prepare(args, *, compare: bool = False):
     """Everything checked before any model loads: ``(rules, jobs, preset)``; ``rules`` is None for a hub id."""
     from .jobs import JobError, load_jobs
-    from .model_rules import read_model_rules
 
     _check_common(args)
-    rules = read_model_rules(args.model)  # SetupError for a missing path / a folder that is not a pipeline
-    if rules is not None and not rules.defaults:  # a folder: the pipeline class's own call defaults
-        import dataclasses
+    from .render import folder_rules
 
-        import diffusers
-
-        from .render import call_defaults
-
-        cls = getattr(diffusers, rules.pipeline, None)
-        if cls is not None:
-            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+    rules = folder_rules(args.model)  # SetupError for a missing path / a folder that is not a pipeline
     if getattr(args, "jobs", None):
         jobs = load_jobs(args.jobs)
     else:

@@ -133,8 +133,9 @@ def rules_of_pipeline(pipe, defaults: dict | None = None) -> ModelRules:
 
 
 def folder_rules(model: str) -> ModelRules | None:
-    """:class:`~dit_sparse.tools.model_rules.ModelRules` of ``"embedded"`` or a local folder with the pipeline
-    class's own call defaults (as the CLI reads them before loading); None for a hub id."""
+    """:class:`~dit_sparse.tools.model_rules.ModelRules` of ``"embedded"`` or a local folder with its render
+    defaults: the folder's ``render_defaults.json`` where it has one, else the pipeline class's own call defaults
+    (as the CLI reads them before loading); None for a hub id."""
     import dataclasses
 
     import diffusers
@@ -142,10 +143,10 @@ def folder_rules(model: str) -> ModelRules | None:
     from .model_rules import read_model_rules
 
     rules = read_model_rules(model)
-    if rules is not None and not rules.defaults:
+    if rules is not None:  # the folder's own render_defaults.json over the pipeline class's call defaults
         cls = getattr(diffusers, rules.pipeline, None)
         if cls is not None:
-            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+            rules = dataclasses.replace(rules, defaults={**call_defaults(cls), **rules.defaults})
     return rules
 
 
@@ -197,9 +198,11 @@ class Renderer:
                              "pipeline_kwargs": {"max_sequence_length": c["max_sequence_length"]}}
         else:
             from ..integration.pipelines import load_pipeline
+            from .model_rules import read_render_defaults
 
             self.pipe = load_pipeline(model, torch_dtype=dtype)
-            self.defaults = call_defaults(type(self.pipe))
+            own = read_render_defaults(model) if Path(model).expanduser().is_dir() else {}
+            self.defaults = {**call_defaults(type(self.pipe)), **own}  # a saved or copied folder renders as it did
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.is_video = _is_video(type(self.pipe).__name__,

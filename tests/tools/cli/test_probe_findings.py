@@ -184,3 +184,50 @@ def test_a_height_the_model_cannot_take_fails_before_loading(tmp_path, args, exp
     line = one_line_error(r)
     assert expect in line, line
     assert not lines_with(LOADING, r)
+
+
+# -- 11: a copy of the embedded model's folder (or the folder through a link) renders as the embedded model --------
+def test_the_shipped_render_defaults_are_the_embedded_models():
+    from dit_sparse.tiny.model import ASSET_DIR, RENDER_DEFAULTS_FILE, render_defaults
+    from dit_sparse.tools.model_rules import DEFAULTS_FILE, read_render_defaults
+
+    assert RENDER_DEFAULTS_FILE == DEFAULTS_FILE
+    assert read_render_defaults(ASSET_DIR) == render_defaults()
+    assert render_defaults()["height"] == 64 and render_defaults()["frames"] == 17
+
+
+def test_a_copied_or_linked_embedded_folder_renders_as_the_embedded_model(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from dit_sparse.tiny.model import ASSET_DIR
+
+    shutil.copytree(ASSET_DIR, tmp_path / "my-copy")
+    (tmp_path / "my-link").symlink_to(ASSET_DIR, target_is_directory=True)
+    args = ["--prompt", "a red circle moving right", "--steps", "2", "--quiet"]
+    ok(dit(["render", *args, "--name", "embedded"], tmp_path))
+    for model in ("my-copy", "my-link"):
+        r = ok(dit(["render", "--model", model, *args, "--name", model], tmp_path))
+        assert not lines_with("warning", r) and not lines_with("defaults", r), r.stderr  # no 832x480 note
+        assert "using 'tiny-wan:draft-rect-80'" in r.stderr or model == "my-link", r.stderr
+        meta = json.loads((tmp_path / "outputs" / f"{model}.json").read_text())
+        assert (meta["frames"], meta["height"], meta["width"], meta["steps"]) == (17, 64, 64, 2)
+        assert meta["negative_prompt"] == "" and meta["preset"] == "tiny-wan:draft-rect-80"
+        same = [iio.imread(tmp_path / "outputs" / f"{n}.mp4") for n in ("embedded", model)]
+        assert same[0].shape == same[1].shape == (17, 64, 64, 3) and np.array_equal(*same)
+
+
+@pytest.mark.parametrize("content, expect", [
+    ('{"height": "big"}', "render_defaults.json: height: got 'big', expected a positive integer"),
+    ('{"hieght": 64}', "render_defaults.json: unknown key 'hieght'"),
+    ("[1, 2]", "render_defaults.json: got a JSON list, expected an object"),
+])
+def test_a_bad_render_defaults_file_is_one_line_before_loading(tmp_path, content, expect):
+    from dit_sparse.tiny.model import ASSET_DIR
+
+    shutil.copytree(ASSET_DIR, tmp_path / "my-copy")
+    (tmp_path / "my-copy" / "render_defaults.json").write_text(content)
+    r = dit(["render", "--model", "my-copy", "--prompt", "a red circle", "--steps", "1"], tmp_path)
+    line = one_line_error(r)
+    assert expect in line and "fix or remove the file" in line, line
+    assert not lines_with(LOADING, r)
