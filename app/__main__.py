@@ -3,4 +3,4 @@
 from dit_sparse.tools.app.__main__ import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

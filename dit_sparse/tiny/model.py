@@ -36,6 +36,7 @@ attention structure is measured by ``benchmarks/attention_structure.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -62,6 +63,8 @@ __all__ = [
     "build_random_pipeline",
     "build_pipeline",
     "save_pipeline",
+    "render_defaults",
+    "RENDER_DEFAULTS_FILE",
     "folder_size",
 ]
 
@@ -89,6 +92,18 @@ DEFAULT_CALL: dict = {
     "output_type": "np",
 }
 DEFAULT_NEGATIVE_PROMPT = ""
+
+#: written beside the pipeline by :func:`save_pipeline` (``dit-sparse`` reads it: ``render_defaults.json``), so a
+#: saved or copied folder renders as the embedded model does, not with ``WanPipeline``'s 832 x 480 x 81 defaults
+RENDER_DEFAULTS_FILE = "render_defaults.json"
+
+
+def render_defaults() -> dict:
+    """The folder's render defaults (:data:`DEFAULT_CALL` in the job fields' names)."""
+    c = DEFAULT_CALL
+    return {"steps": c["num_inference_steps"], "frames": c["num_frames"], "height": c["height"], "width": c["width"],
+            "guidance_scale": c["guidance_scale"], "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            "pipeline_kwargs": {"max_sequence_length": c["max_sequence_length"]}}
 
 #: one token each in the tokenizer
 VOCAB_WORDS: tuple[str, ...] = ("a", "an", "the", *COLOURS, *SHAPES, "moving",
@@ -270,6 +285,7 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, weights_dtype: torch.dtype |
                            vae=copy.deepcopy(pipe.vae).to(weights_dtype),
                            transformer=copy.deepcopy(pipe.transformer).to(weights_dtype), scheduler=pipe.scheduler)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / RENDER_DEFAULTS_FILE).write_text(json.dumps(render_defaults(), indent=2) + "\n")
     return out
 
 

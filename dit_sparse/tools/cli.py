@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--family", default=None)
     presets.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="launch the Gradio demo", epilog=DEMO_EXAMPLES, formatter_class=fmt)
-    demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--share-host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    demo.add_argument("--share-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                                                                "machine only; 0.0.0.0: every interface)")
     return parser
 
 
@@ -275,35 +276,113 @@ def _throughput(device: str, dtype_name: str) -> float:
 
 
 def _fmt_seconds(s: float) -> str:
+    if s < 10:
+        return f"{s:.1f} s"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def _fmt_flop(f: float) -> str:
+    return f"{f / 1e12:.0f} TFLOP" if f >= 1e12 else f"{f / 1e9:.1f} GFLOP"
+
+
+LONG_RUN_ENV = "DIT_SPARSE_LONG_RUN_S"
+
+
+def _long_run_limit() -> float:
+    """Seconds above which a run is warned about (``DIT_SPARSE_LONG_RUN_S``, default 600: ten minutes)."""
+    import math
+    import os
+
+    from .jobs import SetupError
+
+    raw = os.environ.get(LONG_RUN_ENV)
+    if raw is None:
+        return 600.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise SetupError(f"{LONG_RUN_ENV}={raw!r}: expected a number of seconds >= 0 (the run length above which "
+                         f"dit-sparse warns); e.g. {LONG_RUN_ENV}=600, or unset it")
+    return value
+
+
+class _LongRun:
+    """The warning for a long run from the speed of its first steps (the estimate before loading is a lower bound:
+    transformer matmuls at the device's peak, decoding left out, so a long run can pass under it). After step 2 of
+    the first job rendered, the steps still to come (scaled by each job's estimated cost per step where known) at
+    that step's time are projected; above the limit, one warning."""
+
+    def __init__(self, limit: float, rules, jobs):
+        self.limit, self.rules, self.jobs, self.done = limit, rules, list(jobs), False
+
+    def _per_step(self, job):
+        if self.rules is None:
+            return None
+        flops, steps = self.rules.flops(job), self.rules.resolve(job)["steps"]
+        return flops / steps if flops and steps else None
+
+    def on_step(self, job, index: int, seconds: float) -> None:
+        if self.done or index != 2 or job not in self.jobs:
+            return
+        self.done = True
+        at = self.jobs.index(job)
+        here = self._per_step(job)
+        steps = lambda j: (self.rules.resolve(j)["steps"] if self.rules is not None else None) or j.steps or 0
+        left = 0.0
+        for j in self.jobs[at:]:
+            n = steps(j) - (2 if j is job else 0)
+            cost = self._per_step(j)
+            left += max(n, 0) * (cost / here if cost and here else 1.0)
+        projected = left * seconds
+        if projected > self.limit:
+            _say(f"warning: this run will take about {_fmt_seconds(projected)} more: a denoising step takes "
+                 f"{seconds:.2f} s here and {left:.0f} step(s) of {len(self.jobs) - at} job(s) remain (decoding not "
+                 f"counted); Ctrl-C stops cleanly")
+
+
+def _folder_defaults(model: str) -> dict:
+    from pathlib import Path
+
+    from .model_rules import read_render_defaults
+
+    return read_render_defaults(model) if Path(model).expanduser().is_dir() else {}
+
+
 def _warn_cost(args, rules, jobs) -> None:
-    """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts."""
+    """A real model on CPU, or a large estimated cost, gets a warning with the estimate before it starts (above
+    :func:`_long_run_limit`); ``args.cost_warned`` says whether it did."""
     from .model_rules import is_embedded_folder
 
+    limit = _long_run_limit()
+    args.cost_warned = False
     device = args.device or "cpu"
     flops = [rules.flops(j) for j in jobs]
     known = [f for f in flops if f is not None]
     total = sum(known) if known else None
     real_on_cpu = device == "cpu" and rules.size_class in ("small", "large")
     embedded = args.model == "embedded" or is_embedded_folder(args.model)
+    own = {} if embedded else _folder_defaults(args.model)
     for job in jobs:
-        if not embedded and (job.frames is None or job.width is None) and rules.defaults:
+        if not embedded and not {"width", "height"} <= own.keys() and (job.frames is None or job.width is None) \
+                and rules.defaults:
             v = rules.resolve(job)
             who = "" if job.where == "command line" else f"{job.where}: "
             _say(f"{who}no --size/--frames given: the pipeline's defaults {v['width']}x{v['height']}"
                  + (f", {v['frames']} frames" if v["frames"] else "") + f", {v['steps']} steps")
             break
-    if total is None or (total < 5e12 and not real_on_cpu):
+    if total is None or (total < limit * 1e10 and not real_on_cpu):  # within the limit even at 10 GFLOP/s
         if real_on_cpu:
             _say(f"warning: {rules.describe()} on CPU will be very slow; use --device cuda")
+            args.cost_warned = True
         return
     rate = _throughput(device, args.dtype)
     secs = total / rate if rate else float("inf")
-    if real_on_cpu or secs > 600:
+    if real_on_cpu or secs > limit:
+        args.cost_warned = True
         where = "on CPU " if device == "cpu" else ""
-        _say(f"warning: {rules.describe()} {where}— estimated {total / 1e12:.0f} TFLOP in the transformer for "
+        _say(f"warning: {rules.describe()} {where}— estimated {_fmt_flop(total)} in the transformer for "
              f"{len(known)} job(s), about {_fmt_seconds(secs)} at the {rate / 1e9:.0f} GFLOP/s a {args.dtype} "
              f"matmul reaches on {device} here (a lower bound); Ctrl-C stops cleanly"
              + ("; use --device cuda" if device == "cpu" else ""))
@@ -325,20 +404,11 @@ def _quiet_loading() -> None:
 def _prepare(args, *, compare: bool = False):
     """Everything checked before any model loads: ``(rules, jobs, preset)``; ``rules`` is None for a hub id."""
     from .jobs import JobError, load_jobs
-    from .model_rules import read_model_rules
 
     _check_common(args)
-    rules = read_model_rules(args.model)  # SetupError for a missing path / a folder that is not a pipeline
-    if rules is not None and not rules.defaults:  # a folder: the pipeline class's own call defaults
-        import dataclasses
+    from .render import folder_rules
 
-        import diffusers
-
-        from .render import call_defaults
-
-        cls = getattr(diffusers, rules.pipeline, None)
-        if cls is not None:
-            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+    rules = folder_rules(args.model)  # SetupError for a missing path / a folder that is not a pipeline
     if getattr(args, "jobs", None):
         jobs = load_jobs(args.jobs)
     else:
@@ -377,8 +447,23 @@ def _renderer(args):
                          "folder, or check the hub id and the network") from None
 
 
+def _warn_long_prompts(renderer, jobs) -> None:
+    """One warning when the text encoder would cut prompts (it keeps a fixed number of tokens)."""
+    cut = renderer.long_prompts(jobs)
+    if not cut:
+        return
+    job, which, n, kept = cut[0]
+    who = "--prompt" if job.where == "command line" and which == "prompt" else (
+        "--negative-prompt" if job.where == "command line" else f"{job.where}: {which}")
+    more = f"; {len(cut) - 1} other prompt(s) too" if len(cut) > 1 else ""
+    _say(f"warning: {who} is {n} tokens long but the text encoder keeps only the first {kept} (the rest is "
+         f"ignored){more}; shorten the prompt")
+
+
 def _after_load(args, renderer, rules, jobs, preset):
-    """Hub ids: the rules and the default preset are known only now."""
+    """Hub ids: the rules and the default preset are known only now. Prompts longer than the text encoder takes
+    are named."""
+    _warn_long_prompts(renderer, jobs)
     if rules is None:
         from .jobs import JobError
         from .render import model_default_preset
@@ -422,6 +507,36 @@ def _all_skipped(args, jobs, preset, run) -> dict:
         return run.write([skipped_entry(j, preset, suffix) for j in jobs], state="finished")
 
 
+def _run(args, rules, jobs, preset, skip, run) -> dict:
+    """The render itself, inside ``run`` (the run summary): skip all, over Ray, or here."""
+    if skip is not None and all(skip):
+        return _all_skipped(args, jobs, preset, run)
+    if args.ray is not None:
+        import torch
+
+        from .ray_batch import render_jobs_ray
+
+        ray_preset = args.preset if args.preset is not None else preset
+        try:
+            return render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset, address=args.ray or None,
+                                   actors=args.ray_actors, device=args.device, dtype=getattr(torch, args.dtype),
+                                   fps=args.fps, progress=not args.quiet, force=args.force, rules=rules,
+                                   run_log=run)
+        except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
+            from .jobs import SetupError
+
+            raise SetupError(str(e).strip().replace("\n", " ")) from None
+    from .render import render_jobs
+
+    renderer = _renderer(args)
+    preset = _after_load(args, renderer, rules, jobs, preset)
+    if not getattr(args, "cost_warned", False):
+        pending = [j for j, skipped in zip(jobs, skip or [False] * len(jobs)) if not skipped]
+        renderer.on_step = _LongRun(_long_run_limit(), renderer.rules, pending).on_step
+    return render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps, progress=not args.quiet,
+                       force=args.force, run=run)
+
+
 def cmd_render(args) -> int:
     from .jobs import JobError
 
@@ -436,35 +551,16 @@ def cmd_render(args) -> int:
         raise JobError("give --prompt or --jobs, not both")
     rules, jobs, preset = _prepare(args)
     skip = _plan_outputs(args, rules, jobs, preset)
+    import contextlib
+
+    from . import interrupts
     from .outputs import RunLog
 
-    run = RunLog(args.out, jobs, say=_say)
-    if skip is not None and all(skip):
-        summary = _all_skipped(args, jobs, preset, run)
-    elif args.ray is not None:
-        import torch
-
-        from .ray_batch import render_jobs_ray
-
-        ray_preset = args.preset if args.preset is not None else preset
-        with run:
-            try:
-                summary = render_jobs_ray(jobs, args.out, model=args.model, preset=ray_preset,
-                                          address=args.ray or None, actors=args.ray_actors, device=args.device,
-                                          dtype=getattr(torch, args.dtype), fps=args.fps, progress=not args.quiet,
-                                          force=args.force, rules=rules, run_log=run)
-            except (ImportError, LookupError, ConnectionError, RuntimeError) as e:  # set-up: one line, exit 2
-                from .jobs import SetupError
-
-                raise SetupError(str(e).strip().replace("\n", " ")) from None
-    else:
-        from .render import render_jobs
-
-        with run:
-            renderer = _renderer(args)
-            preset = _after_load(args, renderer, rules, jobs, preset)
-            summary = render_jobs(renderer, jobs, args.out, default_preset=preset, fps=args.fps,
-                                  progress=not args.quiet, force=args.force, run=run)
+    with contextlib.ExitStack() as stack:
+        with interrupts.deferred():  # a Ctrl-C from here on ends in this run's summary (state interrupted)
+            run = stack.enter_context(RunLog(args.out, jobs, say=_say))
+            args.run_log = run
+        summary = _run(args, rules, jobs, preset, skip, run)
     for r in summary["results"]:
         line = f"  {r['status']:<28} {r['output']}"
         if r["status"] == "failed":
@@ -516,35 +612,102 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def _check_listen(host: str, port: int) -> str:
+    """The demo can listen on ``host:port`` (a bind, before gradio loads): a one-line error naming the fix if not.
+    Returns the URL to open."""
+    import errno
+    import socket
+
     from .jobs import SetupError
 
+    if not 1 <= port <= 65535:
+        raise SetupError(f"--port {port}: expected a port number 1 .. 65535; e.g. --port 7860")
+    fix_host = "use --share-host 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SetupError(f"--share-host {host!r} is not a host name or address of this machine "
+                         f"({getattr(e, 'strerror', None) or e}); {fix_host}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SetupError(f"--port {port} is in use on {host} (another program, or a demo already running "
+                                 f"there); pick a free port, e.g. --port {port + 1 if port < 65535 else 7860}"
+                                 ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise SetupError(f"--share-host {host!r} is not an address of this machine; {fix_host}") from None
+            if e.errno == errno.EACCES:
+                raise SetupError(f"--port {port}: this user may not listen on it (ports below 1024 need root); use "
+                                 "a port above 1023, e.g. --port 7860") from None
+            raise SetupError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or "
+                             f"--share-host") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from .jobs import SetupError
+
+    url = _check_listen(args.share_host, args.port)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SetupError("dit-sparse demo needs gradio: pip install 'dit_sparse[app]'") from None
     from .app.ui import launch
 
-    launch(host=args.share_host, port=args.port, block=True)
+    try:
+        demo = launch(host=args.share_host, port=args.port, block=False)
+    except OSError as e:  # the port was taken between the check and the start
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"the demo could not listen on {args.share_host}:{args.port} ({first}); pick another "
+                         "--port") from None
+    elsewhere = " (and from other machines at this machine's address)" if url.startswith("http://127.0.0.1") and \
+        args.share_host in ("0.0.0.0", "::") else ""
+    print(f"dit-sparse demo: running, open {url} in a browser{elsewhere}; Ctrl-C stops it", flush=True)
+    try:
+        while demo.is_running:
+            time.sleep(0.2)
+    finally:
+        demo.close()
     return 0
 
 
+def _interrupted(args) -> int:
+    """The one line a Ctrl-C ends with (exit 130); the run's summary names the pending jobs."""
+    run = getattr(args, "run_log", None)
+    line = f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
+    if run is not None:
+        done = sum(r["status"] == "done" for r in run.results)
+        pending = len(run.jobs) - len(run.results)
+        line += (f"; {done} job(s) rendered in this run are kept, {pending} pending are listed in "
+                 f"{run.out_dir}/{run.own.parent.name}/{run.own.name}: rerun the same command to resume")
+    print(line, file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupts
+
     args = build_parser().parse_args(argv)
     handler = {"render": cmd_render, "compare": cmd_compare, "presets": cmd_presets, "demo": cmd_demo}
-    try:
-        return handler[args.command](args)
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        summary = Path(out) / "run_summary.json" if out and args.command == "render" else None
-        print(f"\ndit-sparse {args.command}: interrupted (Ctrl-C)"
-              + (f"; finished jobs are kept, {summary} lists the pending ones: rerun the same command to resume"
-                 if summary is not None and summary.exists() else ""), file=sys.stderr)
-        return 130
-    except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
-        msg = str(e).strip().splitlines()
-        print(f"dit-sparse {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 2
+    with interrupts.handling():  # a Ctrl-C at any point ends here (exit 130), none is lost
+        try:
+            try:
+                return handler[args.command](args)
+            finally:
+                interrupts.check()  # one that was recorded but not raised yet
+        except KeyboardInterrupt:
+            interrupts.finishing()
+            return _interrupted(args)
+        except ValueError as e:  # JobError, SetupError, bad presets: one line that names the fix, no stack trace
+            msg = str(e).strip().splitlines()
+            print(f"dit-sparse {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -141,9 +141,30 @@ def _check_name(where, name, v):
     return v
 
 
+#: pipeline arguments that a job sets from its own fields: in ``pipeline_kwargs`` they would override those fields
+#: behind the checks (a height the model cannot take, steps other than the sidecar says)
+KWARG_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps",
+                "num_frames": "frames", "height": "height", "width": "width", "guidance_scale": "guidance_scale",
+                "generator": "seed", "output_type": None, "return_dict": None}
+
+
 def _check_kwargs(where, name, v):
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
         raise _bad(where, name, v, "a mapping of pipeline keyword arguments", 'e.g. {"max_sequence_length": 32}')
+    for key, value in v.items():
+        if key not in KWARG_FIELDS:
+            continue
+        field_ = KWARG_FIELDS[key]
+        loc = f"{where}: {name}"
+        if field_ is None:
+            raise JobError(f"{loc}: {key!r} is set by dit-sparse (it writes the frames itself); drop it")
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        fix = (f'give "seed": {shown} instead' if field_ == "seed" else
+               f'give "size": "WxH" (or "{field_}": {shown}) instead' if field_ in ("height", "width") else
+               f'give "{field_}": {shown} instead')
+        raise JobError(f"{loc}: {key!r} is the job's {field_!r} field, which pipeline_kwargs must not override "
+                       f"(it would bypass the checks and the sidecar); {fix}")
     return v
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from ..integration.adapters.registry import family_of
 from .jobs import Job, JobError, SetupError, _bad
 
-__all__ = ["ModelRules", "read_model_rules", "is_embedded_folder"]
+__all__ = ["ModelRules", "read_model_rules", "is_embedded_folder", "read_render_defaults", "DEFAULTS_FILE"]
+
+#: a pipeline folder's own render defaults (``dit_sparse.tiny.model.save_pipeline`` writes it): a saved or copied
+#: folder renders as it did, not with the pipeline class's defaults
+DEFAULTS_FILE = "render_defaults.json"
+_DEFAULT_KEYS = {"steps": int, "frames": int, "height": int, "width": int, "guidance_scale": (int, float),
+                 "negative_prompt": str, "pipeline_kwargs": dict}
 
 
 def _read_json(path: Path) -> dict:
@@ -161,6 +167,33 @@ class ModelRules:
         return 2.0 * per_token_layer * n * self.layers * v["steps"] * branches
 
 
+def read_render_defaults(folder: str | Path) -> dict:
+    """The render defaults a pipeline folder carries in ``render_defaults.json`` (``{}`` without one): ``steps``,
+    ``frames``, ``height``, ``width``, ``guidance_scale``, ``negative_prompt``, ``pipeline_kwargs``. A file that is
+    not such a mapping is a :class:`SetupError` naming it."""
+    path = Path(folder).expanduser() / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}: not readable JSON ({e}); fix or remove the file (the folder's render "
+                         "defaults)") from None
+    if not isinstance(data, dict):
+        raise SetupError(f"{path}: got a JSON {type(data).__name__}, expected an object like "
+                         '{"height": 64, "width": 64, "frames": 17, "steps": 20}; fix or remove the file')
+    for key, value in data.items():
+        kind = _DEFAULT_KEYS.get(key)
+        if kind is None:
+            raise SetupError(f"{path}: unknown key {key!r}; the keys are {', '.join(_DEFAULT_KEYS)}; fix or remove "
+                             "the file")
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 1):
+            raise SetupError(f"{path}: {key}: got {value!r}, expected "
+                             f"{'a positive integer' if kind is int else 'a ' + getattr(kind, '__name__', 'number')}"
+                             "; fix or remove the file")
+    return data
+
+
 def read_model_rules(model: str) -> ModelRules | None:
     """Rules of ``"embedded"`` or a local diffusers folder, from its JSON files; None for a hub id.
 
@@ -193,6 +226,8 @@ def read_model_rules(model: str) -> ModelRules | None:
             raise SetupError(f"--model {model!r} is not a diffusers pipeline folder: it has no model_index.json"
                              f"{hint}; save a pipeline with save_pretrained() or download one with "
                              "huggingface-cli download")
+        own = read_render_defaults(folder)
+        defaults = {k: v for k, v in own.items() if k in ("steps", "frames", "height", "width", "guidance_scale")}
     index = _read_json(folder / "model_index.json")
     pipeline = str(index.get("_class_name", "DiffusionPipeline"))
     tr = index.get("transformer")

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import interrupts
 from .jobs import JobError, SetupError
 
 __all__ = ["write_atomic", "temp_name", "job_outputs", "check_name_lengths", "job_settings", "plan_outputs",
@@ -47,15 +48,16 @@ def temp_name(path: Path) -> Path:
 
 def write_atomic(path: Path, write) -> None:
     """``write(tmp_path)`` then rename over ``path``: readers never see a half-written file, and ``path`` is left as
-    it was when the write fails."""
+    it was when the write fails. A Ctrl-C during the clean-up is held until the temporary file is gone."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with interrupts.deferred():
+            if tmp.exists():
+                tmp.unlink()
 
 
 def job_outputs(job, out_dir: Path, suffix: str) -> tuple[Path, Path]:
@@ -252,7 +254,12 @@ class RunLog:
     def write(self, results: list[dict], *, state: str = "running", current: str | None = None,
               error: str | None = None) -> dict:
         """Write this run's summary atomically (``runs/<run>.json``, and ``run_summary.json`` while this run holds
-        the lock); raises :class:`SummaryError` (what was kept) when it cannot be written."""
+        the lock); raises :class:`SummaryError` (what was kept) when it cannot be written. A Ctrl-C while it
+        writes is raised once both files are written."""
+        with interrupts.deferred():
+            return self._write(results, state=state, current=current, error=error)
+
+    def _write(self, results, *, state, current, error) -> dict:
         self.results, self.state = list(results), state
         names = {r["name"] for r in results}
         count = {s: sum(r["status"].startswith(s) for r in results) for s in ("done", "skipped", "failed")}
@@ -283,11 +290,13 @@ class RunLog:
     def close(self, state: str, error: str | None = None) -> dict | None:
         """End the run with ``state`` (``finished``, ``interrupted``, ``failed``) unless it has ended already."""
         out = None
-        if self.state == "running":
-            out = self.write(self.results, state=state, error=error)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd, self.writes_shared = None, False
+        try:
+            if self.state == "running":
+                out = self.write(self.results, state=state, error=error)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd, self.writes_shared = None, False
         return out
 
     def __enter__(self) -> RunLog:

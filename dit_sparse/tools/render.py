@@ -11,6 +11,7 @@ compares, the run summaries) is :mod:`dit_sparse.tools.outputs`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import platform
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import interrupts
 from .jobs import Job, load_jobs
 from .model_rules import ModelRules
 from .outputs import RunLog, job_outputs, job_settings, plan_outputs, write_atomic
@@ -55,6 +57,21 @@ def side_by_side(left, right, gap: int = 4) -> np.ndarray:
     return np.concatenate([a, np.ones(gap_shape, dtype=a.dtype), b], axis=-2)
 
 
+def _write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    """diffusers' ``export_to_video`` (the same encoder settings), but the writer is closed also when the writing
+    stops (Ctrl-C, an error): ``imageio`` leaves it open then, and its ffmpeg would write the file after
+    :func:`write_atomic` removed it (a stray temporary file). Closing waits for ffmpeg; a Ctrl-C meanwhile is held."""
+    import imageio
+
+    writer = imageio.get_writer(str(path), fps=fps, quality=5.0, bitrate=None, macro_block_size=1)
+    try:
+        for frame in frames:
+            writer.append_data((frame * 255).astype(np.uint8))
+    finally:
+        with interrupts.deferred():
+            writer.close()
+
+
 def save_media(frames, path: Path, fps: int = 8) -> None:
     """mp4 for ``[F, H, W, 3]`` frames (F > 1), png otherwise; atomic."""
     arr = np.clip(np.asarray(frames), 0.0, 1.0)
@@ -64,9 +81,7 @@ def save_media(frames, path: Path, fps: int = 8) -> None:
         img = arr[0] if arr.ndim == 4 else arr
         write_atomic(path, lambda p: Image.fromarray((img * 255).round().astype(np.uint8)).save(p, format="PNG"))
         return
-    from diffusers.utils import export_to_video
-
-    write_atomic(path, lambda p: export_to_video(list(arr), str(p), fps=fps, macro_block_size=1))
+    write_atomic(path, lambda p: _write_video(arr, p, fps))
 
 
 def _is_video(pipeline_class: str, vae_class: str | None) -> bool:
@@ -118,8 +133,9 @@ def rules_of_pipeline(pipe, defaults: dict | None = None) -> ModelRules:
 
 
 def folder_rules(model: str) -> ModelRules | None:
-    """:class:`~dit_sparse.tools.model_rules.ModelRules` of ``"embedded"`` or a local folder with the pipeline
-    class's own call defaults (as the CLI reads them before loading); None for a hub id."""
+    """:class:`~dit_sparse.tools.model_rules.ModelRules` of ``"embedded"`` or a local folder with its render
+    defaults: the folder's ``render_defaults.json`` where it has one, else the pipeline class's own call defaults
+    (as the CLI reads them before loading); None for a hub id."""
     import dataclasses
 
     import diffusers
@@ -127,10 +143,10 @@ def folder_rules(model: str) -> ModelRules | None:
     from .model_rules import read_model_rules
 
     rules = read_model_rules(model)
-    if rules is not None and not rules.defaults:
+    if rules is not None:  # the folder's own render_defaults.json over the pipeline class's call defaults
         cls = getattr(diffusers, rules.pipeline, None)
         if cls is not None:
-            rules = dataclasses.replace(rules, defaults=call_defaults(cls))
+            rules = dataclasses.replace(rules, defaults={**call_defaults(cls), **rules.defaults})
     return rules
 
 
@@ -169,6 +185,9 @@ class Renderer:
         self.model = model
         self.device = device
         self.dtype = dtype
+        #: ``on_step(job, index, seconds)`` after each denoising step (1-based; step 1's time includes the text
+        #: encoder), or None
+        self.on_step = None
         from .model_rules import is_embedded_folder
 
         if model == DEFAULT_MODEL or is_embedded_folder(model):  # its own folder given as --model: same defaults
@@ -182,15 +201,20 @@ class Renderer:
                              "pipeline_kwargs": {"max_sequence_length": c["max_sequence_length"]}}
         else:
             from ..integration.pipelines import load_pipeline
+            from .model_rules import read_render_defaults
 
             self.pipe = load_pipeline(model, torch_dtype=dtype)
-            self.defaults = call_defaults(type(self.pipe))
+            own = read_render_defaults(model) if Path(model).expanduser().is_dir() else {}
+            self.defaults = {**call_defaults(type(self.pipe)), **own}  # a saved or copied folder renders as it did
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.is_video = _is_video(type(self.pipe).__name__,
                                   type(self.pipe.vae).__name__ if hasattr(self.pipe, "vae") else None)
         self.rules = rules_of_pipeline(self.pipe, {k: v for k, v in self.defaults.items()
                                                   if k in ("steps", "frames", "height", "width", "guidance_scale")})
+        for _, tr in self._transformers(self.pipe):  # every denoising step is a safe point for a held Ctrl-C
+            tr.register_forward_pre_hook(lambda module, args: interrupts.check())
+        interrupts.check()  # a Ctrl-C that a finaliser swallowed while the model loaded
 
     @property
     def suffix(self) -> str:
@@ -214,6 +238,35 @@ class Renderer:
         kw.update(d.get("pipeline_kwargs", {}))
         kw.update(job.extra.get("pipeline_kwargs", {}))
         return kw
+
+    def prompt_tokens(self, text: str, job: Job) -> tuple[int, int, int] | None:
+        """``(tokens, kept, limit)``: how many tokens the pipeline's tokenizer makes of ``text`` (special tokens
+        included), how many the text encoder is given, and the limit (the call's ``max_sequence_length``, else the
+        tokenizer's own maximum). None when the pipeline has no tokenizer or no limit is known."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None or not callable(tok):
+            return None
+        limit = self._call_kwargs(job).get("max_sequence_length")
+        if limit is None:
+            p = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+            limit = p.default if p is not None and isinstance(p.default, int) else None
+        if limit is None:
+            limit = getattr(tok, "model_max_length", None)
+        if not isinstance(limit, int) or limit > 1_000_000:
+            return None
+        n = len(tok(text, add_special_tokens=True)["input_ids"])
+        return n, min(n, limit), limit
+
+    def long_prompts(self, jobs: list[Job]) -> list[tuple[Job, str, int, int]]:
+        """The jobs whose prompt or negative prompt the text encoder would cut: ``(job, which, tokens, kept)``."""
+        out = []
+        for job in jobs:
+            neg = job.negative_prompt if job.negative_prompt is not None else self.defaults.get("negative_prompt")
+            for which, text in (("prompt", job.prompt), ("negative_prompt", neg)):
+                got = self.prompt_tokens(text, job) if text else None
+                if got is not None and got[0] > got[1]:
+                    out.append((job, which, got[0], got[1]))
+        return out
 
     def latent_grid(self, call_kwargs: dict) -> tuple[int, int, int]:
         """Latent grid in patch tokens that a call with ``call_kwargs`` produces (Wan-style video pipelines)."""
@@ -265,7 +318,7 @@ class Renderer:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), self._timed_steps(job):
                 out = self.pipe(**kw)
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -287,6 +340,27 @@ class Renderer:
                 self._remove(self.pipe)
         frames = out.frames[0] if hasattr(out, "frames") else np.asarray(out.images[0])[None]
         return np.asarray(frames), seconds, summary, kw
+
+    @contextlib.contextmanager
+    def _timed_steps(self, job: Job):
+        """Calls :attr:`on_step` after every ``scheduler.step`` (once per denoising step in diffusers pipelines)."""
+        sched, observer = getattr(self.pipe, "scheduler", None), self.on_step
+        if observer is None or sched is None or "step" in vars(sched):
+            yield
+            return
+        real, marks = sched.step, [time.perf_counter()]
+
+        def step(*args, **kwargs):
+            out = real(*args, **kwargs)
+            marks.append(time.perf_counter())
+            observer(job, len(marks) - 1, marks[-1] - marks[-2])
+            return out
+
+        sched.step = step
+        try:
+            yield
+        finally:
+            del sched.step
 
     def sidecar(self, job: Job, preset, kw: dict, seconds: float, summary, wall: float, frames=None) -> dict:
         """The JSON sidecar: what was rendered (frames, size and steps of the output, dtype, device, preset)."""
@@ -353,31 +427,42 @@ def skipped_entry(job: Job, default_preset: str | None, suffix: str) -> dict:
 
 
 def render_job(renderer: Renderer, job: Job, out_dir: str | Path, *, default_preset: str | None,
-               fps: int = 8) -> dict:
+               fps: int = 8, record=None) -> dict:
     """Render one job into ``out_dir`` (media, then sidecar, both atomic) and return its result entry.
 
     An older sidecar of the job is removed first, so until the new sidecar is in place the job counts as not done
     (the old media stays readable until the new one replaces it). The sidecar records the job's settings
     (:func:`~dit_sparse.tools.outputs.job_settings`), which a rerun compares. A job's own error does not propagate:
-    it is returned as a ``"failed"`` entry with the error and traceback. Used by :func:`render_jobs` and by the
-    Ray actors of :mod:`dit_sparse.tools.ray_batch`.
+    it is returned as a ``"failed"`` entry with the error and traceback; but an error during a Ctrl-C is the
+    interrupt (``KeyboardInterrupt``), not a failure. ``record(entry)`` (optional) is called with the entry in the
+    same critical section that writes the sidecar, so a Ctrl-C never leaves a finished job unrecorded. Used by
+    :func:`render_jobs` and by the Ray actors of :mod:`dit_sparse.tools.ray_batch`.
     """
     out_dir = Path(out_dir)
     preset = job_preset(job, default_preset)
     media, side = job_outputs(job, out_dir, renderer.suffix)
     entry = job_entry(job, default_preset, renderer.suffix)
+    record = record if record is not None else (lambda e: None)
     t0 = time.perf_counter()
     try:
         frames, seconds, stats, kw = renderer.generate(job, preset)
+        interrupts.check()
         side.unlink(missing_ok=True)
         save_media(frames, media, fps=fps)
         meta = renderer.sidecar(job, preset, kw, seconds, stats, time.perf_counter() - t0, frames)
         meta["settings"] = renderer_settings(renderer, fps)(job, preset)
-        _write_json(side, meta)
-        return {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
+        with interrupts.deferred():
+            _write_json(side, meta)
+            done = {**entry, "status": "done", "seconds": round(time.perf_counter() - t0, 3)}
+            record(done)
+        return done
     except Exception as e:  # one bad job must not stop the batch; the error is recorded
-        return {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=6)}
+        if interrupts.requested():  # e.g. a library that turned the Ctrl-C into its own error
+            raise KeyboardInterrupt from None
+        failed = {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=6)}
+        record(failed)
+        return failed
 
 
 def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, default_preset: str | None,
@@ -405,13 +490,15 @@ def render_jobs(renderer: Renderer, jobs: list[Job], out_dir: str | Path, *, def
         bar = tqdm(list(zip(jobs, skip)), desc="jobs", unit="job", disable=not progress)
         try:
             for job, skipped in bar:
+                interrupts.check()
                 bar.set_postfix_str(job.name[:40])
                 if skipped:
                     results.append(skipped_entry(job, default_preset, renderer.suffix))
                     continue
                 log.write(results, current=job.name)
-                results.append(render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps))
+                render_job(renderer, job, out_dir, default_preset=default_preset, fps=fps, record=results.append)
                 log.write(results)
+            interrupts.check()
         except KeyboardInterrupt:
             bar.close()
             log.write(results, state="interrupted")

@@ -9,10 +9,10 @@ def main(argv=None) -> None:
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args(argv)
-    from dit_sparse.tools.app.ui import launch
+    from dit_sparse.tools.cli import main as cli
 
-    launch(host=args.host, port=args.port, block=True)
+    return cli(["demo", "--port", str(args.port), "--share-host", args.host])  # its checks, URL and errors
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

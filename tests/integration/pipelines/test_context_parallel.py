@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -223,7 +222,6 @@ def cp_results(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests / "integration" / "adapters"),
                                                         os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DIT_SPARSE_CHECKS="0")
-    start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, str(here), str(r), str(out)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
     logs = []
@@ -237,7 +235,6 @@ def cp_results(tmp_path_factory):
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     assert not failed, f"ranks {failed} failed:\n" + "\n".join(log[-4000:] for log in logs)
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    res[0]["elapsed_s"] = time.perf_counter() - start
     return res
 
 
@@ -334,10 +331,6 @@ def test_all_to_all_layout_and_text_order(cp_results):
         assert res["a2a/round_trip"]
         for pos in ("before", "after"):
             torch.testing.assert_close(res[f"text_{pos}/cp"], res[f"text_{pos}/single"], rtol=1e-5, atol=1e-6)
-
-
-def test_runtime_budget(cp_results):
-    assert cp_results[0]["elapsed_s"] < 120
 
 
 # ---------------------------------------------------------------------------------------------- single process

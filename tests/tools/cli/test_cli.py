@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -108,33 +107,6 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_killed_run_resumes_without_half_written_outputs(tmp_path):
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 4}) for i, p in
-                              enumerate(["a red circle moving right", "a blue square moving left",
-                                         "a yellow circle moving down"])) + "\n")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dit_sparse.tools.cli", "render", "--jobs", str(jobs), "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (out / "job-0.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the first job never finished"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: job-1 is being rendered or written
-    proc.wait()
-    for f in out.iterdir():  # whatever exists and is not a temporary file is complete
-        if f.suffix == ".mp4" and not f.name.startswith("."):
-            assert frames_of(f) > 1
-    assert not (out / "job-2.json").exists()
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["failed"] == 0 and summary["skipped"] >= 1 and summary["done"] + summary["skipped"] == 3
-    assert not [f for f in out.iterdir() if ".partial" in f.name]
-    for i in range(3):
-        assert frames_of(out / f"job-{i}.mp4") > 1 and (out / f"job-{i}.json").exists()
-
-
 def test_compare_reports_speed_and_fidelity(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path), *FAST, "--name", "cmp"]) == 0
     report = json.loads((tmp_path / "cmp-compare.json").read_text())
@@ -156,21 +128,73 @@ def test_dtype_is_honoured_on_the_embedded_model(tmp_path):
     assert a.shape == b.shape and np.abs(a - b).mean() > 0.01
 
 
-#: the console script's ``main`` with job-1's generation held until the Ctrl-C comes (a state to wait for, not a race
-#: against the machine's load); everything else runs as the user's command does
-_HOLD_JOB_1 = """
-import pathlib, sys, time
-from dit_sparse.tools import render
-started, real = pathlib.Path(sys.argv.pop(1)), render.Renderer.generate
-def generate(self, job, preset, **kw):
-    if job.name == "job-1":
-        started.touch()
-        while True:  # short sleeps: the main thread sees the SIGINT even when another thread received it
-            time.sleep(0.01)
-    return real(self, job, preset, **kw)
-render.Renderer.generate = generate
-from dit_sparse.tools.cli import main
-sys.exit(main(sys.argv[1:]))
+#: hooks the console script runs (a ``sitecustomize`` on ``PYTHONPATH``): at the point ``TEST_CTRL_C_AT`` names, the
+#: child prints ``TEST-STATE: <point>`` on stderr and waits there until the Ctrl-C comes; the test sends it only then.
+#: A state the process reports, never a time: on any load the signal lands at that point.
+_CTRL_C_HOOKS = """
+import os, sys, time
+
+_at = os.environ.get("TEST_CTRL_C_AT")
+
+
+def _requested():
+    try:
+        from dit_sparse.tools import interrupts
+    except ImportError:
+        return False
+    return interrupts.requested()
+
+
+def _hold(where):
+    print(f"TEST-STATE: {where}", file=sys.stderr, flush=True)
+    while not _requested():  # the Ctrl-C raises KeyboardInterrupt here, or (in a finaliser) is recorded
+        time.sleep(0.01)
+
+
+if _at:
+    import diffusers
+    from diffusers.models.transformers import transformer_wan
+    from imageio.plugins.ffmpeg import FfmpegFormat
+
+    from dit_sparse.tiny import model
+    from dit_sparse.tools import render
+
+    _build, _generate = model.build_pipeline, render.Renderer.generate
+    _block, _append = transformer_wan.WanTransformerBlock.forward, FfmpegFormat.Writer._append_data
+    _job, _blocks, _frames = [None], [0], [0]
+
+    class _Finaliser:
+        def __del__(self):
+            _hold("loading (in a finaliser)")
+
+    def build_pipeline(*args, **kwargs):
+        pipe = _build(*args, **kwargs)
+        if _at == "loading":
+            _hold("loading")
+        elif _at == "finaliser":  # as regex's Group.__del__ while a tokenizer loads
+            _Finaliser()
+        return pipe
+
+    def generate(self, job, preset, **kwargs):
+        _job[0], _blocks[0], _frames[0] = job.name, 0, 0
+        if _at == "between" and job.name == "job-1":  # job-0 is done and recorded, job-1 has not begun
+            _hold("between jobs")
+        return _generate(self, job, preset, **kwargs)
+
+    def block(self, *args, **kwargs):
+        _blocks[0] += 1  # 4 blocks x 2 CFG branches a step: call 11 is block 3 of step 2
+        if _at == "step" and _job[0] == "job-1" and _blocks[0] == 11:
+            _hold("inside a step")
+        return _block(self, *args, **kwargs)
+
+    def append(self, im, meta):
+        _frames[0] += 1  # 5 of the 17 frames are in the encoder, its temporary file is on disk
+        if _at == "writing" and _job[0] == "job-1" and _frames[0] == 5:
+            _hold("writing the video")
+        return _append(self, im, meta)
+
+    model.build_pipeline, render.Renderer.generate = build_pipeline, generate
+    transformer_wan.WanTransformerBlock.forward, FfmpegFormat.Writer._append_data = block, append
 """
 
 
@@ -182,31 +206,99 @@ def _terminal_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path):
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("\n".join(json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 6}) for i, p in
-                              enumerate(["a red circle moving right", "a blue square moving left",
-                                         "a yellow circle moving down"])) + "\n")
-    out, started = tmp_path / "out", tmp_path / "job-1-started"
-    cmd = [sys.executable, "-c", _HOLD_JOB_1, str(started), "render", "--jobs", str(jobs), "--out", str(out),
-           "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_terminal_sigint)
-    deadline = time.time() + 600  # only a guard against a hang: the test waits for the state, not for a time
-    while not started.exists():
-        assert proc.poll() is None, "the render ended before job-1 started: " + proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "job-1 never started"
-        time.sleep(0.05)
-    assert (out / "job-0.json").exists() and not (out / "job-1.json").exists()
-    proc.send_signal(signal.SIGINT)  # Ctrl-C while job-1 renders
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err
-    assert len([ln for ln in err.splitlines() if "interrupted" in ln]) == 1
+EXE = Path(sys.executable).with_name("dit-sparse")
+
+
+class HeldRender:
+    """``dit-sparse render --jobs jobs.jsonl`` (3 two-step jobs) from ``cwd``, held at ``point`` by the hooks: the
+    constructor returns once the child has reported that state on stderr (the timeout only guards a hang)."""
+
+    def __init__(self, cwd: Path, point: str):
+        import queue
+        import threading
+
+        hooks = cwd / "hooks"
+        hooks.mkdir()
+        (hooks / "sitecustomize.py").write_text(_CTRL_C_HOOKS)
+        (cwd / "jobs.jsonl").write_text("".join(
+            json.dumps({"prompt": p, "seed": i, "name": f"job-{i}", "steps": 2}) + "\n" for i, p in
+            enumerate(["a red circle moving right", "a blue square moving left", "a yellow circle moving down"])))
+        pythonpath = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TEST_CTRL_C_AT": point}
+        self.cmd = [str(EXE), "render", "--jobs", "jobs.jsonl", "--quiet"]
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True, preexec_fn=_terminal_sigint)
+        self.lines: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stderr]
+                                       + [self.lines.put(None)], daemon=True)
+        self.reader.start()
+        self.err = []
+        while True:
+            line = self.lines.get(timeout=600)
+            assert line is not None, f"the render ended before {point!r}: rc {self.proc.wait()}\n{self.stderr()}"
+            self.err.append(line)
+            if line.startswith("TEST-STATE: "):
+                break
+
+    def stderr(self) -> str:
+        return "".join(self.err)[-4000:]
+
+    def end(self, sig: int) -> tuple[int, str, str]:
+        """Send ``sig`` to the process group (as a terminal sends Ctrl-C); ``(rc, stdout, stderr)``."""
+        os.killpg(self.proc.pid, sig)
+        stdout = self.proc.stdout.read()
+        rc = self.proc.wait(timeout=300)
+        self.reader.join(timeout=60)
+        while (line := self.lines.get_nowait()) is not None:
+            self.err.append(line)
+        return rc, stdout, "".join(self.err)
+
+
+@pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
+@pytest.mark.parametrize("point, done", [("loading", 0), ("finaliser", 0), ("between", 1), ("step", 1),
+                                         ("writing", 1)])
+def test_ctrl_c_stops_cleanly_and_lists_pending_jobs(tmp_path, point, done):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while the model loads (also inside a
+    finaliser, where Python's own handler would lose it), between two jobs, inside a denoising step and while the
+    video is written: exit 130, one "interrupted" line, the run's summary interrupted with the pending jobs, no
+    half-written file."""
+    rc, stdout, err = HeldRender(tmp_path, point).end(signal.SIGINT)
+    assert rc == 130, f"{point}: rc {rc}\n{stdout}\n{err}"
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    said = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(said) == 1 and "interrupted (Ctrl-C)" in said[0], err
+    out = tmp_path / "outputs"
+    (run,) = (out / "runs").glob("*.json")
+    assert f"runs/{run.name}" in said[0], said[0]  # the message names this run's summary
+    assert f"{done} job(s) rendered in this run are kept, {3 - done} pending" in said[0], said[0]
+    for summary in (json.loads(run.read_text()), json.loads((out / "run_summary.json").read_text())):
+        assert (summary["state"], summary["interrupted"], summary["done"]) == ("interrupted", True, done)
+        assert summary["pending"] == [f"job-{i}" for i in range(done, 3)] and summary["failed"] == 0
+    assert not [f for f in out.rglob("*") if ".partial" in f.name]
+    assert sorted(f.name for f in out.glob("job-*")) == [n for i in range(done) for n in (f"job-{i}.json",
+                                                                                         f"job-{i}.mp4")]
+    for i in range(done):
+        assert frames_of(out / f"job-{i}.mp4") == 17
+
+
+@pytest.mark.skipif(not EXE.exists(), reason=f"the dit-sparse console script is not installed ({EXE})")
+def test_killed_run_resumes_without_half_written_outputs(tmp_path):
+    """kill -9 while job-1's video is half written (a state the child reports): what is left is whole or a
+    temporary file, and the same command finishes the rest."""
+    held = HeldRender(tmp_path, "writing")
+    rc, _, _ = held.end(signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    out = tmp_path / "outputs"
+    assert sorted(f.name for f in out.glob("job-*")) == ["job-0.json", "job-0.mp4"]  # job-1: temporary files only
+    assert frames_of(out / "job-0.mp4") == 17
+    rerun = subprocess.run(held.cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["interrupted"] is True and summary["done"] == 1
-    assert summary["pending"] == ["job-1", "job-2"]
-    assert not [f for f in out.iterdir() if ".partial" in f.name]
+    assert (summary["failed"], summary["skipped"], summary["done"]) == (0, 1, 2)
+    assert not [f for f in out.rglob("*") if ".partial" in f.name]
+    for i in range(3):
+        assert frames_of(out / f"job-{i}.mp4") == 17 and (out / f"job-{i}.json").exists()
 
 
 def test_compare_prints_faster_or_slower(tmp_path, capsys):

@@ -205,7 +205,7 @@ def test_real_model_on_cpu_warns_with_an_estimate(tmp_path, capsys, monkeypatch)
     import shutil
 
     folder = tmp_path / "wan13"
-    shutil.copytree(ASSET_DIR, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(ASSET_DIR, folder, ignore=shutil.ignore_patterns("*.safetensors", "render_defaults.json"))
     cfg = json.loads((folder / "transformer" / "config.json").read_text())
     cfg.update(num_attention_heads=12, attention_head_dim=128, num_layers=30, ffn_dim=8960, patch_size=[1, 2, 2],
                rope_max_seq_len=1024)
