@@ -203,10 +203,11 @@ def attention_unmasked(backend: str):
 
 
 def no_warmup(config, keep_dense_layers: bool = True):
+    """The preset's config with every step sparse (its warm-up enters ``run_speedup`` only) and ``min_tokens=0``
+    (the step is timed sparse; at the real shapes the presets' ``"auto"`` floor is far below the tokens anyway)."""
     d = config.dense
     return dataclasses.replace(config, dense=DensePolicy(
-        dense_layers=d.dense_layers if keep_dense_layers else frozenset(), dense_heads=d.dense_heads,
-        min_tokens=d.min_tokens))
+        dense_layers=d.dense_layers if keep_dense_layers else frozenset(), dense_heads=d.dense_heads, min_tokens=0))
 
 
 def cpu_model(frames: int | None = None) -> Model:

@@ -78,7 +78,8 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             ``"xformers"``, ``"fa4"`` (flash-attn-4; only when named), ``"compiled"`` (torch.compile of flex with the
             pooled segment; any device inductor targets) or None (automatic: SDPA for all-dense plans,
             then the Hopper kernel on sm90+ GPUs, then the portable Triton kernel on CUDA, then flex on CUDA, then
-            ``compiled`` on CPU from the measured break-even, then the torch reference). A named backend that cannot run raises ``NotImplementedError`` listing why.
+            ``compiled`` on CPU from the measured break-even, then the torch reference). A named backend that
+            cannot run raises ``NotImplementedError`` listing why.
 
     Returns:
         ``out [B, S_q, H, D]`` in the input dtype, or ``(out, lse)``.

@@ -90,7 +90,9 @@ def test_render_speed_smoke_writes_the_json(tmp_path):
     payload = json.loads((tmp_path / "render_speed-cpu.json").read_text())
     rows = {r["variant"]: r for r in payload["rows"]}
     assert rows["none"]["preset"] is None and rows["default"]["preset"] == TINY_DEFAULT_PRESET
-    assert rows["default"]["measured_density"] < 1 and rows["none"]["speedup_vs_stock"] == 1.0
+    # the embedded model's 320 tokens are below the CPU's break-even: the default preset runs every call dense
+    assert rows["default"]["attention_calls"]["sparse"] == 0 and rows["default"]["attention_calls"]["dense"] > 0
+    assert rows["none"]["speedup_vs_stock"] == 1.0
     assert rows["default"]["steps"] == 2 and rows["default"]["tokens"] == rows["none"]["tokens"] > 0
     assert rows["default"]["padded_tokens"] >= rows["default"]["tokens"]
     assert rows["default"]["speedup_vs_stock"] == pytest.approx(

@@ -138,3 +138,12 @@ def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads
         cat = (lambda vid, txt: torch.cat([txt, vid]) if layout.text_position == "before" else torch.cat([vid, txt]))
         q, k, v = cat(q, tq), cat(k, tk), cat(v, tv)
     return tuple(t.unsqueeze(0).expand(batch, -1, -1, -1).contiguous().to(dtype) for t in (q, k, v))
+
+
+def always_sparse(preset):
+    """A preset's config (name or config) with ``min_tokens=0``: sparse even below the CPU's break-even (the
+    presets' ``DensePolicy(min_tokens="auto")`` runs the embedded model's 320 tokens dense)."""
+    from dit_sparse.integration.pipelines.presets import get_preset
+
+    cfg = get_preset(preset).config if isinstance(preset, str) else preset
+    return dataclasses.replace(cfg, dense=dataclasses.replace(cfg.dense, min_tokens=0))

@@ -116,17 +116,9 @@ def forced_video_mask(config: SparseAttentionConfig, layout: TokenLayout) -> tor
 
 def forced_blocks(config: SparseAttentionConfig, layout: TokenLayout) -> ForcedBlocks:
     """Forced video blocks per row of ``config`` on ``layout`` against its budget, from the config alone."""
-    nv = layout.num_video_blocks
     counts = forced_video_mask(config, layout).sum(-1).float()
     reserved = sink_blocks(layout, config.draft) if config.draft is not None else 0
-    return ForcedBlocks(
-        method=_method(config),
-        video_blocks=nv,
-        budget=selection_budget(config, layout),
-        forced_max=int(counts.max()) if nv else 0,
-        forced_mean=float(counts.mean()) if nv else 0.0,
-        reserved=reserved,
-    )
+    return _counted(config, layout, counts, reserved=reserved)
 
 
 @torch.no_grad()
@@ -146,11 +138,12 @@ def measured_forced(config: SparseAttentionConfig, layout: TokenLayout, inputs) 
     if common is None:
         raise ValueError("measured_forced: no inputs given; pass at least two unrelated (q, k) pairs.")
     counts = common.sum(-1).float()
-    return ForcedBlocks(
-        method=_method(config),
-        video_blocks=nv,
-        budget=selection_budget(config, layout),
-        forced_max=int(counts.max()) if nv else 0,
-        forced_mean=float(counts.mean()) if nv else 0.0,
-        density=sum(densities) / len(densities),
-    )
+    return _counted(config, layout, counts, density=sum(densities) / len(densities))
+
+
+def _counted(config: SparseAttentionConfig, layout: TokenLayout, counts: torch.Tensor, **extra) -> ForcedBlocks:
+    """``ForcedBlocks`` from per-row forced counts (float ``[rows]``) and the config's budget."""
+    nv = layout.num_video_blocks
+    return ForcedBlocks(method=_method(config), video_blocks=nv, budget=selection_budget(config, layout),
+                        forced_max=int(counts.max()) if nv else 0, forced_mean=float(counts.mean()) if nv else 0.0,
+                        **extra)

@@ -27,7 +27,7 @@ def test_default_preset_masks_follow_the_prompt():
     from dit_sparse.tools.jobs import Job
     from dit_sparse.tools.render import Renderer
 
-    r = Renderer("embedded", progress=False)
+    r = Renderer("embedded", progress=False, min_tokens=0)  # sparse below the CPU break-even too
     per_prompt = []
     for prompt in ("a red circle moving right", "a blue square moving left"):
         _, _, stats, _ = r.generate(Job(prompt=prompt, steps=3), TINY_DEFAULT_PRESET, record_masks=True)

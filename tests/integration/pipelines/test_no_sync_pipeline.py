@@ -10,6 +10,7 @@ import dit_sparse
 from dit_sparse.integration.adapters.base import SparseProcessorBase
 from dit_sparse.tiny import model as tm
 from tests.sync_guard import no_host_sync
+from tests.utils import always_sparse
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def pipe():
 @pytest.mark.parametrize("preset", ["tiny-wan:draft-rect-80", "tiny-wan:retention"])
 @torch.no_grad()
 def test_preset_sparse_calls_do_not_sync(pipe, preset, monkeypatch):
-    (rt,) = dit_sparse.apply(pipe, preset)
+    (rt,) = dit_sparse.apply(pipe, always_sparse(preset))
     try:
         call = {**tm.DEFAULT_CALL, "num_inference_steps": 4, "output_type": "latent"}
         pipe(tm.DEFAULT_PROMPTS[0], generator=torch.Generator().manual_seed(0), **call)  # warm-up generation

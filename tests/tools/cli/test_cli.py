@@ -302,7 +302,8 @@ def test_killed_run_resumes_without_half_written_outputs(tmp_path):
 
 
 def test_compare_prints_faster_or_slower(tmp_path, capsys):
-    assert main(["compare", "--out", str(tmp_path), "--steps", "2", "--quiet", "--name", "c2"]) == 0
+    assert main(["compare", "--out", str(tmp_path), "--steps", "2", "--quiet", "--name", "c2", "--min-tokens",
+                 "0"]) == 0
     out = capsys.readouterr().out
     assert ("x faster" in out) != ("x slower" in out)
     report = json.loads((tmp_path / "c2-compare.json").read_text())

@@ -1,4 +1,4 @@
-"""Issue 24's first-hour findings, each through the console script as a user types it (from another folder): long
+"""First-hour findings of a new user, each through the console script as a user types it (from another folder): long
 prompts, the demo's URL and its port/host errors, the long-run warning, pipeline_kwargs cross-checks, a copy of the
 embedded model's folder. One-step renders of the embedded model keep them short."""
 
