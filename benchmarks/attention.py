@@ -143,13 +143,13 @@ def sol_attn_fn():
 
 
 def flex_fn():
-    """Compiled flex_attention (CUDA; the same compiled wrapper as the ``flex`` backend), eager on CPU."""
+    """Compiled flex_attention (CUDA; the same guarded compiled call as the ``flex`` backend), eager on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if torch.cuda.is_available():
-        from dit_sparse.backends.flex import _compiled_flex
+        from dit_sparse.backends.flex import compiled_flex_attention
 
-        return _compiled_flex()
+        return compiled_flex_attention
     return flex_attention
 
 

@@ -48,18 +48,11 @@ SMOKE = Shape("smoke", 2, 16, 24, 1, text=16, head_dim=32)
 
 
 def flex_peer():
-    """Compiled flex as a user would call it, under the recompile limit our backend uses (past dynamo's default of
-    8 entries flex runs uncompiled, which materialises S x S: 57 GB at HunyuanVideo 720p)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    """Compiled flex as the ``flex`` backend calls it: under the recompile limit our backend uses (past dynamo's
+    default of 8 entries flex would run uncompiled, which materialises S x S: 57 GB at HunyuanVideo 720p)."""
+    from dit_sparse.backends.flex import compiled_flex_attention
 
-    fn = torch.compile(flex_attention, dynamic=False)
-
-    def call(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=compiled._recompile_limit(),
-                                        fail_on_recompile_limit_hit=True):
-            return fn(*args, **kwargs)
-
-    return call
+    return compiled_flex_attention
 
 
 def run_shape(shape, heads: int, densities, rep: int, save) -> list[dict]:

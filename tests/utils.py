@@ -143,7 +143,6 @@ def structured_family(layout: TokenLayout, family: str, *, batch: int = 1, heads
 def always_sparse(preset):
     """A preset's config (name or config) with ``min_tokens=0``: sparse even below the CPU's break-even (the
     presets' ``DensePolicy(min_tokens="auto")`` runs the embedded model's 320 tokens dense)."""
-    from dit_sparse.integration.pipelines.presets import get_preset
+    from dit_sparse.integration.pipelines.presets import with_min_tokens
 
-    cfg = get_preset(preset).config if isinstance(preset, str) else preset
-    return dataclasses.replace(cfg, dense=dataclasses.replace(cfg.dense, min_tokens=0))
+    return with_min_tokens(preset, 0)

@@ -23,7 +23,8 @@ Compile cost: one compilation per *shape signature* (device, dtype, batch, heads
 sizes, softmax scale, segment and gate present); a new plan, layer, step or CFG branch with the same shapes
 reuses it (``dynamic=False``: inductor specialises on the lengths, which is what makes the CPU code fast). The
 first call of each signature logs its compile time once (``dit_sparse.backends`` logger, INFO) and records it in
-:func:`compile_times`. New sequence lengths compile again, up to :data:`MAX_SIGNATURES` per process. Past
+:func:`compile_times`. New sequence lengths compile again, up to
+:data:`~dit_sparse.backends.flex.MAX_SIGNATURES` per process. Past
 ``torch._dynamo``'s recompile limit dynamo would run flex uncompiled, which reads only the mask function and not
 the block tables (a wrong answer): this backend refuses such a call with that reason, and a call that hits the
 limit anyway raises.
@@ -36,7 +37,6 @@ when named (not yet timed on a GPU).
 
 from __future__ import annotations
 
-import functools
 import shutil
 import time
 
@@ -47,6 +47,7 @@ from .._logging import get_logger
 from ..epilogue import apply_epilogue
 from .base import AttentionInputs, Backend
 from .break_even import sparse_break_even
+from .flex import compiled_flex_attention, recompile_limit
 
 __all__ = ["CompiledBackend", "compile_times", "segment_block_mask"]
 
@@ -57,7 +58,6 @@ _DEVICES = ("cpu", "cuda", "xpu")
 _LOW = (torch.float16, torch.bfloat16)
 
 _compile_times: dict[tuple, float] = {}
-_warned: set[str] = set()
 
 
 def compile_times() -> dict[str, float]:
@@ -72,19 +72,8 @@ def _describe(sig: tuple) -> str:
             + (" +segment" if seg else "") + (" +gate" if gate else "") + (" +lse" if lse else ""))
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-#: shape signatures one process may compile (the call raises dynamo's recompile limit to at least this)
-MAX_SIGNATURES = 32
-
-
 def _recompile_limit() -> int:
-    return max(int(torch._dynamo.config.recompile_limit), MAX_SIGNATURES)
+    return recompile_limit()
 
 
 def _has_cpp_compiler() -> bool:
@@ -110,6 +99,13 @@ def _signature(inputs: AttentionInputs) -> tuple:
     return (q.device.type, _compute_dtype(inputs), b, h, sq, _key_length(inputs), d, v.shape[-1], plan.block_q,
             plan.block_k, float(inputs.scale), pooled is not None, pooled is not None and pooled.gate is not None,
             inputs.return_lse)
+
+
+def _append_segment(x: torch.Tensor, seg: torch.Tensor, pad: int, tail: int) -> torch.Tensor:
+    """``x`` ``[B, H, Sk, D]`` padded to whole key blocks (``pad`` zero rows), then the segment's rows padded to
+    whole blocks (``tail``): one copy."""
+    b, h, _, d = x.shape
+    return torch.cat([x, x.new_zeros(b, h, pad, d), seg, x.new_zeros(b, h, tail, d)], dim=2)
 
 
 def segment_block_mask(inputs: AttentionInputs, query: torch.Tensor):
@@ -224,26 +220,15 @@ class CompiledBackend(Backend):
             keys = pooled.keys.to(cdtype).expand(b, h, -1, -1)
             vals = pooled.values.to(cdtype).expand(b, h, -1, -1)
             tail = -pooled.num_keys % plan.block_k
-            k = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad)),
-                           torch.nn.functional.pad(keys, (0, 0, 0, tail))], dim=2)
-            v = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad)),
-                           torch.nn.functional.pad(vals, (0, 0, 0, tail))], dim=2)
+            k, v = _append_segment(k, keys, pad, tail), _append_segment(v, vals, pad, tail)
             block_mask, score_mod = segment_block_mask(inputs, q)
         sig = _signature(inputs)
         first = sig not in _compile_times
         start = time.perf_counter() if first else 0.0
         aux_request = AuxRequest(lse=True) if inputs.return_lse else None
-        # past the recompile limit dynamo would run flex eagerly, which reads only mask_mod (not the block
-        # tables): a wrong answer, so the call fails instead (not_supported_reasons refuses it before that)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=_recompile_limit(), fail_on_recompile_limit_hit=True):
-                res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=inputs.scale,
-                                       return_aux=aux_request)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-            raise NotImplementedError(
-                f"compiled backend: torch._dynamo's recompile limit ({_recompile_limit()}) was hit compiling "
-                f"{_describe(sig)} (other compiled flex_attention calls in this process count too); keep the "
-                "sequence lengths fixed, raise torch._dynamo.config.recompile_limit, or pass backend='torch'") from e
+        # not_supported_reasons refuses a signature past the limit; a call that hits it anyway raises
+        res = compiled_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=inputs.scale,
+                                      return_aux=aux_request, limit=_recompile_limit(), what=_describe(sig))
         if first:
             _compile_times[sig] = time.perf_counter() - start
             logger.info("compiled backend: first call for %s took %.1f s (compiled once per shape signature)",

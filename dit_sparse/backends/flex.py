@@ -22,6 +22,31 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+#: shape signatures one process may compile (a compiled flex call raises dynamo's recompile limit to at least this)
+MAX_SIGNATURES = 32
+
+
+def recompile_limit() -> int:
+    """The recompile limit compiled flex calls run under: dynamo's, raised to :data:`MAX_SIGNATURES`."""
+    return max(int(torch._dynamo.config.recompile_limit), MAX_SIGNATURES)
+
+
+def compiled_flex_attention(query, key, value, *, limit: int | None = None, what: str = "this call", **kwargs):
+    """``torch.compile(flex_attention)`` (one compiled wrapper per process) under :func:`recompile_limit` (or
+    ``limit``). Past the limit dynamo would run flex uncompiled, which reads only ``mask_mod``, not the block tables
+    (a wrong answer for a plan whose blocks are not in its mask, and ``S x S`` memory): this raises
+    ``NotImplementedError`` naming ``what`` and the fix instead."""
+    limit = recompile_limit() if limit is None else limit
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            return _compiled_flex()(query, key, value, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise NotImplementedError(
+            f"torch._dynamo's recompile limit ({limit}) was hit compiling flex_attention for {what} (every compiled "
+            "flex_attention call in this process counts); keep the sequence lengths fixed, raise "
+            "torch._dynamo.config.recompile_limit, or pass backend='torch'") from e
+
+
 class FlexBackend(Backend):
     name = "flex"
 
@@ -43,7 +68,7 @@ class FlexBackend(Backend):
         from torch.nn.attention.flex_attention import flex_attention
 
         q, k, v = (t.transpose(1, 2) for t in (inputs.query, inputs.key, inputs.value))
-        fn = _compiled_flex() if q.is_cuda else flex_attention
+        fn = compiled_flex_attention if q.is_cuda else flex_attention
         try:  # torch >= 2.9 asks for the LSE through AuxRequest; return_lse is deprecated
             from torch.nn.attention.flex_attention import AuxRequest
 

@@ -283,12 +283,9 @@ class Renderer:
         """``preset`` (a name or a config) with :attr:`min_tokens` in its dense policy, when one is set."""
         if self.min_tokens is None:
             return preset
-        import dataclasses
+        from ..integration.pipelines.presets import with_min_tokens
 
-        from ..integration.pipelines.presets import get_preset
-
-        cfg = get_preset(preset).config if isinstance(preset, str) else preset
-        return dataclasses.replace(cfg, dense=dataclasses.replace(cfg.dense, min_tokens=self.min_tokens))
+        return with_min_tokens(preset, self.min_tokens)
 
     def _say_all_dense(self, preset) -> None:
         from .._logging import warn_once

@@ -10,6 +10,7 @@ index; ``dense_fraction`` needs the pipeline's step count (known inside a pipeli
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ...methods import (
@@ -23,7 +24,7 @@ from ...methods import (
 from ..adapters.registry import FAMILIES
 
 __all__ = ["Preset", "PRESETS", "list_presets", "get_preset", "TINY_PRESET_PREFIX", "TINY_DEFAULT_PRESET",
-           "default_preset_for"]
+           "default_preset_for", "with_min_tokens"]
 
 #: presets for the embedded tiny model (``dit_sparse.tiny.model``): 5 x 8 x 8 = 320 video tokens, so 16-token
 #: blocks (tile 1 x 4 x 4, 20 blocks) instead of 128. Their descriptions give the block density each one reaches on
@@ -325,6 +326,13 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)} "
                          "(see dit_sparse.list_presets()).") from None
+
+
+def with_min_tokens(preset: str | SparseAttentionConfig, min_tokens: int | str) -> SparseAttentionConfig:
+    """A preset's config (by name, or a config) with ``DensePolicy.min_tokens`` replaced (``0``: every call sparse,
+    even below the device's break-even where the presets' ``"auto"`` runs dense)."""
+    cfg = get_preset(preset).config if isinstance(preset, str) else preset
+    return dataclasses.replace(cfg, dense=dataclasses.replace(cfg.dense, min_tokens=min_tokens))
 
 
 def default_preset_for(family: str | None, size_class: str, *, experts: int = 1, params: float | None = None,
